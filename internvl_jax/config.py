@@ -1,0 +1,100 @@
+"""Model configs: frozen dataclasses with named presets.
+
+Numbers come from the InternVL paper and the released config.json files (see the spec); the
+`tiny` presets exist for tests and the CPU demo.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+NORM_TYPES = ("rms_norm", "layer_norm")
+DROP_PATH_SCHEDULES = ("linear", "uniform")
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch_saveable")
+
+
+def _check_choice(field: str, value, choices):
+  if value not in choices:
+    raise ValueError(f"{field}={value!r} is not one of {choices}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """InternViT hyper-parameters (spec section 1.1)."""
+
+  hidden_size: int = 3200
+  num_layers: int = 48
+  num_heads: int = 25
+  mlp_dim: int = 12800
+  image_size: int = 224  # the resolution the position embedding is stored for
+  patch_size: int = 14
+  num_channels: int = 3
+  norm_type: str = "rms_norm"
+  norm_eps: float = 1e-6
+  qkv_bias: bool = False
+  qk_norm: bool = True
+  layerscale_init: float = 0.1
+  # Stochastic depth. "linear" ramps 0 -> rate over depth as the released code does; "uniform"
+  # uses the rate in every block, as the paper's stage 1 says ("uniform 0.2").
+  drop_path_rate: float = 0.0
+  drop_path_schedule: str = "linear"
+  dtype: str = "float32"  # compute dtype; params are float32
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    _check_choice("norm_type", self.norm_type, NORM_TYPES)
+    _check_choice("drop_path_schedule", self.drop_path_schedule, DROP_PATH_SCHEDULES)
+    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("dtype", self.dtype, tuple(DTYPES))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"VisionConfig: hidden_size {self.hidden_size} is not divisible by num_heads "
+          f"{self.num_heads}.")
+    if self.image_size % self.patch_size:
+      raise ValueError(
+          f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
+          f"{self.patch_size}.")
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f"VisionConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.patch_size
+
+  @property
+  def num_positions(self) -> int:
+    return self.grid_size**2 + 1
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def replace(self, **changes) -> "VisionConfig":
+    return dataclasses.replace(self, **changes)
+
+
+_INTERN_VIT_6B = VisionConfig()
+
+VISION_PRESETS = {
+    "tiny": VisionConfig(
+        hidden_size=64, num_layers=2, num_heads=4, mlp_dim=256, image_size=32, patch_size=8),
+    "300m-448": VisionConfig(
+        hidden_size=1024, num_layers=24, num_heads=16, mlp_dim=4096, image_size=448,
+        norm_type="layer_norm", qkv_bias=True, qk_norm=False, layerscale_init=1.0),
+    "6b-224": _INTERN_VIT_6B,
+    "6b-448-v1.0": _INTERN_VIT_6B.replace(image_size=448),
+    # V1-2 / V1-5 keep the first 45 blocks: the 4th-to-last output of the 48-block model.
+    "6b-448-v1.5": _INTERN_VIT_6B.replace(image_size=448, num_layers=45),
+}
+
+
+def vision_preset(name: str, **overrides) -> VisionConfig:
+  """Returns the named InternViT preset, with field overrides."""
+  if name not in VISION_PRESETS:
+    raise ValueError(f"Unknown vision preset {name!r}; known presets: {sorted(VISION_PRESETS)}.")
+  return VISION_PRESETS[name].replace(**overrides)
