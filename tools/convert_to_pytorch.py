@@ -1,0 +1,44 @@
+"""Converts an internvl_jax checkpoint into a PyTorch checkpoint directory.
+
+  python tools/convert_to_pytorch.py --checkpoint PATH --out DIR --format official|transformers
+      [--dtype float32|bfloat16|float16] [--prefix vision_model.]
+
+PATH is an Orbax checkpoint written by internvl_jax (or any directory `load_pretrained` reads, so
+this also converts between the two PyTorch layouts). `official` writes OpenGVLab's
+`InternVisionModel` layout, `transformers` writes `InternVLVisionModel`; both as config.json plus
+safetensors (sharded with an index above --max-shard-gb), one tensor at a time.
+"""
+
+import argparse
+import sys
+import time
+
+from internvl_jax.convert.cli import cli_errors
+from internvl_jax.convert.intern_vit_layouts import LAYOUTS
+from internvl_jax.convert.pytorch import EXPORT_DTYPES, export_pytorch
+from internvl_jax.pretrained import load_pretrained
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--checkpoint", required=True, help="checkpoint to convert")
+  parser.add_argument("--out", required=True, help="PyTorch directory to write")
+  parser.add_argument("--format", required=True, choices=sorted(LAYOUTS), help="PyTorch layout")
+  parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES))
+  parser.add_argument("--prefix", default="", help="key prefix, e.g. 'vision_model.'")
+  parser.add_argument("--max-shard-gb", type=float, default=5.0)
+  args = parser.parse_args(argv)
+  start = time.perf_counter()
+  with cli_errors():
+    model = load_pretrained(args.checkpoint)
+    files = export_pytorch(model.config, model.params, args.out, layout=args.format,
+                           dtype=args.dtype, prefix=args.prefix,
+                           max_shard_bytes=int(args.max_shard_gb * 2**30))
+  print(f"Converted {args.checkpoint} -> {args.out} ({args.format} layout, {args.dtype}): "
+        f"config.json + {', '.join(files)}, {time.perf_counter() - start:.1f}s.")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
