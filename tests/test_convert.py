@@ -182,3 +182,14 @@ def test_command_lines_convert_both_ways_and_fail_clearly(tmp_path, params):
   result = _tool("convert_from_pytorch.py", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
   assert result.returncode == 2 and "error: " in result.stderr and "neither a PyTorch" in result.stderr
   assert "Traceback" not in result.stderr
+
+
+def test_readme_api(tmp_path, params):
+  import internvl_jax
+
+  export_pytorch(RMS_QKNORM, params, str(tmp_path), layout="official")
+  model = internvl_jax.load_pretrained(str(tmp_path))
+  images = np.random.default_rng(0).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+  pixels = internvl_jax.normalize_images(images)
+  np.testing.assert_allclose(pixels[..., 1].mean(), (images[..., 1].mean() / 255 - 0.456) / 0.224, rtol=1e-4)
+  assert model.vision_features(pixels, layer=-2).shape == (2, 17, 64)

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The front door. Creates (or reuses) the Python environment in .venv, then runs:
+#   ./run.sh demo            the main job on the built-in demo data
+#   ./run.sh test [ARGS]     the test suite (pytest ARGS)
+#   ./run.sh python ARGS     anything else inside the environment
+set -euo pipefail
+cd "$(dirname "$0")"
+
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+VENV=.venv
+STAMP="$VENV/.installed"
+want=$(cat setup.cfg constraints.txt | sha256sum | cut -d' ' -f1)
+
+if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "Setting up $VENV (first use, or setup.cfg / constraints.txt changed)..." >&2
+  "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip
+  # constraints.txt pins versions known to install together; torch==2.13.0 is the CPU build.
+  "$VENV/bin/python" -m pip install --quiet -e ".[torch,test]" -c constraints.txt
+  echo "$want" > "$STAMP"
+fi
+
+cmd=${1:-demo}
+shift || true
+case "$cmd" in
+  demo) exec "$VENV/bin/python" tools/demo_vit.py "$@" ;;
+  test) exec "$VENV/bin/python" -m pytest tests "$@" ;;
+  python) exec "$VENV/bin/python" "$@" ;;
+  *) echo "usage: ./run.sh [demo|test|python ARGS]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,134 @@
+"""Benchmarks (not tests). Each prints its figures; BENCHMARKS.md records them with the command.
+
+  python tools/benchmark.py vit --preset tiny --batch 8
+      InternViT forward+backward: images/s, achieved FLOP/s, MFU against a dense matmul measured
+      on the same device in the same run; on the CPU also transformers' InternVLVisionModel of the
+      same config, timed alternately with JAX, and the ratio.
+  python tools/benchmark.py data --stage 1
+      The input pipeline (see tools/benchmark_data.py).
+"""
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax.config import DTYPES, vision_preset
+from internvl_jax.convert.intern_vit_layouts import TRANSFORMERS, config_json
+from internvl_jax.convert.pytorch import init_params
+from internvl_jax.flops import training_flops, vit_forward_flops
+from internvl_jax.models.intern_vit import InternViT
+
+
+def _timed(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return time.perf_counter() - start
+
+
+def matmul_flops_per_second(dtype, repeats: int = 5) -> float:
+  """The device's dense matmul rate: the denominator of MFU."""
+  n = 2048 if jax.default_backend() == "cpu" else 8192
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x, y: x @ y)
+  matmul(a, a).block_until_ready()
+  seconds = statistics.median(_timed(lambda: matmul(a, a).block_until_ready()) for _ in range(repeats))
+  return 2 * n**3 / seconds
+
+
+def _jax_step(config, batch, image_size):
+  params = jax.device_put(init_params(config))
+  pixels = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)), jnp.float32)
+
+  def loss(p):
+    features = InternViT(config).apply({"params": p}, pixels).last_hidden_state
+    return jnp.mean(features.astype(jnp.float32) ** 2)
+
+  step = jax.jit(jax.value_and_grad(loss))
+  jax.block_until_ready(step(params))  # compile
+  return lambda: jax.block_until_ready(step(params))
+
+
+def _torch_step(config, batch, image_size):
+  import torch
+  import transformers
+
+  torch.set_num_threads(os.cpu_count())
+  hf_config = transformers.InternVLVisionConfig(**{
+      k: v for k, v in config_json(config, TRANSFORMERS).items() if k not in ("architectures", "model_type")})
+  model = transformers.InternVLVisionModel(hf_config).train()
+  pixels = torch.randn(batch, 3, image_size, image_size)
+
+  def step():
+    model.zero_grad(set_to_none=True)
+    model(pixels).last_hidden_state.pow(2).mean().backward()
+
+  step()  # warm-up
+  return step
+
+
+def benchmark_vit(argv):
+  parser = argparse.ArgumentParser(prog="benchmark.py vit")
+  parser.add_argument("--preset", default="tiny")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--image-size", type=int, help="default: the preset's")
+  parser.add_argument("--layers", type=int, help="override the number of layers")
+  parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+  parser.add_argument("--remat", default="none")
+  parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
+  args = parser.parse_args(argv)
+
+  overrides = {"dtype": args.dtype, "remat_policy": args.remat}
+  if args.layers:
+    overrides["num_layers"] = args.layers
+  config = vision_preset(args.preset, **overrides)
+  image_size = args.image_size or config.image_size
+  flops_per_step = training_flops(vit_forward_flops(config, (image_size, image_size))) * args.batch
+  peak = matmul_flops_per_second(DTYPES[args.dtype])
+  device = jax.devices()[0]
+  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
+        f"dense {args.dtype} matmul: {peak / 1e12:.3f} TFLOP/s")
+  print(f"InternViT {args.preset} (layers {config.num_layers}, width {config.hidden_size}), "
+        f"{image_size}px, batch {args.batch}, {args.dtype}, remat {args.remat}: "
+        f"{flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
+
+  runners = {"jax": _jax_step(config, args.batch, image_size)}
+  if device.platform == "cpu" and not args.no_torch:
+    runners["transformers"] = _torch_step(config, args.batch, image_size)
+  times = {name: [] for name in runners}
+  for _ in range(args.steps):  # alternate, so that machine noise hits both alike
+    for name, run in runners.items():
+      times[name].append(_timed(run))
+
+  print(f"{'implementation':<16}{'median s/step':>14}{'images/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
+  for name, samples in times.items():
+    seconds = statistics.median(samples)
+    rate = flops_per_step / seconds
+    print(f"{name:<16}{seconds:>14.4f}{args.batch / seconds:>10.2f}{rate / 1e12:>10.4f}{rate / peak:>8.1%}")
+  if "transformers" in times:
+    ratio = statistics.median(times["transformers"]) / statistics.median(times["jax"])
+    print(f"jax / transformers throughput ratio: {ratio:.2f}x")
+
+
+def main():
+  commands = {"vit": benchmark_vit}
+  try:
+    import benchmark_data  # tools/benchmark_data.py, next to this file
+
+    commands["data"] = benchmark_data.main
+  except ImportError:
+    pass
+  if len(sys.argv) < 2 or sys.argv[1] not in commands:
+    print(__doc__)
+    sys.exit(2)
+  commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+  main()
