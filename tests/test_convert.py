@@ -180,7 +180,7 @@ def test_command_lines_convert_both_ways_and_fail_clearly(tmp_path, params):
   assert_trees_equal(params, import_pytorch(str(tmp_path / "hf"))[1])
 
   result = _tool("convert_from_pytorch.py", "--src", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x"))
-  assert result.returncode == 2 and "error: " in result.stderr and "neither a PyTorch" in result.stderr
+  assert result.returncode == 2 and "error: " in result.stderr and "has no config.json" in result.stderr
   assert "Traceback" not in result.stderr
 
 

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import pytest
 
 from internvl_jax.config import vision_preset
-from internvl_jax.convert.pytorch import abstract_params
+from internvl_jax.models.intern_vit import abstract_params
 from internvl_jax.flops import vit_forward_flops
 from internvl_jax.models.intern_vit import InternViT
 

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 
 from internvl_jax.config import vision_preset
-from internvl_jax.convert.pytorch import init_params
+from internvl_jax.models.intern_vit import init_params
 
 # The 6B family's structure (RMSNorm, QK-norm, no qkv bias) and the 300M's (LayerNorm, qkv bias).
 RMS_QKNORM = vision_preset("tiny")

@@ -4,6 +4,8 @@
       InternViT forward+backward: images/s, achieved FLOP/s, MFU against a dense matmul measured
       on the same device in the same run; on the CPU also transformers' InternVLVisionModel of the
       same config, timed alternately with JAX, and the ratio.
+  python tools/benchmark.py convert [--layers 5]
+      Peak memory of the converters on a synthetic checkpoint (see tools/benchmark_convert.py).
   python tools/benchmark.py data --stage 1
       The input pipeline (see tools/benchmark_data.py).
 """
@@ -20,9 +22,11 @@ import numpy as np
 
 from internvl_jax.config import DTYPES, vision_preset
 from internvl_jax.convert.intern_vit_layouts import TRANSFORMERS, config_json
-from internvl_jax.convert.pytorch import init_params
+from internvl_jax.models.intern_vit import init_params
 from internvl_jax.flops import training_flops, vit_forward_flops
 from internvl_jax.models.intern_vit import InternViT
+
+import benchmark_convert  # tools/, next to this file
 
 
 def _timed(fn) -> float:
@@ -117,7 +121,7 @@ def benchmark_vit(argv):
 
 
 def main():
-  commands = {"vit": benchmark_vit}
+  commands = {"vit": benchmark_vit, "convert": benchmark_convert.main}
   try:
     import benchmark_data  # tools/benchmark_data.py, next to this file
 

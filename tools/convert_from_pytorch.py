@@ -3,17 +3,16 @@
   python tools/convert_from_pytorch.py --src DIR --out DIR [--allow-missing]
 
 The layout (OpenGVLab `InternVisionModel` or transformers `InternVLVisionModel`) is detected from
-config.json; weights may be safetensors or .bin/.pth (loaded with weights_only=True).
+config.json; weights may be safetensors or .bin/.pth (loaded with weights_only=True). Tensors
+are converted block by block, so memory stays near the largest tensor, not the checkpoint.
 """
 
 import argparse
 import sys
 import time
 
-import jax
-
 from internvl_jax.convert.cli import cli_errors
-from internvl_jax.pretrained import load_pretrained
+from internvl_jax.convert.pytorch import pytorch_to_orbax
 
 
 def main(argv=None) -> int:
@@ -26,12 +25,9 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   with cli_errors():
-    model = load_pretrained(args.src, allow_missing=args.allow_missing)
-    model.save(args.out)
-  num_params = sum(x.size for x in jax.tree.leaves(model.params))
-  print(f"Converted {args.src} -> {args.out} (Orbax): InternViT with {model.config.num_layers} "
-        f"layers, width {model.config.hidden_size}, {num_params:,} params, "
-        f"{time.perf_counter() - start:.1f}s.")
+    config = pytorch_to_orbax(args.src, args.out, allow_missing=args.allow_missing)
+  print(f"Converted {args.src} -> {args.out} (Orbax): InternViT with {config.num_layers} layers, "
+        f"width {config.hidden_size}, {time.perf_counter() - start:.1f}s.")
   return 0
 
 

@@ -3,10 +3,11 @@
   python tools/convert_to_pytorch.py --checkpoint PATH --out DIR --format official|transformers
       [--dtype float32|bfloat16|float16] [--prefix vision_model.]
 
-PATH is an Orbax checkpoint written by internvl_jax (or any directory `load_pretrained` reads, so
-this also converts between the two PyTorch layouts). `official` writes OpenGVLab's
-`InternVisionModel` layout, `transformers` writes `InternVLVisionModel`; both as config.json plus
-safetensors (sharded with an index above --max-shard-gb), one tensor at a time.
+PATH is an Orbax checkpoint written by internvl_jax, read block by block (memory stays near the
+largest tensor), or a PyTorch directory (loaded whole; this converts between the two layouts).
+`official` writes OpenGVLab's `InternVisionModel` layout, `transformers` writes
+`InternVLVisionModel`; both as config.json plus safetensors (sharded with an index above
+--max-shard-gb).
 """
 
 import argparse
@@ -15,7 +16,8 @@ import time
 
 from internvl_jax.convert.cli import cli_errors
 from internvl_jax.convert.intern_vit_layouts import LAYOUTS
-from internvl_jax.convert.pytorch import EXPORT_DTYPES, export_pytorch
+from internvl_jax.convert import orbax_io
+from internvl_jax.convert.pytorch import EXPORT_DTYPES, export_pytorch, orbax_to_pytorch
 from internvl_jax.pretrained import load_pretrained
 
 
@@ -31,10 +33,13 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   start = time.perf_counter()
   with cli_errors():
-    model = load_pretrained(args.checkpoint)
-    files = export_pytorch(model.config, model.params, args.out, layout=args.format,
-                           dtype=args.dtype, prefix=args.prefix,
-                           max_shard_bytes=int(args.max_shard_gb * 2**30))
+    options = dict(layout=args.format, dtype=args.dtype, prefix=args.prefix,
+                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+    if orbax_io.is_checkpoint(args.checkpoint):
+      _, files = orbax_to_pytorch(args.checkpoint, args.out, **options)
+    else:
+      model = load_pretrained(args.checkpoint)
+      files = export_pytorch(model.config, model.params, args.out, **options)
   print(f"Converted {args.checkpoint} -> {args.out} ({args.format} layout, {args.dtype}): "
         f"config.json + {', '.join(files)}, {time.perf_counter() - start:.1f}s.")
   return 0

@@ -11,7 +11,8 @@ import shutil
 import numpy as np
 
 from internvl_jax.config import vision_preset
-from internvl_jax.convert.pytorch import export_pytorch, init_params
+from internvl_jax.convert.pytorch import export_pytorch
+from internvl_jax.models.intern_vit import init_params
 from internvl_jax.pretrained import Pretrained, load_pretrained
 
 

@@ -2,12 +2,12 @@
 transformers' `InternVLVisionModel` (spec 6), with their config.json files."""
 
 from internvl_jax.config import VisionConfig
-from internvl_jax.convert.keymap import Conv, Flatten, Layout, Linear, Rule, Transform
+from internvl_jax.convert.keymap import Conv, Flatten, Layout, Linear, Rule, Same
 
 OFFICIAL = "official"
 TRANSFORMERS = "transformers"
 
-_SAME = Transform()
+_SAME = Same()
 _LAYER_OFFICIAL = "encoder.layers.{layer}."
 _LAYER_HF = "encoder.layer.{layer}."
 

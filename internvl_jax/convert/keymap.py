@@ -2,17 +2,26 @@
 
 A layout is a table of `Rule`s. Each rule ties one Flax param (a '/'-joined path into the param
 tree, optionally one index of one axis of it) to one PyTorch key, with a `Transform` that turns
-the Flax array into the PyTorch tensor and back. Params of scanned blocks carry a leading layer
-axis; their PyTorch keys contain `{layer}` and the rule is applied once per layer slice. Both
-directions go one tensor at a time, so memory stays bounded by the largest tensor in flight.
+Flax data into PyTorch data and back. Params of scanned blocks carry a leading layer axis; their
+PyTorch keys contain `{layer}` and the rule applies once per layer.
+
+Conversion moves data in blocks of at most ~4 MiB: a block is a range of rows (axis 0) of one
+PyTorch tensor and the box of the Flax array that holds the same numbers. Both directions and
+every storage (numpy arrays, safetensors files, Orbax checkpoints) go through the same plan, so
+converting never holds more than a block or two, whatever the size of the checkpoint.
 """
 
 import dataclasses
+import itertools
 import re
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import jax.numpy as jnp
 import numpy as np
+
+BLOCK_BYTES = 4 * 2**20
+
+Index = tuple  # of ints and slices, into a full Flax array
 
 
 class ConversionError(ValueError):
@@ -21,70 +30,104 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Transform:
-  """Identity: the PyTorch tensor has the Flax array's layout."""
-
-  def to_torch(self, x: np.ndarray) -> np.ndarray:
-    return x
-
-  def from_torch(self, x: np.ndarray, flax_shape: tuple[int, ...]) -> np.ndarray:
-    return x.reshape(flax_shape)
+  """Base: the tensor moves as one block. Subclasses say how a Flax array maps to PyTorch."""
 
   def torch_shape(self, flax_shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(flax_shape)
 
+  def row_blocks(self, flax_shape, itemsize: int, target_bytes: int) -> Iterator[tuple[slice, Index]]:
+    """(PyTorch rows, the same data's index into the Flax array), covering the tensor in order."""
+    yield slice(None), ()
+
+  def to_torch(self, flax_block: np.ndarray) -> np.ndarray:
+    return flax_block
+
+  def from_torch(self, torch_rows: np.ndarray, flax_block_shape) -> np.ndarray:
+    return torch_rows.reshape(flax_block_shape)
+
+
+def _row_ranges(num_rows: int, row_bytes: int, target_bytes: int) -> Iterator[slice]:
+  step = max(1, target_bytes // max(1, row_bytes))
+  for start in range(0, num_rows, step):
+    yield slice(start, min(start + step, num_rows))
+
+
+@dataclasses.dataclass(frozen=True)
+class Same(Transform):
+  """The PyTorch tensor has the Flax array's layout; blocks are ranges of rows."""
+
+  def row_blocks(self, flax_shape, itemsize, target_bytes):
+    if not flax_shape:
+      yield slice(None), ()
+      return
+    row_bytes = itemsize * int(np.prod(flax_shape[1:]))
+    for rows in _row_ranges(flax_shape[0], row_bytes, target_bytes):
+      yield rows, (rows,)
+
 
 @dataclasses.dataclass(frozen=True)
 class Flatten(Transform):
-  """A bias or norm weight whose Flax array splits the feature axis, e.g. (3, heads, head_dim)."""
-
-  def to_torch(self, x):
-    return x.reshape(-1)
+  """A small bias or norm weight whose Flax array splits the feature axis, e.g. (3, heads, head_dim)."""
 
   def torch_shape(self, flax_shape):
     return (int(np.prod(flax_shape)),)
 
+  def to_torch(self, flax_block):
+    return flax_block.reshape(-1)
+
 
 @dataclasses.dataclass(frozen=True)
 class Linear(Transform):
-  """A Dense kernel (in..., out...) <-> a torch Linear weight [out, in]; `in_ndim` input axes."""
+  """A Dense kernel (in..., out...) <-> a torch Linear weight [out, in]; `in_ndim` input axes.
+
+  PyTorch row r is the flattened output index; a block is a range of the last output axis at
+  fixed leading output indices, i.e. a box of the kernel.
+  """
 
   in_ndim: int = 1
 
-  def _in_out(self, flax_shape):
-    return int(np.prod(flax_shape[:self.in_ndim])), int(np.prod(flax_shape[self.in_ndim:]))
-
-  def to_torch(self, x):
-    fan_in, fan_out = self._in_out(x.shape)
-    return x.reshape(fan_in, fan_out).T
-
-  def from_torch(self, x, flax_shape):
-    return x.T.reshape(flax_shape)
-
   def torch_shape(self, flax_shape):
-    return tuple(reversed(self._in_out(flax_shape)))
+    fan_in, fan_out = int(np.prod(flax_shape[:self.in_ndim])), int(np.prod(flax_shape[self.in_ndim:]))
+    return (fan_out, fan_in)
+
+  def row_blocks(self, flax_shape, itemsize, target_bytes):
+    in_dims, out_dims = flax_shape[:self.in_ndim], flax_shape[self.in_ndim:]
+    row_bytes = itemsize * int(np.prod(in_dims))
+    whole_inputs = (slice(None),) * self.in_ndim
+    for outer in itertools.product(*map(range, out_dims[:-1])):
+      first_row = int(np.ravel_multi_index(outer, out_dims[:-1])) * out_dims[-1] if outer else 0
+      for rows in _row_ranges(out_dims[-1], row_bytes, target_bytes):
+        yield (slice(first_row + rows.start, first_row + rows.stop), whole_inputs + outer + (rows,))
+
+  def to_torch(self, flax_block):
+    fan_in = int(np.prod(flax_block.shape[:self.in_ndim]))
+    return flax_block.reshape(fan_in, -1).T
+
+  def from_torch(self, torch_rows, flax_block_shape):
+    return torch_rows.T.reshape(flax_block_shape)
 
 
 @dataclasses.dataclass(frozen=True)
 class Conv(Transform):
   """A Flax Conv kernel (kh, kw, in, out) <-> a torch Conv2d weight [out, in, kh, kw]."""
 
-  def to_torch(self, x):
-    return x.transpose(3, 2, 0, 1)
-
-  def from_torch(self, x, flax_shape):
-    return x.transpose(2, 3, 1, 0).reshape(flax_shape)
-
   def torch_shape(self, flax_shape):
     kh, kw, fan_in, fan_out = flax_shape
     return (fan_out, fan_in, kh, kw)
+
+  def to_torch(self, flax_block):
+    return flax_block.transpose(3, 2, 0, 1)
+
+  def from_torch(self, torch_rows, flax_block_shape):
+    return torch_rows.transpose(2, 3, 1, 0).reshape(flax_block_shape)
 
 
 @dataclasses.dataclass(frozen=True)
 class Rule:
   flax: str  # '/'-joined path in the param tree
   torch: str  # the PyTorch key; contains '{layer}' for the params of scanned blocks
-  transform: Transform = Transform()
-  # (axis, index) into the (per-layer) Flax array, when one Flax array feeds several torch
+  transform: Transform = Same()
+  # (axis, index) into the per-layer Flax array, when one Flax array feeds several torch
   # tensors, e.g. the fused qkv kernel and transformers' separate q/k/v projections.
   part: tuple[int, int] | None = None
 
@@ -99,16 +142,22 @@ class Layout:
 
   name: str
   rules: tuple[Rule, ...]
-  # Keys a checkpoint may hold that carry no params (e.g. rotary-embedding buffers).
+  # Regexes of keys a checkpoint may hold that carry no params (e.g. rotary-embedding buffers).
   ignored: tuple[str, ...] = ()
-
-  def rules_for(self, params: Mapping) -> tuple[Rule, ...]:
-    """The rules whose Flax param exists in this model (optional parts such as biases)."""
-    flat = flatten(params)
-    return tuple(rule for rule in self.rules if rule.flax in flat)
 
   def is_ignored(self, key: str) -> bool:
     return any(re.fullmatch(pattern, key) for pattern in self.ignored)
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorPlan:
+  """One PyTorch tensor: its key, shape, and blocks of (rows, index into the Flax leaf)."""
+
+  key: str
+  flax: str
+  transform: Transform
+  torch_shape: tuple[int, ...]
+  blocks: tuple[tuple[slice, Index], ...]
 
 
 def flatten(tree: Mapping, prefix: str = "") -> dict:
@@ -134,91 +183,96 @@ def unflatten(flat: Mapping) -> dict:
   return tree
 
 
-def _num_layers(rule: Rule, flax_shape) -> int:
-  return flax_shape[0] if rule.stacked else 1
+def index_shape(shape: tuple[int, ...], index: Index) -> tuple[int, ...]:
+  """The shape of array[index] for an index of ints and slices."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  return tuple(len(range(*i.indices(n))) for i, n in zip(index, shape) if isinstance(i, slice))
 
 
-def _slice_shape(rule: Rule, flax_shape) -> tuple[int, ...]:
-  shape = tuple(flax_shape[1:] if rule.stacked else flax_shape)
-  if rule.part is not None:
-    axis, _ = rule.part
-    shape = shape[:axis] + shape[axis + 1:]
-  return shape
-
-
-def _index(rule: Rule, layer: int):
-  index = (layer,) if rule.stacked else ()
-  if rule.part is not None:
-    axis, part = rule.part
-    index += (slice(None),) * axis + (part,)
-  return index
-
-
-def torch_keys(layout: Layout, abstract_params: Mapping) -> dict[str, tuple[Rule, int]]:
-  """Every PyTorch key the layout expects for this model -> (rule, layer)."""
+def plan(layout: Layout, abstract_params: Mapping, target_bytes: int = BLOCK_BYTES) -> list[TensorPlan]:
+  """Every PyTorch tensor of this model in the layout, in rule order, split into blocks."""
   flat = flatten(abstract_params)
-  keys = {}
-  for rule in layout.rules_for(abstract_params):
-    for layer in range(_num_layers(rule, flat[rule.flax].shape)):
-      keys[rule.torch.format(layer=layer)] = (rule, layer)
-  return keys
+  plans = []
+  for rule in layout.rules:
+    if rule.flax not in flat:  # optional params, e.g. biases the config turns off
+      continue
+    leaf_shape, itemsize = tuple(flat[rule.flax].shape), np.dtype(flat[rule.flax].dtype).itemsize
+    layer_shape = leaf_shape[1:] if rule.stacked else leaf_shape
+    tensor_shape = layer_shape
+    if rule.part is not None:
+      axis, _ = rule.part
+      tensor_shape = layer_shape[:axis] + layer_shape[axis + 1:]
+    for layer in range(leaf_shape[0] if rule.stacked else 1):
+      blocks = []
+      for rows, index in rule.transform.row_blocks(tensor_shape, itemsize, target_bytes):
+        index = tuple(index) + (slice(None),) * (len(tensor_shape) - len(index))
+        if rule.part is not None:
+          axis, part = rule.part
+          index = index[:axis] + (part,) + index[axis:]
+        blocks.append((rows, ((layer,) if rule.stacked else ()) + index))
+      plans.append(TensorPlan(rule.torch.format(layer=layer), rule.flax, rule.transform,
+                              rule.transform.torch_shape(tensor_shape), tuple(blocks)))
+  return plans
 
 
-def torch_shapes(layout: Layout, abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
+def chunk_shapes(plans: list[TensorPlan], abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
+  """Per Flax leaf, the shape of its first block with every axis kept: a storage chunk shape
+  such that each block of the plan is exactly one chunk."""
   flat = flatten(abstract_params)
-  return {key: rule.transform.torch_shape(_slice_shape(rule, flat[rule.flax].shape))
-          for key, (rule, _) in torch_keys(layout, abstract_params).items()}
+  chunks = {}
+  for tensor in plans:
+    if tensor.flax in chunks:
+      continue
+    shape = flat[tensor.flax].shape
+    index = tensor.blocks[0][1] + (slice(None),) * (len(shape) - len(tensor.blocks[0][1]))
+    chunks[tensor.flax] = tuple(1 if isinstance(i, int) else len(range(*i.indices(n)))
+                                for i, n in zip(index, shape))
+  return chunks
 
 
-def to_torch(layout: Layout, params: Mapping) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (torch key, array) one tensor at a time, in the layout's rule order.
+def export_tensors(plans: list[TensorPlan], read_flax: Callable[[str, Index], np.ndarray]
+                   ) -> Iterator[tuple[TensorPlan, Iterator[np.ndarray]]]:
+  """Per PyTorch tensor, its rows block by block, read from the Flax side with `read_flax`."""
+  for tensor in plans:
+    yield tensor, (tensor.transform.to_torch(np.asarray(read_flax(tensor.flax, index)))
+                   for _, index in tensor.blocks)
 
-  The arrays may be non-contiguous views (e.g. transposed kernels): writers copy them in chunks.
+
+def check_source(layout: Layout, plans: list[TensorPlan], keys: set[str], shape_of, dtype_of, *,
+                 allow_missing: bool) -> list[TensorPlan]:
+  """Checks a checkpoint's keys, shapes and dtypes against the plan before anything is read.
+
+  Returns the plans of missing tensors (only when `allow_missing`); anything else that does not
+  fit raises a ConversionError that names the keys.
   """
-  flat = flatten(params)
-  for key, (rule, layer) in torch_keys(layout, params).items():
-    yield key, rule.transform.to_torch(np.asarray(flat[rule.flax][_index(rule, layer)]))
-
-
-def from_torch(layout: Layout, abstract_params: Mapping, read, keys: set[str], *,
-               allow_missing: bool = False, init_params: Mapping | None = None) -> dict:
-  """Builds the Flax param tree from PyTorch tensors read one at a time.
-
-  `read(key)` returns one tensor as a numpy array; `keys` are all keys in the checkpoint (prefix
-  already removed). Unexpected keys, missing keys (unless `allow_missing`, in which case those
-  params keep `init_params`' values) and shape mismatches raise a ConversionError naming them.
-  """
-  expected = torch_keys(layout, abstract_params)
+  expected = {tensor.key: tensor for tensor in plans}
   unexpected = sorted(k for k in keys if k not in expected and not layout.is_ignored(k))
-  missing = sorted(k for k in expected if k not in keys)
+  missing = [tensor for tensor in plans if tensor.key not in keys]
   if unexpected:
     raise ConversionError(f"{layout.name}: unexpected keys in the checkpoint: {_some(unexpected)}")
   if missing and not allow_missing:
-    raise ConversionError(
-        f"{layout.name}: missing keys: {_some(missing)} (pass --allow-missing to initialize them "
-        "randomly instead).")
-  if missing and init_params is None:
-    raise ConversionError(f"{layout.name}: missing keys {_some(missing)} and no init params given.")
-
-  abstract_flat = flatten(abstract_params)
-  init_flat = flatten(init_params) if missing else {}
-  out = {}
-  for key, (rule, layer) in expected.items():
-    abstract = abstract_flat[rule.flax]
-    if rule.flax not in out:
-      out[rule.flax] = (np.array(init_flat[rule.flax], dtype=abstract.dtype) if rule.flax in init_flat
-                        else np.empty(abstract.shape, abstract.dtype))
-    if key not in keys:
+    raise ConversionError(f"{layout.name}: missing keys: {_some([t.key for t in missing])} "
+                          "(allow missing keys to initialize them randomly instead).")
+  for tensor in plans:
+    if tensor.key not in keys:
       continue
-    tensor = read(key)
-    if not jnp.issubdtype(tensor.dtype, jnp.floating):
-      raise ConversionError(f"{key}: dtype {tensor.dtype} is not a floating-point dtype.")
-    want = rule.transform.torch_shape(_slice_shape(rule, abstract.shape))
-    if tuple(tensor.shape) != want:
-      raise ConversionError(f"{key}: shape {tuple(tensor.shape)} does not match the model's {want}.")
-    out[rule.flax][_index(rule, layer)] = rule.transform.from_torch(
-        tensor, _slice_shape(rule, abstract.shape))
-  return unflatten(out)
+    dtype, shape = dtype_of(tensor.key), tuple(shape_of(tensor.key))
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ConversionError(f"{tensor.key}: dtype {np.dtype(dtype)} is not a floating-point dtype.")
+    if shape != tensor.torch_shape:
+      raise ConversionError(f"{tensor.key}: shape {shape} does not match the model's {tensor.torch_shape}.")
+  return missing
+
+
+def import_tensors(plans: list[TensorPlan], read_torch: Callable[[str, slice], np.ndarray],
+                   abstract_params: Mapping) -> Iterator[tuple[str, Index, np.ndarray]]:
+  """(Flax path, index, block) for every block of the given (checked) tensors, in plan order."""
+  flat = flatten(abstract_params)
+  for tensor in plans:
+    leaf = flat[tensor.flax]
+    for rows, index in tensor.blocks:
+      block = tensor.transform.from_torch(read_torch(tensor.key, rows), index_shape(leaf.shape, index))
+      yield tensor.flax, index, np.asarray(block, leaf.dtype)
 
 
 def _some(keys: list[str], limit: int = 12) -> str:

@@ -26,9 +26,14 @@ class TensorSource:
   def keys(self) -> set[str]:
     return {k[len(self.prefix):] for k in self._readers if k.startswith(self.prefix)}
 
-  def read(self, key: str) -> np.ndarray:
-    full_key = self.prefix + key
-    return self._readers[full_key].read(full_key)
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._readers[self.prefix + key].shape(self.prefix + key)
+
+  def dtype(self, key: str) -> np.dtype:
+    return self._readers[self.prefix + key].dtype(self.prefix + key)
+
+  def read(self, key: str, rows: slice = slice(None)) -> np.ndarray:
+    return self._readers[self.prefix + key].read(self.prefix + key, rows)
 
   def with_prefix(self, prefixes: tuple[str, ...]) -> "TensorSource":
     """Strips the first of `prefixes` under which every key lies (none if no prefix fits)."""
@@ -59,10 +64,21 @@ class _TorchFile:
   def keys(self):
     return list(self._state)
 
-  def read(self, key: str) -> np.ndarray:
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self._state[key].shape)
+
+  def dtype(self, key: str) -> np.dtype:
     import torch
 
-    tensor = self._state[key].detach().contiguous()
+    tensor = self._state[key]
+    return np.dtype(ml_dtypes.bfloat16) if tensor.dtype == torch.bfloat16 else np.dtype(
+        torch.empty((), dtype=tensor.dtype).numpy().dtype)
+
+  def read(self, key: str, rows: slice = slice(None)) -> np.ndarray:
+    import torch
+
+    tensor = self._state[key]
+    tensor = (tensor[rows] if tensor.ndim else tensor).contiguous()
     if tensor.dtype == torch.bfloat16:  # numpy has no bfloat16: reinterpret the bits
       return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
     return tensor.numpy().copy()

@@ -53,26 +53,26 @@ class SafetensorsFile:
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self._entries[key]["shape"])
 
-  def read(self, key: str) -> np.ndarray:
+  def dtype(self, key: str) -> np.dtype:
+    return DTYPES[self._entries[key]["dtype"]]
+
+  def read(self, key: str, rows: slice = slice(None)) -> np.ndarray:
+    """The tensor, or a range of its rows (axis 0), read from disk into a fresh array."""
     entry = self._entries[key]
+    shape, dtype = tuple(entry["shape"]), DTYPES[entry["dtype"]]
     begin, end = entry["data_offsets"]
-    out = np.empty(entry["shape"], DTYPES[entry["dtype"]])
-    if out.nbytes != end - begin:
-      raise ValueError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {entry['shape']}.")
+    if int(np.prod(shape)) * dtype.itemsize != end - begin:
+      raise ValueError(f"{self.path}: tensor {key!r} has {end - begin} bytes for shape {list(shape)}.")
+    if shape:
+      first, last, _ = rows.indices(shape[0])
+      row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+      begin, shape = begin + first * row_bytes, (last - first,) + shape[1:]
+    out = np.empty(shape, dtype)
     with open(self.path, "rb") as f:
       f.seek(self._data_start + begin)
       if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
         raise ValueError(f"{self.path}: tensor {key!r} is truncated.")
     return out
-
-
-def _write_chunked(f, array: np.ndarray, dtype, chunk_bytes: int = 64 * 2**20):
-  """Writes a possibly strided array in C order, converting at most chunk_bytes at a time."""
-  rows = array.reshape(1, -1) if array.ndim < 2 else array
-  row_bytes = max(1, rows[0].size * np.dtype(dtype).itemsize)
-  step = max(1, chunk_bytes // row_bytes)
-  for start in range(0, rows.shape[0], step):
-    f.write(np.ascontiguousarray(rows[start:start + step], dtype=dtype).reshape(-1).view(np.uint8).data)
 
 
 def _header(plan: dict[str, tuple[tuple[int, ...], np.dtype]]) -> tuple[bytes, int]:
@@ -100,9 +100,10 @@ def shard_plan(plan: dict, max_shard_bytes: int) -> list[dict]:
   return shards + [current] if current or not shards else shards
 
 
-def write_streaming(out_dir: str, plan: dict, tensors: Iterable[tuple[str, np.ndarray]], *,
+def write_streaming(out_dir: str, plan: dict, tensors: Iterable[tuple[str, Iterable[np.ndarray]]], *,
                     max_shard_bytes: int = 5 * 2**30) -> list[str]:
-  """Writes tensors (yielded in plan order) to model.safetensors, or shards plus an index."""
+  """Writes model.safetensors, or shards plus an index, from tensors given in plan order, each
+  as its rows block by block (C order), so that no more than one block is held at a time."""
   shards = shard_plan(plan, max_shard_bytes)
   names = (["model.safetensors"] if len(shards) == 1 else
            [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
@@ -112,10 +113,16 @@ def write_streaming(out_dir: str, plan: dict, tensors: Iterable[tuple[str, np.nd
     with open(os.path.join(out_dir, name), "wb") as f:
       f.write(header)
       for want_key, (shape, dtype) in shard.items():
-        key, array = next(tensors)
-        if key != want_key or tuple(array.shape) != tuple(shape):
-          raise ValueError(f"Expected tensor {want_key} {tuple(shape)}, got {key} {array.shape}.")
-        _write_chunked(f, array, dtype)
+        key, blocks = next(tensors)
+        if key != want_key:
+          raise ValueError(f"Expected tensor {want_key}, got {key}.")
+        written = 0
+        for block in blocks:
+          data = np.ascontiguousarray(block, dtype=dtype).reshape(-1).view(np.uint8)
+          f.write(data.data)
+          written += data.nbytes
+        if written != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+          raise ValueError(f"Tensor {key}: wrote {written} bytes for shape {tuple(shape)}.")
   if len(shards) > 1:
     total = sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in plan.values())
     index = {"metadata": {"total_size": total},

@@ -152,3 +152,18 @@ def select_layer(output: VisionOutput, layer: int) -> jax.Array:
   if not -num_states <= layer < num_states:
     raise ValueError(f"layer={layer} is out of range for {num_states} hidden states.")
   return output.hidden_states[layer]
+
+
+def abstract_params(config: VisionConfig) -> dict:
+  """Param shapes and dtypes of the model, with nothing allocated."""
+  pixels = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, config.num_channels),
+                                jnp.float32)
+  variables = jax.eval_shape(lambda x: InternViT(config).init(jax.random.key(0), x), pixels)
+  return nn.meta.unbox(variables["params"])
+
+
+def init_params(config: VisionConfig, seed: int = 0) -> dict:
+  """Freshly initialized params, as numpy arrays."""
+  pixels = jnp.zeros((1, config.image_size, config.image_size, config.num_channels))
+  variables = jax.jit(InternViT(config).init)(jax.random.key(seed), pixels)
+  return jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
