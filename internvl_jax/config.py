@@ -98,3 +98,72 @@ def vision_preset(name: str, **overrides) -> VisionConfig:
   if name not in VISION_PRESETS:
     raise ValueError(f"Unknown vision preset {name!r}; known presets: {sorted(VISION_PRESETS)}.")
   return VISION_PRESETS[name].replace(**overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+  """LLaMA decoder hyper-parameters (spec section 2.1), named after their config.json fields."""
+
+  vocab_size: int = 49954
+  hidden_size: int = 4096
+  num_layers: int = 32
+  num_heads: int = 32
+  num_kv_heads: int = 32  # < num_heads: grouped-query attention
+  mlp_dim: int = 11008
+  norm_eps: float = 1e-6
+  max_positions: int = 2048
+  rope_base: float = 10000.0
+  tie_embeddings: bool = False
+  bos_id: int = 1
+  eos_id: int = 2
+  pad_id: int = 0
+  dtype: str = "float32"  # compute dtype; params are float32
+  remat_policy: str = "none"
+
+  def __post_init__(self):
+    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("dtype", self.dtype, tuple(DTYPES))
+    if self.hidden_size % self.num_heads:
+      raise ValueError(
+          f"LlamaConfig: hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}.")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"LlamaConfig: num_heads {self.num_heads} is not a multiple of num_kv_heads "
+          f"{self.num_kv_heads} (each key/value head serves a whole group of query heads).")
+    if self.head_dim % 2:
+      raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for rotary embeddings.")
+    for field in ("bos_id", "eos_id", "pad_id"):
+      if not 0 <= getattr(self, field) < self.vocab_size:
+        raise ValueError(f"LlamaConfig: {field}={getattr(self, field)} is outside the vocabulary "
+                         f"of {self.vocab_size} tokens.")
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+  def replace(self, **changes) -> "LlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+
+# The multilingual LLaMA-7B that InternVL's text encoder and QLLaMA start from (Chinese-Alpaca).
+_LLAMA_7B = LlamaConfig()
+
+LLAMA_PRESETS = {
+    "tiny": LlamaConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
+                        mlp_dim=160, max_positions=128),
+    "llama-7b": _LLAMA_7B,
+    "vicuna-7b": _LLAMA_7B.replace(vocab_size=32000),
+    "vicuna-13b": _LLAMA_7B.replace(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
+                                    num_kv_heads=40, mlp_dim=13824),
+}
+
+
+def llama_preset(name: str, **overrides) -> LlamaConfig:
+  """Returns the named LLaMA preset, with field overrides."""
+  if name not in LLAMA_PRESETS:
+    raise ValueError(f"Unknown LLaMA preset {name!r}; known presets: {sorted(LLAMA_PRESETS)}.")
+  return LLAMA_PRESETS[name].replace(**overrides)

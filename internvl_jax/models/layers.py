@@ -1,9 +1,15 @@
-"""Building blocks shared by every model: norms, attention, MLP, stochastic depth, remat.
+"""Building blocks shared by every model: norms, attention, RoPE, MLPs, stochastic depth, remat.
 
 Modules name the logical axes of their params and activations; `sharding.py` maps those names to
 mesh axes. Params are float32; matmuls run in the module's `dtype`.
+
+Attention is one core, `dot_product_attention` (scaling, masking, float32 softmax, grouped-query
+heads), with two projection variants around it: `SelfAttention` (InternViT's fused qkv and
+QK-norm) and `Attention` (separate q/k/v/o projections: LLaMA's causal attention with RoPE and a
+KV cache, and cross-attention whose keys and values come from another sequence).
 """
 
+import functools
 from typing import Callable
 
 import flax.linen as nn
@@ -63,26 +69,77 @@ def make_norm(norm_type: str, eps: float, dtype, name: str) -> nn.Module:
   raise ValueError(f"Unknown norm_type {norm_type!r}.")
 
 
-def dense(features, names, *, axis=-1, use_bias=True, dtype=jnp.float32, name=None):
-  """DenseGeneral whose kernel and bias carry logical axis names (kernel names: inputs then outputs)."""
-  features_tuple = features if isinstance(features, tuple) else (features,)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, name=name,
-      kernel_init=logical_param(default_kernel_init, names),
-      bias_init=logical_param(nn.initializers.zeros, names[-len(features_tuple):]))
+class Dense(nn.Module):
+  """nn.DenseGeneral, but the kernel is created in its full (inputs..., outputs...) shape.
+
+  DenseGeneral creates its kernel flat and reshapes it; under a mesh with logical rules flax then
+  applies the multi-axis names to the flat array and fails (google/flax#3676). Same params and
+  init values as DenseGeneral.
+  """
+
+  features: tuple[int, ...]
+  axis: tuple[int, ...]
+  names: tuple[str | None, ...]  # inputs then outputs
+  use_bias: bool = True
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    axis = tuple(sorted(a % x.ndim for a in self.axis))
+    in_shape = tuple(x.shape[a] for a in axis)
+    kernel = self.param("kernel", logical_param(default_kernel_init, self.names),
+                        in_shape + self.features)
+    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                            ((axis, tuple(range(len(axis)))), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", logical_param(nn.initializers.zeros, self.names[len(axis):]),
+                        self.features)
+      y = y + bias.astype(self.dtype)
+    return y
+
+
+def dense(features, names, *, axis=-1, use_bias=True, dtype=jnp.float32, name=None) -> Dense:
+  """A Dense layer whose kernel and bias carry logical axis names (kernel names: inputs then outputs)."""
+  features = features if isinstance(features, tuple) else (features,)
+  axis = axis if isinstance(axis, tuple) else (axis,)
+  return Dense(features, axis, tuple(names), use_bias, dtype, name=name)
 
 
 def dot_product_attention(q, k, v, mask=None):
   """Softmax attention over (batch, length, heads, head_dim) inputs; softmax in float32.
 
-  `mask` is boolean, broadcastable to (batch, heads, q_length, kv_length); True means visible.
+  k and v may have fewer heads than q (grouped-query attention): query head h uses key/value head
+  h // (q_heads // kv_heads), the grouping of transformers' `repeat_kv`. The groups are a reshape
+  of q, so keys and values are never copied. `mask` is boolean, broadcastable to
+  (batch, q_heads, q_length, kv_length); True means visible.
   """
-  scale = q.shape[-1]**-0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+  batch, q_length, heads, head_dim = q.shape
+  kv_heads = k.shape[2]
+  if heads % kv_heads:
+    raise ValueError(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads.")
+  q = q.reshape(batch, q_length, kv_heads, heads // kv_heads, head_dim)
+  logits = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+  logits = logits.reshape(batch, heads, q_length, k.shape[1])
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  weights = weights.reshape(batch, kv_heads, heads // kv_heads, q_length, k.shape[1])
+  out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, v)
+  return out.reshape(batch, q_length, heads, head_dim)
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """Rotates (batch, length, heads, head_dim) by (batch, length) positions, in float32.
+
+  transformers' "rotate half" convention: dimension i < head_dim / 2 pairs with i + head_dim / 2
+  and turns by the angle position * base**(-2i / head_dim).
+  """
+  head_dim = x.shape[-1]
+  inv_freq = 1.0 / (base**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
 class SelfAttention(nn.Module):
@@ -116,6 +173,57 @@ class SelfAttention(nn.Module):
                  name="proj")(out)
 
 
+class Attention(nn.Module):
+  """Attention with separate q/k/v/o projections around `dot_product_attention`.
+
+  Self-attention (`kv_inputs` None) or cross-attention (keys and values from `kv_inputs`, of any
+  width), multi-head or grouped-query (`num_kv_heads` < `num_heads`), with rotary positions when
+  `rope_base` is set. `query`, `keys_values` and `attend` are exposed so that a caller can keep a
+  KV cache, or compute cross-attention keys and values once and reuse them.
+  """
+
+  num_heads: int
+  head_dim: int
+  out_features: int
+  num_kv_heads: int | None = None  # None: as many as query heads
+  use_bias: bool = False
+  rope_base: float | None = None
+  dtype: jnp.dtype = jnp.float32
+
+  def setup(self):
+    kv_heads = self.num_kv_heads or self.num_heads
+    proj = functools.partial(dense, use_bias=self.use_bias, dtype=self.dtype)
+    self.q_proj = proj((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"))
+    self.k_proj = proj((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.v_proj = proj((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"))
+    self.o_proj = proj(self.out_features, ("heads", "head_dim", "embed"), axis=(-2, -1))
+
+  def _rotate(self, x, positions):
+    if self.rope_base is None:
+      return x
+    if positions is None:
+      raise ValueError("Attention with rotary embeddings needs the token positions.")
+    return rotary_embedding(x, positions, self.rope_base)
+
+  def query(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
+    q = self._rotate(self.q_proj(x), positions)
+    return constrain(q, ("act_batch", "act_len", "act_heads", None))
+
+  def keys_values(self, x: jax.Array, positions: jax.Array | None = None):
+    return self._rotate(self.k_proj(x), positions), self.v_proj(x)
+
+  def attend(self, q, k, v, mask=None) -> jax.Array:
+    return self.o_proj(dot_product_attention(q, k, v, mask))
+
+  def __call__(self, x: jax.Array, kv_inputs: jax.Array | None = None, *, mask=None,
+               positions: jax.Array | None = None) -> jax.Array:
+    if kv_inputs is not None and self.rope_base is not None:
+      raise ValueError("Cross-attention takes no rotary embeddings: queries and keys have no "
+                       "common positions.")
+    k, v = self.keys_values(x if kv_inputs is None else kv_inputs, positions)
+    return self.attend(self.query(x, positions), k, v, mask)
+
+
 class Mlp(nn.Module):
   """fc1 -> exact (erf) GELU -> fc2."""
 
@@ -128,6 +236,22 @@ class Mlp(nn.Module):
     h = dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
     h = constrain(nn.gelu(h, approximate=False), ("act_batch", "act_len", "act_mlp"))
     return dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+
+
+class GatedMlp(nn.Module):
+  """LLaMA's SwiGLU MLP: down(silu(gate(x)) * up(x)), without biases."""
+
+  hidden_dim: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    width = x.shape[-1]
+    proj = functools.partial(dense, use_bias=False, dtype=self.dtype)
+    gate = proj(self.hidden_dim, ("embed", "mlp"), name="gate_proj")(x)
+    up = proj(self.hidden_dim, ("embed", "mlp"), name="up_proj")(x)
+    h = constrain(nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+    return proj(width, ("mlp", "embed"), name="down_proj")(h)
 
 
 def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:

@@ -1,0 +1,176 @@
+"""LLaMA decoder (spec 2.1): InternVL's text encoder, QLLaMA's base and the chat LLMs.
+
+Token embedding -> scanned pre-norm layers (RMSNorm, causal self-attention with rotary positions
+and multi-head or grouped-query heads, RMSNorm, SwiGLU MLP) -> final RMSNorm -> LM head (or the
+transposed embedding when tied). Params are named after transformers' `LlamaForCausalLM`, so the
+conversion table is a list of renames.
+
+Incremental decoding uses an explicit `KVCache` pytree that the caller passes in and gets back,
+rather than a mutable flax collection: the cache is plain data, so it is allocated from the config
+without running the model, scanned over layers like the params, reordered for beam search by
+indexing, and donated or sharded like any other array.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax.config import LlamaConfig
+from internvl_jax.models import layers
+
+ACTIVATION = ("act_batch", "act_len", "act_embed")
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for the tokens decoded so far.
+
+  Every row writes the same slot (`index`), so prompts of different lengths are decoded in one
+  batch: `valid` marks the slots that hold real tokens, and the padding slots stay invisible.
+  """
+
+  keys: jax.Array  # (layers, batch, max_length, kv_heads, head_dim), in the compute dtype
+  values: jax.Array
+  valid: jax.Array  # (batch, max_length) bool
+  index: jax.Array  # () int32: the next slot to write
+
+  @property
+  def max_length(self) -> int:
+    return self.valid.shape[1]
+
+  def take(self, rows: jax.Array) -> "KVCache":
+    """The cache of the given batch rows (beam search reorders and repeats rows)."""
+    return KVCache(self.keys[:, rows], self.values[:, rows], self.valid[rows], self.index)
+
+
+def init_cache(config: LlamaConfig, batch: int, max_length: int) -> KVCache:
+  """An empty cache for `max_length` tokens: prompt plus generated ones.
+
+  Writes past `max_length` would be clamped by XLA, so the caller sizes the cache for the whole
+  sequence (`generate` does).
+  """
+  shape = (config.num_layers, batch, max_length, config.num_kv_heads, config.head_dim)
+  return KVCache(keys=jnp.zeros(shape, config.compute_dtype),
+                 values=jnp.zeros(shape, config.compute_dtype),
+                 valid=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+
+@flax.struct.dataclass
+class LlamaOutput:
+  logits: jax.Array | None  # (batch, length, vocab) float32; None when not asked for
+  hidden_state: jax.Array  # (batch, length, width): the last layer's output after the final norm
+  cache: KVCache | None = None
+
+
+def attention_mask_and_positions(attention_mask: jax.Array, cache: KVCache | None):
+  """The (batch, 1, length, keys) visibility, the cache's new `valid` and default positions.
+
+  A token sees the real tokens at or before its slot. Its default position is the number of real
+  tokens before it, so right-padded rows count 0, 1, 2, ... as transformers' default, and a
+  decoding step continues each row where its own prompt ended.
+  """
+  length = attention_mask.shape[1]
+  if cache is None:
+    query_slots = key_slots = jnp.arange(length)
+    key_valid, before = attention_mask, 0
+  else:
+    query_slots = cache.index + jnp.arange(length)
+    key_slots = jnp.arange(cache.max_length)
+    key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
+    before = jnp.sum(cache.valid, axis=1, keepdims=True)
+  causal = key_slots[None, :] <= query_slots[:, None]
+  mask = causal[None, None] & key_valid[:, None, None, :]
+  positions = jnp.maximum(before + jnp.cumsum(attention_mask, axis=1) - 1, 0)
+  return mask, key_valid, positions.astype(jnp.int32)
+
+
+class DecoderLayer(nn.Module):
+  """x += attn(norm(x)); x += mlp(norm(x)). With a cache, new keys and values are written first."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, x, mask, positions, cache_index, layer_cache):
+    cfg, dtype = self.config, self.config.compute_dtype
+    attn = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.num_kv_heads,
+                            rope_base=cfg.rope_base, dtype=dtype, name="self_attn")
+    h = layers.RMSNorm(cfg.norm_eps, dtype, name="input_layernorm")(x)
+    q = attn.query(h, positions)
+    k, v = attn.keys_values(h, positions)
+    if layer_cache is not None:
+      layer_cache = tuple(
+          jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache_index, axis=1)
+          for cached, new in zip(layer_cache, (k, v)))
+      k, v = layer_cache
+    x = layers.constrain(x + attn.attend(q, k, v, mask), ACTIVATION)
+    h = layers.RMSNorm(cfg.norm_eps, dtype, name="post_attention_layernorm")(x)
+    x = layers.constrain(x + layers.GatedMlp(cfg.mlp_dim, dtype, name="mlp")(h), ACTIVATION)
+    return x, layer_cache
+
+
+def check_tokens(tokens, attention_mask):
+  if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens must be integer ids of shape (batch, length); got {tokens.dtype} "
+                     f"{tokens.shape}.")
+  if attention_mask is not None and attention_mask.shape != tokens.shape:
+    raise ValueError(f"attention_mask has shape {attention_mask.shape}, tokens {tokens.shape}.")
+
+
+class Llama(nn.Module):
+  """Token ids -> logits (and final-normed hidden states), optionally appending to a KV cache."""
+
+  config: LlamaConfig
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
+               positions: jax.Array | None = None, cache: KVCache | None = None,
+               return_logits: bool = True) -> LlamaOutput:
+    """`attention_mask` is transformers': 1 for real tokens, 0 for padding (default: all real).
+
+    `positions` default to the number of real tokens before each token (cache included).
+    """
+    cfg, dtype = self.config, self.config.compute_dtype
+    check_tokens(tokens, attention_mask)
+    if attention_mask is None:
+      attention_mask = jnp.ones(tokens.shape, bool)
+    mask, key_valid, default_positions = attention_mask_and_positions(
+        attention_mask.astype(bool), cache)
+    positions = default_positions if positions is None else positions
+
+    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
+                     embedding_init=layers.logical_param(nn.initializers.normal(0.02), ("vocab", "embed")))
+    x = layers.constrain(embed(tokens), ACTIVATION)
+    decoder = nn.scan(
+        layers.remat(DecoderLayer, cfg.remat_policy), variable_axes={"params": 0},
+        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    layer_cache = None if cache is None else (cache.keys, cache.values)
+    x, layer_cache = decoder(cfg, name="layers")(
+        x, mask, positions, None if cache is None else cache.index, layer_cache)
+    x = layers.RMSNorm(cfg.norm_eps, dtype, name="norm")(x)
+
+    logits = None
+    if return_logits:
+      if cfg.tie_embeddings:
+        logits = embed.attend(x)
+      else:
+        logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
+                              name="lm_head")(x)
+      logits = logits.astype(jnp.float32)
+    if cache is not None:
+      cache = KVCache(*layer_cache, valid=key_valid, index=cache.index + tokens.shape[1])
+    return LlamaOutput(logits=logits, hidden_state=x, cache=cache)
+
+
+def abstract_params(config: LlamaConfig) -> dict:
+  """Param shapes and dtypes, with nothing allocated."""
+  tokens = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  variables = jax.eval_shape(lambda t: Llama(config).init(jax.random.key(0), t), tokens)
+  return nn.meta.unbox(variables["params"])
+
+
+def init_params(config: LlamaConfig, seed: int = 0) -> dict:
+  variables = jax.jit(Llama(config).init)(jax.random.key(seed), jnp.zeros((1, 1), jnp.int32))
+  return jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))

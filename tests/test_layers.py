@@ -1,0 +1,61 @@
+"""The shared attention: grouped-query heads, rotary positions, cross-attention, clear errors."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+from internvl_jax.models import layers
+
+
+def _normal(*shape, seed=0):
+  return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def test_grouped_query_attention_equals_repeated_keys_and_values():
+  q, k, v = _normal(2, 5, 6, 8, seed=0), _normal(2, 7, 2, 8, seed=1), _normal(2, 7, 2, 8, seed=2)
+  mask = np.random.default_rng(3).random((2, 1, 5, 7)) > 0.3
+  mask[..., 0] = True
+  grouped = layers.dot_product_attention(q, k, v, mask)
+  # transformers' repeat_kv: query head h reads key/value head h // 3.
+  repeated = layers.dot_product_attention(q, np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2), mask)
+  np.testing.assert_allclose(grouped, repeated, atol=1e-6)
+  with pytest.raises(ValueError, match="6 query heads cannot be grouped over 4"):
+    layers.dot_product_attention(q, _normal(2, 7, 4, 8), _normal(2, 7, 4, 8))
+
+
+def test_rotary_embedding_matches_transformers():
+  x, positions = _normal(2, 5, 3, 16), np.array([[0, 1, 2, 3, 4], [7, 8, 9, 30, 2047]])
+  ours = layers.rotary_embedding(jnp.asarray(x), jnp.asarray(positions), 500.0)
+  inv_freq = 1.0 / (500.0**(torch.arange(0, 16, 2, dtype=torch.float) / 16))
+  angles = torch.from_numpy(positions).float()[..., None] * inv_freq
+  cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
+  theirs, _ = modeling_llama.apply_rotary_pos_emb(
+      torch.from_numpy(x), torch.from_numpy(x), cos, sin, unsqueeze_dim=2)
+  np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5)
+
+
+def test_cross_attention_reads_other_widths_and_ignores_masked_keys():
+  attention = layers.Attention(num_heads=4, head_dim=8, out_features=32, num_kv_heads=2)
+  x, vision = _normal(2, 3, 32), _normal(2, 6, 48, seed=1)
+  params = attention.init(jax.random.key(0), x, vision)
+  assert params["params"]["k_proj"]["kernel"].value.shape == (48, 2, 8)
+  visible = np.ones((2, 1, 1, 6), bool)
+  visible[:, :, :, 4:] = False
+  out = attention.apply(params, x, vision, mask=visible)
+  changed = vision.copy()
+  changed[:, 4:] += 10.0
+  assert out.shape == (2, 3, 32)
+  np.testing.assert_allclose(attention.apply(params, x, changed, mask=visible), out, atol=1e-6)
+  assert not np.allclose(attention.apply(params, x, changed), out, atol=1e-3)
+
+
+def test_attention_misuse_gives_clear_errors():
+  rotary = layers.Attention(num_heads=2, head_dim=4, out_features=8, rope_base=10000.0)
+  x = _normal(1, 3, 8)
+  with pytest.raises(ValueError, match="needs the token positions"):
+    rotary.init(jax.random.key(0), x)
+  with pytest.raises(ValueError, match="Cross-attention takes no rotary embeddings"):
+    rotary.init(jax.random.key(0), x, x)
