@@ -1,0 +1,101 @@
+"""Training losses: contrastive over the global batch (softmax and sigmoid), ITM and next-token.
+
+Each returns (loss, metrics). The contrastive losses take the whole global batch as (sharded)
+arrays and are written as the plain single-device maths; under `jit` XLA partitions them. The
+(batch, batch) logits are constrained to rows over the batch mesh axes ("act_batch") and columns
+whole, so each device scores its own rows against every column (the reference's gather of the
+other side), and the gradient of that gather comes back to each row's owner.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+
+def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Mean over the True positions; 0 (not NaN) when there are none."""
+  if mask is None:
+    return jnp.mean(values)
+  mask = mask.astype(values.dtype)
+  return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """-log softmax(logits)[target] over the last axis, in float32.
+
+  The target logit is picked with a one-hot product rather than a gather, so that logits split
+  over the vocabulary (tensor parallel) are reduced in place instead of gathered whole.
+  """
+  logits = logits.astype(jnp.float32)
+  picked = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
+  return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+def _pair_logits(image_emb, text_emb, logit_scale, max_logit_scale):
+  if max_logit_scale is not None:
+    logit_scale = jnp.minimum(logit_scale, max_logit_scale)  # no gradient above the clamp
+  scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
+  logits = scale * jnp.einsum("id,td->it", image_emb, text_emb,
+                              preferred_element_type=jnp.float32)
+  return nn.with_logical_constraint(logits, ("act_batch", None)), scale
+
+
+def clip_softmax_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, *,
+                      max_logit_scale: float | None = None, valid: jax.Array | None = None):
+  """Symmetric InfoNCE: the mean of image->text and text->image cross-entropies (spec 4.1).
+
+  `image_emb`, `text_emb`: (batch, dim) L2-normalized features, row i of each a pair.
+  `logit_scale`: the learnable log-temperature; logits are exp(logit_scale) * cosine, with
+  logit_scale clamped at `max_logit_scale` (CLIP uses log(100)) when given. `valid` (batch,)
+  drops pairs from the average (the reference ignores empty texts); they stay negatives.
+  """
+  logits, scale = _pair_logits(image_emb, text_emb, logit_scale, max_logit_scale)
+  positives = jnp.diagonal(logits)
+  image_to_text = jax.nn.logsumexp(logits, axis=1) - positives
+  text_to_image = jax.nn.logsumexp(logits, axis=0) - positives
+  loss = 0.5 * (_masked_mean(image_to_text, valid) + _masked_mean(text_to_image, valid))
+  targets = jnp.arange(logits.shape[0])
+  metrics = {
+      "i2t_accuracy": _masked_mean(
+          (jnp.argmax(logits, axis=1) == targets).astype(jnp.float32), valid),
+      "t2i_accuracy": _masked_mean(
+          (jnp.argmax(logits, axis=0) == targets).astype(jnp.float32), valid),
+      "logit_scale": scale,
+  }
+  return loss, metrics
+
+
+def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                 logit_bias: jax.Array, *, max_logit_scale: float | None = None):
+  """SigLIP: every (image, text) pair is a binary classification, positive on the diagonal.
+
+  Summed over all batch^2 pairs and divided by the batch size, as SigLIP does.
+  """
+  logits, scale = _pair_logits(image_emb, text_emb, logit_scale, max_logit_scale)
+  logits = logits + jnp.asarray(logit_bias, jnp.float32)
+  signs = 2.0 * jnp.eye(logits.shape[0], dtype=jnp.float32) - 1.0
+  loss = -jnp.sum(jax.nn.log_sigmoid(signs * logits)) / logits.shape[0]
+  return loss, {"logit_scale": scale, "logit_bias": logit_bias}
+
+
+def itm_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = None):
+  """Image-text matching: cross-entropy of (batch, 2) logits against 0 (negative) / 1 (positive)
+  labels, averaged over the `valid` rows."""
+  nll = _cross_entropy(logits, labels)
+  accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+  return _masked_mean(nll, valid), {"itm_accuracy": _masked_mean(accuracy, valid)}
+
+
+def lm_loss(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100):
+  """Next-token cross-entropy (ITG, chat SFT), averaged over the tokens that count.
+
+  `labels` are aligned with the inputs, as in `transformers`: logits at position t predict
+  labels[t + 1]; positions labelled `ignore_index` (padding, prompts, prefixes) do not count.
+  Returns (loss, number of counted tokens); with none counted the loss is 0.
+  """
+  logits, targets = logits[:, :-1], labels[:, 1:]
+  counted = targets != ignore_index
+  nll = _cross_entropy(logits, jnp.where(counted, targets, 0))
+  num_tokens = jnp.sum(counted)
+  loss = jnp.sum(jnp.where(counted, nll, 0.0)) / jnp.maximum(num_tokens, 1)
+  return loss, num_tokens
