@@ -167,3 +167,39 @@ def llama_preset(name: str, **overrides) -> LlamaConfig:
   if name not in LLAMA_PRESETS:
     raise ValueError(f"Unknown LLaMA preset {name!r}; known presets: {sorted(LLAMA_PRESETS)}.")
   return LLAMA_PRESETS[name].replace(**overrides)
+
+
+@dataclasses.dataclass(frozen=True)
+class InternVLConfig:
+  """InternVL-C / -G (spec 3): InternViT, the LLaMA text tower / QLLaMA base, and the heads."""
+
+  vision: VisionConfig = _INTERN_VIT_6B
+  text: LlamaConfig = _LLAMA_7B
+  embed_dim: int = 768  # the contrastive embedding width
+  attn_pool_heads: int = 16
+  attn_pool_eps: float = 1e-5  # the pooling's LayerNorms use PyTorch's default, not 1e-6
+  logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
+
+  def __post_init__(self):
+    for width, name in ((self.vision.hidden_size, "vision"), (self.text.hidden_size, "text")):
+      if width % self.attn_pool_heads:
+        raise ValueError(f"InternVLConfig: the {name} width {width} is not divisible by "
+                         f"attn_pool_heads {self.attn_pool_heads}.")
+
+  def replace(self, **changes) -> "InternVLConfig":
+    return dataclasses.replace(self, **changes)
+
+
+INTERNVL_PRESETS = {
+    "tiny": InternVLConfig(vision=VISION_PRESETS["tiny"], text=LLAMA_PRESETS["tiny"], embed_dim=32,
+                           attn_pool_heads=4),
+    # InternVL-C / InternVL-14B-224px: InternViT-6B-224px + multilingual LLaMA-7B.
+    "14b-224": InternVLConfig(),
+}
+
+
+def internvl_preset(name: str, **overrides) -> InternVLConfig:
+  """Returns the named InternVL preset, with field overrides."""
+  if name not in INTERNVL_PRESETS:
+    raise ValueError(f"Unknown InternVL preset {name!r}; known presets: {sorted(INTERNVL_PRESETS)}.")
+  return INTERNVL_PRESETS[name].replace(**overrides)
