@@ -30,7 +30,7 @@ def test_attention_pooling_matches_the_reference():
   x = rng.normal(size=(3, 9, 32)).astype(np.float32)
   module = AttentionPooling(num_heads=4, out_dim=12)
   params = nn.meta.unbox(module.init(jax.random.key(0), x)["params"])
-  params = jax.tree.map(lambda a: (a + rng.normal(0, 0.1, a.shape)).astype(np.float32), params)
+  params = jax.tree.map(lambda a: (np.asarray(a) + rng.normal(0, 0.1, a.shape)).astype(np.float32), params)
   ours = module.apply({"params": params}, x)
   theirs = _torch_attention_pooling(torch.from_numpy(x), jax.tree.map(torch.from_numpy, params), 4)
   np.testing.assert_allclose(ours, theirs.numpy(), atol=1e-5, rtol=1e-5)
