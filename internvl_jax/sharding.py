@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
@@ -199,3 +200,10 @@ def sharded_opt_init(tx: optax.GradientTransformation, params, shardings, mesh: 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis split over ("data", "fsdp"); every other axis replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def host_to_global(host_batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of every array become its part of a global array sharded like
+  `batch_sharding`; the global batch is all processes' host batches, in process order."""
+  return {name: jax.make_array_from_process_local_data(batch_sharding(mesh), value)
+          for name, value in host_batch.items()}

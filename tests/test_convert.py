@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from internvl_jax.convert import keymap
-from internvl_jax.convert.intern_vit_layouts import LAYOUTS
 from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.pretrained import load_pretrained

@@ -27,6 +27,7 @@ from internvl_jax.flops import training_flops, vit_forward_flops
 from internvl_jax.models.intern_vit import InternViT
 
 import benchmark_convert  # tools/, next to this file
+import benchmark_data
 
 
 def _timed(fn) -> float:
@@ -121,13 +122,7 @@ def benchmark_vit(argv):
 
 
 def main():
-  commands = {"vit": benchmark_vit, "convert": benchmark_convert.main}
-  try:
-    import benchmark_data  # tools/benchmark_data.py, next to this file
-
-    commands["data"] = benchmark_data.main
-  except ImportError:
-    pass
+  commands = {"vit": benchmark_vit, "convert": benchmark_convert.main, "data": benchmark_data.main}
   if len(sys.argv) < 2 or sys.argv[1] not in commands:
     print(__doc__)
     sys.exit(2)

@@ -1,0 +1,1 @@
+"""Data layer: TFDS/ArrayRecord sources, grain pipelines, tokenizer, transforms, chat templates."""

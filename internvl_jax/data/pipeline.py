@@ -1,0 +1,250 @@
+"""grain pipelines: sources -> shard -> shuffle/repeat -> mix -> record transform -> batch.
+
+    MapDataset per source: this process's shard, shuffled per epoch, repeated
+      -> mixed by weight (training) or concatenated (finite evaluation streams)
+      -> record transform (PairProcessor / ChatProcessor) -> RecordOutcome per record
+    IterDataset: skipped records dropped and counted -> batched -> worker processes
+    DataIterator (this process): issue counts summed, final batch padded, batch extras (ITM)
+
+Everything is a function of the seed and the record index, so the same config yields the same
+batches, and the iterator state (a JSON-serializable dict) restores the exact next batch,
+with the bad-record counts. Changing `worker_count` changes how batches are formed (each
+worker batches its own records), so restore with the worker count that was saved.
+"""
+
+import logging
+from collections.abc import Callable
+
+import grain
+import jax
+import numpy as np
+from absl import flags
+
+from internvl_jax.data import chat
+from internvl_jax.data import config as config_lib
+from internvl_jax.data import issues
+from internvl_jax.data import negatives
+from internvl_jax.data import pairs
+from internvl_jax.data import sources
+from internvl_jax.data import tokenizer as tokenizer_lib
+
+HostBatch = dict[str, np.ndarray]
+ISSUE_COUNTS = "issue_counts"  # per-example count vector; consumed by DataIterator
+VALID = "valid"  # bool per example: False on padding of a final partial batch
+# This many skipped records in a row means the data or the config is wrong throughout (an
+# image size the data never has, a max_len nothing fits in): stop and say so, don't spin.
+MAX_CONSECUTIVE_SKIPS = 1000
+
+
+def shard_of(loader: config_lib.LoaderConfig) -> tuple[int, int]:
+  """(shard_index, shard_count) of this process."""
+  if loader.shard_count is not None:
+    return loader.shard_index, loader.shard_count
+  return jax.process_index(), jax.process_count()
+
+
+def host_batch_size(loader: config_lib.LoaderConfig) -> int:
+  _, count = shard_of(loader)
+  if loader.global_batch_size % count:
+    raise ValueError(f"global_batch_size {loader.global_batch_size} is not divisible by the "
+                     f"{count} processes.")
+  return loader.global_batch_size // count
+
+
+def _seed(base: int, *salt: int) -> int:
+  """A 32-bit seed derived from the config seed, distinct per use."""
+  return int(np.random.SeedSequence([base, *salt]).generate_state(1)[0])
+
+
+def records(loader: config_lib.LoaderConfig, seed_salt: int = 0) -> grain.MapDataset:
+  """This process's raw records: each source sharded, shuffled per epoch and repeated, then
+  mixed by weight (num_epochs None) or concatenated (a finite stream ignores the weights)."""
+  shard_index, shard_count = shard_of(loader)
+  datasets = []
+  for i, source in enumerate(loader.sources):
+    dataset = grain.MapDataset.source(sources.open_source(source))
+    if len(dataset) < shard_count:
+      raise ValueError(f"{source.name}[{source.split}] has {len(dataset)} records, fewer than "
+                       f"the {shard_count} shards reading it.")
+    dataset = dataset[shard_index::shard_count]
+    if loader.shuffle:
+      dataset = dataset.shuffle(seed=_seed(loader.seed, seed_salt, i))
+    datasets.append(dataset.repeat(loader.num_epochs))
+  if len(datasets) == 1:
+    return datasets[0]
+  if loader.num_epochs is None:
+    return grain.MapDataset.mix(datasets, [s.weight for s in loader.sources])
+  return grain.MapDataset.concatenate(datasets)
+
+
+class _CountIssuesIterDataset(grain.IterDataset):
+  """Drops skipped records; each kept example carries the counts gathered since the last one."""
+
+  def __iter__(self):
+    return _CountIssuesIterator(self._parent.__iter__())
+
+
+class _CountIssuesIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator):
+    super().__init__(parent)
+    self._pending = np.zeros(len(issues.REASONS), np.int64)
+    self._last_example = None
+    self._consecutive_skips = 0
+
+  def __next__(self):
+    while True:
+      try:
+        outcome = next(self._parent)
+      except StopIteration:
+        return self._flush_pending()
+      self._pending = self._pending + issues.count_vector(outcome.reasons)
+      if outcome.example is not None:
+        self._last_example = outcome.example
+        self._consecutive_skips = 0
+        return self._emit(outcome.example, valid=True)
+      self._consecutive_skips += 1
+      if self._consecutive_skips >= MAX_CONSECUTIVE_SKIPS:
+        raise RuntimeError(
+            f"{self._consecutive_skips} records in a row were skipped; the data or the data "
+            f"config is unusable. Skipped since the last good record, by reason: "
+            f"{issues.counts_to_dict(self._pending)}")
+
+  def _emit(self, example, valid: bool):
+    counts, self._pending = self._pending, np.zeros_like(self._pending)
+    return {**example, VALID: np.bool_(valid), ISSUE_COUNTS: counts}
+
+  def _flush_pending(self):
+    """At the end of a finite stream, counts of trailing skipped records ride on a padding
+    example (valid=False), so they are reported too."""
+    if not self._pending.any():
+      raise StopIteration
+    if self._last_example is None:
+      logging.warning("A data stream ended with skipped records and no example to report "
+                      "them on: %s", issues.counts_to_dict(self._pending))
+      raise StopIteration
+    return self._emit(self._last_example, valid=False)
+
+  def get_state(self):
+    return {"parent": self._parent.get_state(), "pending": self._pending.tolist()}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self._pending = np.asarray(state["pending"], np.int64)
+
+
+def _use_default_flags(*unused_worker_args) -> None:
+  """grain reads its absl flags when it starts workers; programs that do not parse absl flags
+  (tests, notebooks, plain argparse tools) use their defaults."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+
+
+def batched(loader: config_lib.LoaderConfig, processed: grain.MapDataset) -> grain.IterDataset:
+  """Processed records -> counted, batched, prefetched by the configured worker processes."""
+  dataset = processed.to_iter_dataset(
+      grain.ReadOptions(num_threads=loader.read_threads,
+                        prefetch_buffer_size=2 * host_batch_size(loader)))
+  dataset = _CountIssuesIterDataset(dataset)
+  dataset = dataset.batch(host_batch_size(loader), drop_remainder=loader.num_epochs is None)
+  if loader.worker_count:
+    _use_default_flags()
+    dataset = dataset.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=loader.worker_count,
+                                     per_worker_buffer_size=loader.worker_buffer_size),
+        worker_init_fn=_use_default_flags)
+  return dataset
+
+
+class DataIterator:
+  """Host batches (dicts of numpy arrays, leading axis the host batch) with their state.
+
+  `issue_counts()` gives the skipped and truncated records so far, by reason; the counts are
+  part of `get_state()` and survive a restore. A final partial batch is padded to full size
+  with VALID False.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, batch_size: int,
+               add_extras: Callable[[HostBatch, int], HostBatch] | None = None):
+    self._iterator = iter(dataset)
+    self._batch_size = batch_size
+    self._add_extras = add_extras
+    self._counts = np.zeros(len(issues.REASONS), np.int64)
+    self._batches = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> HostBatch:
+    batch = dict(next(self._iterator))
+    self._counts += batch.pop(ISSUE_COUNTS).sum(axis=0)
+    short = self._batch_size - len(batch[VALID])
+    if short:
+      batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    if self._add_extras is not None:
+      batch = self._add_extras(batch, self._batches)
+    self._batches += 1
+    return batch
+
+  def issue_counts(self) -> dict[str, int]:
+    return issues.counts_to_dict(self._counts)
+
+  def get_state(self) -> dict:
+    return {"grain": self._iterator.get_state(), "issue_counts": self.issue_counts(),
+            "batches": self._batches}
+
+  def set_state(self, state: dict) -> None:
+    self._iterator.set_state(state["grain"])
+    self._counts = issues.dict_to_counts(state["issue_counts"])
+    self._batches = state["batches"]
+
+  def close(self) -> None:
+    close = getattr(self._iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def _caption_pool(config: config_lib.PairDataConfig,
+                  tokenizer: tokenizer_lib.Tokenizer) -> np.ndarray:
+  """Tokenized captions for pool negatives, read from an independently shuffled stream.
+
+  Unusable captions are passed over here; they are counted when training reads them.
+  """
+  stream = records(config.loader.replace(num_epochs=None, shuffle=True), seed_salt=1)
+  pool = []
+  for index in range(4 * config.itm_pool_size):
+    if len(pool) == config.itm_pool_size:
+      break
+    try:
+      caption = sources.decode_text(stream[index]["caption"], issues.CAPTION_UNDECODABLE)
+    except issues.SkipRecord:
+      continue
+    if caption.strip():
+      pool.append(tokenizer.encode_caption(caption.strip(), config.max_text_len,
+                                           config.caption_prefix)[0])
+  if len(pool) < 2:
+    raise ValueError("Found fewer than 2 usable captions for the ITM negative pool.")
+  return np.stack(pool)
+
+
+def pair_pipeline(config: config_lib.PairDataConfig) -> DataIterator:
+  """Image-text batches for stages 1 and 2: "image" [B, S, S, 3] float32, "text" [B, L]
+  int32, and as configured "itm_text", "itg_text", "itg_labels", "class_label"; "valid"."""
+  tokenizer = tokenizer_lib.Tokenizer.load(config.tokenizer_path)
+  loader = config.loader
+  processed = records(loader).random_map(pairs.PairProcessor(config, tokenizer),
+                                         seed=_seed(loader.seed, 2))
+  add_extras = None
+  if config.itm_negatives != "none":
+    pool = _caption_pool(config, tokenizer) if config.itm_negatives == "pool" else None
+    add_extras = negatives.ItmNegatives(config.itm_negatives, _seed(loader.seed, 3), pool)
+  return DataIterator(batched(loader, processed), host_batch_size(loader), add_extras)
+
+
+def chat_pipeline(config: config_lib.ChatDataConfig) -> DataIterator:
+  """Conversation batches for stage 3: "tiles" [B, T, S, S, 3] float32, "tile_count" [B],
+  "tokens" / "labels" [B, max_len] int32, "token_mask" [B, max_len] bool; "valid"."""
+  tokenizer = chat.load_chat_tokenizer(config.tokenizer_path, config.template)
+  processed = records(config.loader).map(chat.ChatProcessor(config, tokenizer))
+  return DataIterator(batched(config.loader, processed), host_batch_size(config.loader))

@@ -1,0 +1,253 @@
+"""grain pipelines: bad records skipped and counted exactly, determinism, checkpoint/restore,
+sharding, ITM negatives, global arrays, and the demo dataset."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from jax.sharding import PartitionSpec
+from PIL import Image
+
+from internvl_jax import sharding
+from internvl_jax.data import config as config_lib
+from internvl_jax.data import demo
+from internvl_jax.data import issues
+from internvl_jax.data import pipeline
+from internvl_jax.data import sources
+from internvl_jax.data import tokenizer as tokenizer_lib
+
+NUM_RECORDS = 200
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+  buffer = io.BytesIO()
+  image.save(buffer, fmt)
+  return buffer.getvalue()
+
+
+def good_image(i: int) -> Image.Image:
+  return Image.fromarray(np.full((12 + i % 5, 16, 3), i % 250, np.uint8))
+
+
+# 5% of the records (10 of 200) are bad, one of each kind; one more has an over-long caption.
+CORRUPTIONS = {
+    7: ("image", b"", issues.IMAGE_MISSING),
+    23: ("image", b"\x89PNG\r\n\x1a\n garbage", issues.IMAGE_UNDECODABLE),
+    41: ("image", encode(good_image(41), "JPEG")[:120], issues.IMAGE_UNDECODABLE),
+    58: ("image", encode(Image.new("RGB", (1, 1))), issues.IMAGE_TOO_SMALL),
+    77: ("image", encode(good_image(77).convert("L")), issues.IMAGE_NOT_RGB),
+    96: ("image", encode(good_image(96).convert("CMYK"), "JPEG"), issues.IMAGE_NOT_RGB),
+    113: ("image", encode(good_image(113).convert("P")), issues.IMAGE_NOT_RGB),
+    131: ("image", encode(good_image(131).convert("RGBA")), issues.IMAGE_NOT_RGB),
+    152: ("caption", "   ", issues.CAPTION_EMPTY),
+    177: ("caption", b"\xff\xfe broken", issues.CAPTION_UNDECODABLE),
+}
+LONG_CAPTION = 190
+
+
+def caption_of(i: int) -> str:
+  return f"record {i}" + (" and more words" * 40 if i == LONG_CAPTION else "")
+
+
+def corrupted_records():
+  for i in range(NUM_RECORDS):
+    record = {"image": encode(good_image(i)), "caption": caption_of(i)}
+    if i in CORRUPTIONS:
+      field, value, _ = CORRUPTIONS[i]
+      record[field] = value
+    yield f"{i:04d}", record
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("tfds"))
+
+
+@pytest.fixture(scope="module")
+def corrupted(data_dir):
+  return sources.write_dataset("corrupted_pairs", {"train": corrupted_records},
+                               sources.pair_features(), data_dir=data_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_path(data_dir, tmp_path_factory):
+  texts = [f"summarize:{caption_of(i)}" for i in range(NUM_RECORDS)] + ["English caption:"]
+  path = tmp_path_factory.mktemp("tok") / "pairs.model"
+  path.write_bytes(tokenizer_lib.train_sentencepiece(texts * 5, 300))
+  return str(path)
+
+
+def pair_config(name, data_dir, tokenizer_path, **loader_overrides) -> config_lib.PairDataConfig:
+  loader = dict(sources=(config_lib.Source(name, data_dir=data_dir),), global_batch_size=16,
+                seed=3, shard_index=0, shard_count=1)
+  loader.update(loader_overrides)
+  return config_lib.PairDataConfig(loader=config_lib.LoaderConfig(**loader),
+                                   tokenizer_path=tokenizer_path, image_size=8, max_text_len=24)
+
+
+def record_ids(batch, tokenizer) -> list[int]:
+  texts = [tokenizer.decode(row) for row, valid in zip(batch["text"], batch["valid"]) if valid]
+  return [int(text.removeprefix("summarize:record ").split(" ")[0]) for text in texts]
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_corrupted_records_are_skipped_and_counted_exactly(corrupted, data_dir, tokenizer_path,
+                                                          worker_count):
+  config = pair_config(corrupted, data_dir, tokenizer_path, num_epochs=1, shuffle=False,
+                       worker_count=worker_count).replace(train_augment=False)
+  iterator = pipeline.pair_pipeline(config)
+  tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  seen = []
+  for batch in iterator:
+    assert batch["image"].shape == (16, 8, 8, 3) and batch["image"].dtype == np.float32
+    seen += record_ids(batch, tokenizer)
+  iterator.close()
+  good = sorted(set(range(NUM_RECORDS)) - set(CORRUPTIONS))
+  assert sorted(seen) == good and len(seen) == len(good)
+  expected = {}
+  for _, _, reason in CORRUPTIONS.values():
+    expected[reason] = expected.get(reason, 0) + 1
+  expected[issues.CAPTION_TRUNCATED] = 1
+  assert iterator.issue_counts() == expected
+
+
+def take(iterator, n):
+  return [next(iterator) for _ in range(n)]
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for key in x:
+      np.testing.assert_array_equal(x[key], y[key], err_msg=key)
+
+
+def test_same_seed_same_batches_other_seed_other_batches(corrupted, data_dir, tokenizer_path):
+  config = pair_config(corrupted, data_dir, tokenizer_path).replace(flip=True, itg=True)
+  first, second = pipeline.pair_pipeline(config), pipeline.pair_pipeline(config)
+  assert_batches_equal(take(first, 3), take(second, 3))
+  other = pipeline.pair_pipeline(config.replace(
+      loader=config.loader.replace(seed=4)))
+  assert not np.array_equal(next(other)["text"], next(pipeline.pair_pipeline(config))["text"])
+
+
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_restored_iterator_continues_with_the_next_batch(corrupted, data_dir, tokenizer_path,
+                                                         worker_count):
+  config = pair_config(corrupted, data_dir, tokenizer_path, worker_count=worker_count)
+  iterator = pipeline.pair_pipeline(config)
+  take(iterator, 4)
+  state = json.loads(json.dumps(iterator.get_state()))  # what a checkpoint stores
+  counts = iterator.issue_counts()
+  expected = take(iterator, 5)  # crosses the epoch boundary (13 batches of 16 per epoch)...
+  expected += take(iterator, 9)  # ...and the bad records of the next epoch
+  iterator.close()
+  restored = pipeline.pair_pipeline(config)
+  restored.set_state(state)
+  assert restored.issue_counts() == counts
+  assert_batches_equal(take(restored, 14), expected)
+  assert restored.issue_counts() == iterator.issue_counts()
+  assert iterator.issue_counts()[issues.IMAGE_NOT_RGB] >= 4
+  restored.close()
+
+
+def test_process_shards_are_disjoint_and_cover_the_data(corrupted, data_dir, tokenizer_path):
+  tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  seen = []
+  for shard in range(2):
+    config = pair_config(corrupted, data_dir, tokenizer_path, num_epochs=1, shuffle=False,
+                         shard_index=shard, shard_count=2).replace(train_augment=False)
+    assert pipeline.host_batch_size(config.loader) == 8
+    for batch in pipeline.pair_pipeline(config):
+      seen += record_ids(batch, tokenizer)
+  assert sorted(seen) == sorted(set(range(NUM_RECORDS)) - set(CORRUPTIONS))
+
+
+@pytest.mark.parametrize("mode", ["batch", "batch_hard", "pool"])
+def test_itm_negatives_are_other_captions(corrupted, data_dir, tokenizer_path, mode):
+  config = pair_config(corrupted, data_dir, tokenizer_path).replace(itm_negatives=mode,
+                                                                    itm_pool_size=32)
+  batch = next(pipeline.pair_pipeline(config))
+  assert batch["itm_text"].shape == batch["text"].shape
+  assert not (batch["itm_text"] == batch["text"]).all(axis=1).any()
+
+
+def test_mixture_follows_weights(data_dir, tokenizer_path):
+  def records(tag):
+    return lambda: ((f"{i}", {"image": encode(good_image(i)), "caption": f"record {tag}"})
+                    for i in range(40))
+  a = sources.write_dataset("mix_a", {"train": records(1)}, sources.pair_features(), data_dir)
+  b = sources.write_dataset("mix_b", {"train": records(2)}, sources.pair_features(), data_dir)
+  loader = config_lib.LoaderConfig(
+      sources=(config_lib.Source(a, weight=3.0, data_dir=data_dir),
+               config_lib.Source(b, weight=1.0, data_dir=data_dir)),
+      global_batch_size=40, shard_index=0, shard_count=1)
+  config = config_lib.PairDataConfig(loader=loader, tokenizer_path=tokenizer_path, image_size=8,
+                                     max_text_len=24)
+  tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  tags = [tokenizer.decode(row) for b in take(pipeline.pair_pipeline(config), 3) for row in b["text"]]
+  assert tags.count("summarize:record 1") == 90 and tags.count("summarize:record 2") == 30
+
+
+def test_global_arrays_shard_the_batch_axis():
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=4, fsdp=2))
+  host = {"image": np.arange(8 * 3, dtype=np.float32).reshape(8, 3),
+          "valid": np.ones(8, bool)}
+  batch = sharding.host_to_global(host, mesh)
+  assert batch["image"].shape == (8, 3)
+  assert batch["image"].sharding.spec == PartitionSpec(("data", "fsdp"))
+  assert len(batch["image"].addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(batch["image"]), host["image"])
+
+
+def test_demo_dataset_splits_labels_and_reuse(data_dir, monkeypatch):
+  name = demo.ensure_dataset(image_size=16, train_size=60, eval_size=20, data_dir=data_dir)
+  train = sources.open_source(config_lib.Source(name, "train", data_dir=data_dir))
+  zero_shot = sources.open_source(config_lib.Source(name, "zero_shot", data_dir=data_dir))
+  assert (len(train), len(zero_shot)) == (60, 20)
+  info = tfds.builder(name, data_dir=data_dir).info
+  assert info.features["label"].num_classes == len(demo.CLASS_NAMES) == 36
+  train_classes = {train[i]["class_name"].decode() for i in range(len(train))}
+  zero_shot_classes = {zero_shot[i]["class_name"].decode() for i in range(len(zero_shot))}
+  assert zero_shot_classes <= set(demo.HELD_OUT_CLASSES)
+  assert not train_classes & set(demo.HELD_OUT_CLASSES)
+  record = train[0]
+  assert demo.CLASS_NAMES[record["label"]] == record["class_name"].decode()
+  for i in range(len(train)):
+    colour, shape = train[i]["class_name"].decode().split(" ")
+    assert colour in train[i]["caption"].decode() and shape in train[i]["caption"].decode()
+  assert Image.open(io.BytesIO(record["image"])).size == (16, 16)
+  assert record["conversations"]["value"][0].startswith(b"<image>\n")
+  # Built once: a second call finds it and writes nothing.
+  monkeypatch.setattr(sources, "write_dataset", lambda *a, **k: pytest.fail("rebuilt"))
+  assert demo.ensure_dataset(image_size=16, train_size=60, eval_size=20, data_dir=data_dir) == name
+
+
+def test_demo_pipelines_end_to_end(data_dir):
+  name = demo.ensure_dataset(image_size=16, train_size=60, eval_size=20, data_dir=data_dir)
+  tokenizer_path = demo.ensure_tokenizer(train_size=60, vocab_size=400, data_dir=data_dir)
+  loader = config_lib.LoaderConfig(sources=(config_lib.Source(name, data_dir=data_dir),),
+                                   global_batch_size=4, shard_index=0, shard_count=1)
+  pairs = next(pipeline.pair_pipeline(config_lib.PairDataConfig(
+      loader=loader, tokenizer_path=tokenizer_path, image_size=16, with_class_label=True)))
+  assert pairs["image"].shape == (4, 16, 16, 3) and pairs["class_label"].shape == (4,)
+  chat = next(pipeline.chat_pipeline(config_lib.ChatDataConfig(
+      loader=loader, tokenizer_path=tokenizer_path, template="vicuna_v1", tile_size=8,
+      image_tokens_per_tile=2, max_tiles=4, max_len=96, system_message="Answer.")))
+  assert chat["tiles"].shape == (4, 5, 8, 8, 3) and (chat["tile_count"] == 5).all()
+  assert chat["tokens"].shape == chat["labels"].shape == chat["token_mask"].shape == (4, 96)
+  assert ((chat["labels"] != tokenizer_lib.IGNORE_LABEL) <= chat["token_mask"]).all()
+
+
+def test_a_stream_of_only_bad_records_stops_with_the_reasons(data_dir):
+  name = demo.ensure_dataset(image_size=16, train_size=60, eval_size=20, data_dir=data_dir)
+  tokenizer_path = demo.ensure_tokenizer(train_size=60, vocab_size=400, data_dir=data_dir)
+  loader = config_lib.LoaderConfig(sources=(config_lib.Source(name, data_dir=data_dir),),
+                                   global_batch_size=4, shard_index=0, shard_count=1)
+  config = config_lib.ChatDataConfig(loader=loader, tokenizer_path=tokenizer_path, tile_size=8,
+                                     image_tokens_per_tile=2, max_tiles=4, max_len=12)
+  with pytest.raises(RuntimeError, match=issues.CONVERSATION_TOO_LONG):
+    next(pipeline.chat_pipeline(config))
