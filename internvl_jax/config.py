@@ -170,8 +170,45 @@ def llama_preset(name: str, **overrides) -> LlamaConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QLlamaConfig:
+  """QLLaMA (spec 2.2): LLaMA plus learnable queries that cross-attend to vision tokens.
+
+  Layer i has a cross-attention block iff i % cross_attention_frequency == 0. The official code
+  hard-codes a vision width of 3200 and 96 queries; here both come from the config.
+  """
+
+  text: LlamaConfig = _LLAMA_7B
+  vision_width: int = 3200
+  num_queries: int = 96
+  cross_attention_frequency: int = 2
+
+  def __post_init__(self):
+    if self.num_queries < 1 or self.vision_width < 1:
+      raise ValueError(f"QLlamaConfig: num_queries {self.num_queries} and vision_width "
+                       f"{self.vision_width} must be positive.")
+    frequency = self.cross_attention_frequency
+    if frequency < 1 or self.text.num_layers % frequency:
+      raise ValueError(
+          f"QLlamaConfig: cross_attention_frequency {frequency} must be positive and divide "
+          f"num_layers {self.text.num_layers} (the layers are scanned in blocks of {frequency}, "
+          "the first of each with cross-attention).")
+
+  @property
+  def num_blocks(self) -> int:
+    return self.text.num_layers // self.cross_attention_frequency
+
+  def replace(self, **changes) -> "QLlamaConfig":
+    return dataclasses.replace(self, **changes)
+
+
+@dataclasses.dataclass(frozen=True)
 class InternVLConfig:
-  """InternVL-C / -G (spec 3): InternViT, the LLaMA text tower / QLLaMA base, and the heads."""
+  """InternVL-C / -G (spec 3): InternViT, the LLaMA text tower / QLLaMA base, and the heads.
+
+  One config serves both models, as one released checkpoint (InternVL-14B) holds both: InternVL-C
+  ignores the two QLLaMA fields. QLLaMA's own config is derived (`qllama`), so the vision width
+  it cross-attends to cannot disagree with the vision tower.
+  """
 
   vision: VisionConfig = _INTERN_VIT_6B
   text: LlamaConfig = _LLAMA_7B
@@ -179,12 +216,20 @@ class InternVLConfig:
   attn_pool_heads: int = 16
   attn_pool_eps: float = 1e-5  # the pooling's LayerNorms use PyTorch's default, not 1e-6
   logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
+  num_queries: int = 96  # QLLaMA's learnable queries (InternVL-G)
+  cross_attention_frequency: int = 2  # QLLaMA layers 0, f, 2f, ... cross-attend to the image
 
   def __post_init__(self):
     for width, name in ((self.vision.hidden_size, "vision"), (self.text.hidden_size, "text")):
       if width % self.attn_pool_heads:
         raise ValueError(f"InternVLConfig: the {name} width {width} is not divisible by "
                          f"attn_pool_heads {self.attn_pool_heads}.")
+    _ = self.qllama  # building QLLaMA's config checks its fields
+
+  @property
+  def qllama(self) -> QLlamaConfig:
+    return QLlamaConfig(self.text, self.vision.hidden_size, self.num_queries,
+                        self.cross_attention_frequency)
 
   def replace(self, **changes) -> "InternVLConfig":
     return dataclasses.replace(self, **changes)
@@ -192,8 +237,9 @@ class InternVLConfig:
 
 INTERNVL_PRESETS = {
     "tiny": InternVLConfig(vision=VISION_PRESETS["tiny"], text=LLAMA_PRESETS["tiny"], embed_dim=32,
-                           attn_pool_heads=4),
-    # InternVL-C / InternVL-14B-224px: InternViT-6B-224px + multilingual LLaMA-7B.
+                           attn_pool_heads=4, num_queries=4),
+    # InternVL-14B-224px (InternVL-C and -G): InternViT-6B-224px + QLLaMA on the multilingual
+    # LLaMA-7B, 96 queries, cross-attention in every second layer.
     "14b-224": InternVLConfig(),
 }
 

@@ -3,7 +3,9 @@
 A layout is a table of `Rule`s. Each rule ties one Flax param (a '/'-joined path into the param
 tree, optionally one index of one axis of it) to one PyTorch key, with a `Transform` that turns
 Flax data into PyTorch data and back. Params of scanned blocks carry a leading layer axis; their
-PyTorch keys contain `{layer}` and the rule applies once per layer.
+PyTorch keys contain `{layer}` and the rule applies once per layer. When the scan runs over
+groups of layers (QLLaMA scans pairs: a layer with cross-attention, then one without), slice i
+of a stacked param is PyTorch layer `layer_stride * i + layer_offset`.
 
 Conversion moves data in blocks of at most ~4 MiB: a block is a range of rows (axis 0) of one
 PyTorch tensor and the box of the Flax array that holds the same numbers. Both directions and
@@ -130,10 +132,21 @@ class Rule:
   # (axis, index) into the per-layer Flax array, when one Flax array feeds several torch
   # tensors, e.g. the fused qkv kernel and transformers' separate q/k/v projections.
   part: tuple[int, int] | None = None
+  layer_stride: int = 1  # slice i of a stacked param is PyTorch layer stride * i + offset
+  layer_offset: int = 0
 
   @property
   def stacked(self) -> bool:
     return "{layer}" in self.torch
+
+  def torch_key(self, index: int) -> str:
+    return self.torch.format(layer=self.layer_stride * index + self.layer_offset)
+
+
+def prefixed(rules, flax_prefix: str, torch_prefix: str) -> tuple[Rule, ...]:
+  """The rules of a sub-model that sits under `flax_prefix` / `torch_prefix` in a larger one."""
+  return tuple(dataclasses.replace(rule, flax=flax_prefix + rule.flax, torch=torch_prefix + rule.torch)
+               for rule in rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -210,7 +223,7 @@ def plan(layout: Layout, abstract_params: Mapping, target_bytes: int = BLOCK_BYT
           axis, part = rule.part
           index = index[:axis] + (part,) + index[axis:]
         blocks.append((rows, ((layer,) if rule.stacked else ()) + index))
-      plans.append(TensorPlan(rule.torch.format(layer=layer), rule.flax, rule.transform,
+      plans.append(TensorPlan(rule.torch_key(layer), rule.flax, rule.transform,
                               rule.transform.torch_shape(tensor_shape), tuple(blocks)))
   return plans
 

@@ -1,11 +1,18 @@
-"""InternVL-C (spec 3.1-3.2): contrastive image and text embeddings.
+"""InternVL-C and InternVL-G (spec 3, 4.2, 9): contrastive image and text embeddings, and the
+stage-2 objectives.
 
-Image: InternViT's last-block tokens -> attention pooling (`clip_projector`) -> L2-normalized.
-Text: the LLaMA tower's final-normed hidden state at the last real token (the appended EOS)
--> `text_projection` (stored [in, out], used as x @ W) -> L2-normalized.
+InternVL-C. Image: InternViT's last-block tokens -> attention pooling (`clip_projector`) ->
+L2-normalized. Text: the LLaMA tower's final-normed hidden state at the last real token (the
+appended EOS) -> `text_projection` (stored [in, out], used as x @ W) -> L2-normalized.
+
+InternVL-G holds QLLaMA instead of the plain LLaMA tower (its LLaMA weights are the text tower,
+run in QLLaMA's text mode). Its image embedding adds the normalized attention pooling
+(`clip_projector2`) of QLLaMA's query outputs to InternVL-C's, and normalizes again. Stage 2
+runs the three text batches (ITM, ITC, ITG) against one image batch in one QLLaMA pass.
 """
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +21,7 @@ from internvl_jax.config import InternVLConfig
 from internvl_jax.models import layers
 from internvl_jax.models.intern_vit import InternViT
 from internvl_jax.models.llama import Llama
+from internvl_jax.models.qllama import QLlama
 
 
 def l2_normalize(x: jax.Array) -> jax.Array:
@@ -50,13 +58,15 @@ def last_token_features(hidden: jax.Array, attention_mask: jax.Array) -> jax.Arr
   return jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0]
 
 
-class InternVLC(nn.Module):
+class _DualEncoder(nn.Module):
+  """What InternVL-C and -G share: InternViT with `clip_projector`, the text projection, the
+  logit scale."""
+
   config: InternVLConfig
 
   def setup(self):
     cfg = self.config
     self.vision_model = InternViT(cfg.vision)
-    self.text_model = Llama(cfg.text)
     self.clip_projector = AttentionPooling(cfg.attn_pool_heads, cfg.embed_dim, cfg.attn_pool_eps,
                                            cfg.vision.compute_dtype)
     self.text_projection = self.param(
@@ -65,14 +75,26 @@ class InternVLC(nn.Module):
     self.logit_scale = self.param(
         "logit_scale", layers.logical_param(nn.initializers.constant(cfg.logit_scale_init), ()), ())
 
+  def project_text(self, hidden, attention_mask) -> jax.Array:
+    """The normalized embedding of the text states at each row's last real token."""
+    features = last_token_features(hidden, attention_mask)
+    return l2_normalize(features @ self.text_projection.astype(features.dtype))
+
+
+class InternVLC(_DualEncoder):
+  """InternVL-C (spec 3.2): pooled InternViT tokens vs the LLaMA text tower's EOS feature."""
+
+  def setup(self):
+    super().setup()
+    self.text_model = Llama(self.config.text)
+
   def encode_image(self, pixels, *, train: bool = False, keep_fraction: float = 1.0) -> jax.Array:
     tokens = self.vision_model(pixels, train=train, keep_fraction=keep_fraction).last_hidden_state
     return l2_normalize(self.clip_projector(tokens))
 
   def encode_text(self, tokens, attention_mask) -> jax.Array:
     hidden = self.text_model(tokens, attention_mask, return_logits=False).hidden_state
-    features = last_token_features(hidden, attention_mask)
-    return l2_normalize(features @ self.text_projection.astype(features.dtype))
+    return self.project_text(hidden, attention_mask)
 
   def __call__(self, pixels, tokens, attention_mask, *, train: bool = False,
                keep_fraction: float = 1.0):
@@ -81,20 +103,103 @@ class InternVLC(nn.Module):
     return image, self.encode_text(tokens, attention_mask), self.logit_scale
 
 
-def abstract_params(config: InternVLConfig) -> dict:
-  """Param shapes and dtypes, with nothing allocated."""
+# The order of the three text batches of a stage-2 step (the reference's order).
+STAGE2_MODES = ("itm", "itc", "itg")
+
+
+@flax.struct.dataclass
+class Stage2Output:
+  """The inputs of the stage-2 losses (spec 4.2, 9), for an image batch of B rows."""
+
+  itm_logits: jax.Array  # (B, 2) float32: the mean over queries of `itm_head`
+  image_features: jax.Array  # (B, embed_dim) normalized: `clip_projector2` of the ITC queries
+  text_features: jax.Array  # (B, embed_dim) normalized: the ITC text at its last real token
+  lm_logits: jax.Array  # (B, length, vocab) float32 at the ITG text positions
+  logit_scale: jax.Array  # () the log scale
+
+
+class InternVLG(_DualEncoder):
+  """InternVL-G (spec 3.3, 4.2): InternVL-C's parts with QLLaMA as the text tower, plus
+  `clip_projector2` on QLLaMA's query outputs and the ITM head."""
+
+  def setup(self):
+    super().setup()
+    cfg = self.config
+    self.qllama = QLlama(cfg.qllama)
+    self.clip_projector2 = AttentionPooling(cfg.attn_pool_heads, cfg.embed_dim, cfg.attn_pool_eps,
+                                            cfg.text.compute_dtype)
+    self.itm_head = layers.dense(2, ("embed", None), dtype=cfg.text.compute_dtype)
+
+  def encode_image(self, pixels, *, mode: str = "G") -> jax.Array:
+    """mode "C": InternVL-C's embedding; "G": the normalized sum with the pooled query outputs."""
+    if mode not in ("C", "G"):
+      raise ValueError(f"encode_image mode must be 'C' or 'G', got {mode!r}.")
+    tokens = self.vision_model(pixels).last_hidden_state
+    image = l2_normalize(self.clip_projector(tokens))
+    if mode == "C":
+      return image
+    queries = self.qllama(None, None, tokens, mode="image").queries
+    return l2_normalize(image + l2_normalize(self.clip_projector2(queries)))
+
+  def encode_text(self, tokens, attention_mask) -> jax.Array:
+    hidden = self.qllama(tokens, attention_mask, None, mode="text").text
+    return self.project_text(hidden, attention_mask)
+
+  def __call__(self, pixels, tokens, attention_mask, *, train: bool = False) -> Stage2Output:
+    """The stage-2 forward: `tokens` and `attention_mask` are (3, B, length), the ITM, ITC and ITG
+    text batches in `STAGE2_MODES` order, each right-padded to the same length.
+
+    ITM rows are the negative captions for the first B - B // 2 images and the positive ones for
+    the rest; ITC rows "summarize:" + caption; ITG rows "English caption:" + caption. All 3B rows
+    go through QLLaMA in one pass, each batch under its own mask, against the same image tokens.
+    """
+    if tokens.ndim != 3 or tokens.shape[0] != len(STAGE2_MODES):
+      raise ValueError(f"stage-2 tokens must be (3, batch, length) for {STAGE2_MODES}; got shape "
+                       f"{tokens.shape}.")
+    if attention_mask.shape != tokens.shape:
+      raise ValueError(f"attention_mask has shape {attention_mask.shape}, tokens {tokens.shape}.")
+    _, batch, length = tokens.shape
+    vision = self.vision_model(pixels, train=train).last_hidden_state
+    out = self.qllama(tokens.reshape(-1, length), attention_mask.reshape(-1, length), vision,
+                      mode=STAGE2_MODES)
+    queries = out.queries.reshape((3, batch) + out.queries.shape[1:])
+    text = out.text.reshape((3, batch) + out.text.shape[1:])
+    return Stage2Output(
+        itm_logits=jnp.mean(self.itm_head(queries[0]).astype(jnp.float32), axis=1),
+        image_features=l2_normalize(self.clip_projector2(queries[1])),
+        text_features=self.project_text(text[1], attention_mask[1]),
+        lm_logits=self.qllama.logits(text[2]),
+        logit_scale=self.logit_scale)
+
+
+VARIANTS = ("C", "G")
+
+
+def _init(config: InternVLConfig, variant: str, seed: int, pixels, tokens):
+  mask = jnp.ones(tokens.shape, bool)
+  if variant == "C":
+    return InternVLC(config).init(jax.random.key(seed), pixels, tokens, mask)
+  if variant == "G":
+    # The stage-2 forward touches every param but `clip_projector`, which the image encoder uses.
+    touch_all = lambda model, p, t: (model(p, jnp.stack([t] * 3), jnp.stack([mask] * 3)),
+                                     model.encode_image(p, mode="C"))
+    return InternVLG(config).init(jax.random.key(seed), pixels, tokens, method=touch_all)
+  raise ValueError(f"Unknown InternVL variant {variant!r}; known: {VARIANTS}.")
+
+
+def _example_inputs(config: InternVLConfig):
   size = config.vision.image_size
-  pixels = jax.ShapeDtypeStruct((1, size, size, config.vision.num_channels), jnp.float32)
-  tokens = jax.ShapeDtypeStruct((1, 2), jnp.int32)
-  variables = jax.eval_shape(
-      lambda p, t: InternVLC(config).init(jax.random.key(0), p, t, jnp.ones(t.shape, bool)),
-      pixels, tokens)
+  return (jax.ShapeDtypeStruct((1, size, size, config.vision.num_channels), jnp.float32),
+          jax.ShapeDtypeStruct((1, 2), jnp.int32))
+
+
+def abstract_params(config: InternVLConfig, variant: str = "C") -> dict:
+  """Param shapes and dtypes of InternVL-C or -G, with nothing allocated."""
+  variables = jax.eval_shape(lambda p, t: _init(config, variant, 0, p, t), *_example_inputs(config))
   return nn.meta.unbox(variables["params"])
 
 
-def init_params(config: InternVLConfig, seed: int = 0) -> dict:
-  size = config.vision.image_size
-  pixels = jnp.zeros((1, size, size, config.vision.num_channels))
-  tokens = jnp.ones((1, 2), jnp.int32)
-  variables = jax.jit(InternVLC(config).init)(jax.random.key(seed), pixels, tokens, jnp.ones((1, 2), bool))
+def init_params(config: InternVLConfig, seed: int = 0, variant: str = "C") -> dict:
+  inputs = [jnp.ones(x.shape, x.dtype) for x in _example_inputs(config)]
+  variables = jax.jit(lambda p, t: _init(config, variant, seed, p, t))(*inputs)
   return jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))

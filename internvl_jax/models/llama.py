@@ -87,27 +87,59 @@ def attention_mask_and_positions(attention_mask: jax.Array, cache: KVCache | Non
 
 
 class DecoderLayer(nn.Module):
-  """x += attn(norm(x)); x += mlp(norm(x)). With a cache, new keys and values are written first."""
+  """x += attn(norm(x)); x += mlp(norm(x)). With a cache, new keys and values are written first.
+
+  The two residual steps are separate methods so that QLLaMA's layer can put its cross-attention
+  between them without repeating them.
+  """
 
   config: LlamaConfig
 
-  @nn.compact
-  def __call__(self, x, mask, positions, cache_index, layer_cache):
+  def setup(self):
     cfg, dtype = self.config, self.config.compute_dtype
-    attn = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.num_kv_heads,
-                            rope_base=cfg.rope_base, dtype=dtype, name="self_attn")
-    h = layers.RMSNorm(cfg.norm_eps, dtype, name="input_layernorm")(x)
-    q = attn.query(h, positions)
-    k, v = attn.keys_values(h, positions)
+    self.input_layernorm = layers.RMSNorm(cfg.norm_eps, dtype)
+    self.self_attn = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.num_kv_heads,
+                                      rope_base=cfg.rope_base, dtype=dtype)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.norm_eps, dtype)
+    self.mlp = layers.GatedMlp(cfg.mlp_dim, dtype)
+
+  def attention_step(self, x, mask, positions, cache_index, layer_cache):
+    h = self.input_layernorm(x)
+    q = self.self_attn.query(h, positions)
+    k, v = self.self_attn.keys_values(h, positions)
     if layer_cache is not None:
       layer_cache = tuple(
           jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache_index, axis=1)
           for cached, new in zip(layer_cache, (k, v)))
       k, v = layer_cache
-    x = layers.constrain(x + attn.attend(q, k, v, mask), ACTIVATION)
-    h = layers.RMSNorm(cfg.norm_eps, dtype, name="post_attention_layernorm")(x)
-    x = layers.constrain(x + layers.GatedMlp(cfg.mlp_dim, dtype, name="mlp")(h), ACTIVATION)
-    return x, layer_cache
+    return layers.constrain(x + self.self_attn.attend(q, k, v, mask), ACTIVATION), layer_cache
+
+  def mlp_step(self, x):
+    return layers.constrain(x + self.mlp(self.post_attention_layernorm(x)), ACTIVATION)
+
+  def __call__(self, x, mask, positions, cache_index, layer_cache):
+    x, layer_cache = self.attention_step(x, mask, positions, cache_index, layer_cache)
+    return self.mlp_step(x), layer_cache
+
+
+def token_embedding(config: LlamaConfig) -> nn.Embed:
+  """The `embed_tokens` table (create it in `setup` or a compact method, like `lm_head`)."""
+  return nn.Embed(config.vocab_size, config.hidden_size, dtype=config.compute_dtype,
+                  name="embed_tokens",
+                  embedding_init=layers.logical_param(nn.initializers.normal(0.02), ("vocab", "embed")))
+
+
+def lm_head(config: LlamaConfig) -> layers.Dense | None:
+  """The `lm_head` projection; None when tied (the logits then use the transposed embedding)."""
+  if config.tie_embeddings:
+    return None
+  return layers.dense(config.vocab_size, ("embed", "vocab"), use_bias=False,
+                      dtype=config.compute_dtype, name="lm_head")
+
+
+def lm_logits(x: jax.Array, embed: nn.Embed, head: layers.Dense | None) -> jax.Array:
+  """float32 logits from `lm_head`, or from the embedding when tied (`head` None)."""
+  return (embed.attend(x) if head is None else head(x)).astype(jnp.float32)
 
 
 def check_tokens(tokens, attention_mask):
@@ -139,8 +171,7 @@ class Llama(nn.Module):
         attention_mask.astype(bool), cache)
     positions = default_positions if positions is None else positions
 
-    embed = nn.Embed(cfg.vocab_size, cfg.hidden_size, dtype=dtype, name="embed_tokens",
-                     embedding_init=layers.logical_param(nn.initializers.normal(0.02), ("vocab", "embed")))
+    embed = token_embedding(cfg)
     x = layers.constrain(embed(tokens), ACTIVATION)
     decoder = nn.scan(
         layers.remat(DecoderLayer, cfg.remat_policy), variable_axes={"params": 0},
@@ -151,14 +182,7 @@ class Llama(nn.Module):
         x, mask, positions, None if cache is None else cache.index, layer_cache)
     x = layers.RMSNorm(cfg.norm_eps, dtype, name="norm")(x)
 
-    logits = None
-    if return_logits:
-      if cfg.tie_embeddings:
-        logits = embed.attend(x)
-      else:
-        logits = layers.dense(cfg.vocab_size, ("embed", "vocab"), use_bias=False, dtype=dtype,
-                              name="lm_head")(x)
-      logits = logits.astype(jnp.float32)
+    logits = lm_logits(x, embed, lm_head(cfg)) if return_logits else None
     if cache is not None:
       cache = KVCache(*layer_cache, valid=key_valid, index=cache.index + tokens.shape[1])
     return LlamaOutput(logits=logits, hidden_state=x, cache=cache)

@@ -1,0 +1,259 @@
+"""QLLaMA (spec 2.2, 2.3): LLaMA with learnable queries that cross-attend to vision tokens.
+
+The sequence is [queries; text]. Layers whose index is a multiple of `cross_attention_frequency`
+add, after self-attention and before the MLP, a cross-attention from the query positions only to
+the vision tokens: RMSNorm on both sides, q/k/v/o projections without biases, no RoPE, no mask,
+residual into the query stream. Which positions see which is set by the mode (`MODES`): the text
+encoder, the image encoder, and the three stage-2 objectives.
+
+Layers are scanned in blocks of `cross_attention_frequency` layers, the first of each with
+cross-attention, so every layer param has one leading axis of `num_blocks`: sub-layer `layer_j` of
+block i is layer f * i + j of the reference. `llama_params` and `with_llama_params` move the
+LLaMA weights between this layout and LLaMA's one-layer scan.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax.config import QLlamaConfig
+from internvl_jax.models import layers, llama
+from internvl_jax.models.llama import ACTIVATION
+
+MODES = ("text", "image", "itc", "itm", "itg")
+# The modes with queries: (queries see the text, the text sees the queries, text sees text
+# causally). Queries always see each other; padded text is never seen.
+_JOINT_MODES = {
+    "image": (False, False, True),  # no text at all
+    "itc": (False, False, True),  # two separate encoders in one pass
+    "itm": (True, True, False),  # one bidirectional joint encoder
+    "itg": (False, True, True),  # the text decodes from the queries
+}
+
+
+def attention_mask_and_positions(mode: str, text_mask: jax.Array, num_queries: int):
+  """The (batch, 1, T, T) boolean visibility over the mode's sequence and its (batch, T) positions.
+
+  The sequence is [queries; text] (T = num_queries + length), the text alone in "text" mode, the
+  queries alone in "image" mode (where `text_mask` has length 0). `text_mask` is True for real
+  tokens. Queries sit at positions 0..num_queries-1 and the text follows; text positions count
+  the real tokens before each token, as LLaMA's, so with right padding they are the reference's
+  arange and, RoPE being relative, the "itc" text equals the "text" mode text.
+  """
+  if mode not in MODES:
+    raise ValueError(f"Unknown QLLaMA mode {mode!r}; known: {MODES}.")
+  text_to_text, _, text_positions = llama.attention_mask_and_positions(text_mask, None)
+  if mode == "text":
+    return text_to_text, text_positions
+  batch, length = text_mask.shape
+  if mode == "image" and length:
+    raise ValueError("QLLaMA's image mode has no text.")
+  queries_see_text, text_sees_queries, causal = _JOINT_MODES[mode]
+  keys = text_mask[:, None, None, :]
+  if not causal:
+    text_to_text = jnp.broadcast_to(keys, (batch, 1, length, length))
+  query_rows = jnp.concatenate([
+      jnp.ones((batch, 1, num_queries, num_queries), bool),
+      jnp.broadcast_to(keys & queries_see_text, (batch, 1, num_queries, length))], axis=-1)
+  text_rows = jnp.concatenate([
+      jnp.full((batch, 1, length, num_queries), text_sees_queries), text_to_text], axis=-1)
+  query_positions = jnp.broadcast_to(jnp.arange(num_queries, dtype=jnp.int32), (batch, num_queries))
+  return (jnp.concatenate([query_rows, text_rows], axis=-2),
+          jnp.concatenate([query_positions, num_queries + text_positions], axis=1))
+
+
+class CrossAttention(layers.Attention):
+  """The reference's LlamaCrossAttention: queries (`norm1`) attend to vision tokens (`norm2`).
+
+  The text batch may be a multiple of the vision batch; row r then uses image r % vision batch,
+  as the reference repeats its keys and values for the three stage-2 text batches.
+  """
+
+  norm_eps: float = 1e-6
+
+  def setup(self):
+    super().setup()
+    self.norm1 = layers.RMSNorm(self.norm_eps, self.dtype)
+    self.norm2 = layers.RMSNorm(self.norm_eps, self.dtype)
+
+  def __call__(self, x: jax.Array, vision: jax.Array) -> jax.Array:
+    k, v = self.keys_values(self.norm2(vision))
+    repeats = (x.shape[0] // vision.shape[0], 1, 1, 1)
+    return self.attend(self.query(self.norm1(x)), jnp.tile(k, repeats), jnp.tile(v, repeats))
+
+
+class CrossAttentionDecoderLayer(llama.DecoderLayer):
+  """A LLaMA layer whose query positions also attend to the vision tokens, between the
+  self-attention and the MLP; without vision tokens (the text encoder) a plain LLaMA layer."""
+
+  num_queries: int
+
+  def setup(self):
+    super().setup()
+    cfg = self.config
+    self.cross_attn = CrossAttention(cfg.num_heads, cfg.head_dim, cfg.hidden_size,
+                                     norm_eps=cfg.norm_eps, dtype=cfg.compute_dtype)
+
+  def __call__(self, x, vision, mask, positions):
+    x, _ = self.attention_step(x, mask, positions, None, None)
+    if vision is not None:
+      queries = x[:, :self.num_queries]
+      queries = queries + self.cross_attn(queries, vision)
+      x = layers.constrain(jnp.concatenate([queries, x[:, self.num_queries:]], axis=1), ACTIVATION)
+    return self.mlp_step(x)
+
+
+class QLlamaBlock(nn.Module):
+  """`cross_attention_frequency` consecutive layers, the first with cross-attention."""
+
+  config: QLlamaConfig
+
+  @nn.compact
+  def __call__(self, x, vision, mask, positions):
+    cfg = self.config
+    x = CrossAttentionDecoderLayer(cfg.text, cfg.num_queries, name="layer_0")(
+        x, vision, mask, positions)
+    for j in range(1, cfg.cross_attention_frequency):
+      x, _ = llama.DecoderLayer(cfg.text, name=f"layer_{j}")(x, mask, positions, None, None)
+    return x, None
+
+
+@flax.struct.dataclass
+class QLlamaOutput:
+  queries: jax.Array | None  # (batch, num_queries, width) after the final norm; None in "text" mode
+  text: jax.Array | None  # (batch, length, width) after the final norm; None in "image" mode
+
+
+def _check_inputs(config: QLlamaConfig, modes, tokens, attention_mask, vision):
+  for mode in modes:
+    if mode not in MODES:
+      raise ValueError(f"Unknown QLLaMA mode {mode!r}; known: {MODES}.")
+  if len(modes) > 1 and not set(modes) <= {"itc", "itm", "itg"}:
+    raise ValueError(f"Only the modes with queries and text can share a pass; got {modes}.")
+  mode = modes[0]
+  if (tokens is None) != (mode == "image"):
+    raise ValueError(f"QLLaMA's {mode!r} mode takes {'no ' if mode == 'image' else ''}tokens.")
+  if (vision is None) != (mode == "text"):
+    raise ValueError(f"QLLaMA's {mode!r} mode takes {'no ' if mode == 'text' else ''}vision "
+                     "features.")
+  if tokens is not None:
+    llama.check_tokens(tokens, attention_mask)
+    if tokens.shape[0] % len(modes):
+      raise ValueError(f"a batch of {tokens.shape[0]} rows does not split into the {len(modes)} "
+                       f"modes {modes}.")
+  if vision is not None:
+    if vision.ndim != 3 or vision.shape[-1] != config.vision_width:
+      raise ValueError(f"vision features must be (batch, tokens, {config.vision_width}); got shape "
+                       f"{vision.shape}.")
+    if tokens is not None and tokens.shape[0] % vision.shape[0]:
+      raise ValueError(f"the text batch {tokens.shape[0]} is not a multiple of the vision batch "
+                       f"{vision.shape[0]}.")
+
+
+class QLlama(nn.Module):
+  """[queries; text] -> final-normed query and text states; `logits` maps text states to the LM's
+  logits."""
+
+  config: QLlamaConfig
+
+  def setup(self):
+    cfg, text_cfg = self.config, self.config.text
+    self.query_tokens = self.param(
+        "query_tokens", layers.logical_param(nn.initializers.normal(0.02), (None, None, "embed")),
+        (1, cfg.num_queries, text_cfg.hidden_size))
+    self.embed_tokens = llama.token_embedding(text_cfg)
+    self.layers = nn.scan(
+        layers.remat(QLlamaBlock, text_cfg.remat_policy), variable_axes={"params": 0},
+        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
+        length=cfg.num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    self.norm = layers.RMSNorm(text_cfg.norm_eps, text_cfg.compute_dtype)
+    self.lm_head = llama.lm_head(text_cfg)
+
+  def __call__(self, tokens: jax.Array | None, attention_mask: jax.Array | None,
+               vision: jax.Array | None, *, mode: str | tuple[str, ...]) -> QLlamaOutput:
+    """`tokens` (batch, length) with transformers' `attention_mask` (default: all real), None in
+    "image" mode; `vision` (batch, tokens, vision_width) InternViT features, None in "text" mode.
+
+    `mode` may be a tuple of the modes with queries and text ("itc", "itm", "itg"): the batch is
+    then that many equal chunks, each under its own mode, as stage 2 runs its three objectives
+    in one pass.
+    """
+    cfg, text_cfg = self.config, self.config.text
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    _check_inputs(cfg, modes, tokens, attention_mask, vision)
+    if modes == ("image",):
+      text_mask = jnp.ones((vision.shape[0], 0), bool)
+    else:
+      text_mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+    batch = text_mask.shape[0]
+    parts = []
+    if modes != ("text",):
+      parts.append(jnp.broadcast_to(self.query_tokens.astype(text_cfg.compute_dtype),
+                                    (batch,) + self.query_tokens.shape[1:]))
+    if modes != ("image",):
+      parts.append(self.embed_tokens(tokens))
+    x = layers.constrain(jnp.concatenate(parts, axis=1), ACTIVATION)
+    chunks = [attention_mask_and_positions(m, chunk, cfg.num_queries)
+              for m, chunk in zip(modes, jnp.split(text_mask, len(modes)))]
+    mask, positions = (jnp.concatenate(arrays, axis=0) for arrays in zip(*chunks))
+
+    x, _ = self.layers(x, vision, mask, positions)
+    x = self.norm(x)
+    num_queries = 0 if modes == ("text",) else cfg.num_queries
+    return QLlamaOutput(queries=x[:, :num_queries] if num_queries else None,
+                        text=None if modes == ("image",) else x[:, num_queries:])
+
+  def logits(self, text: jax.Array) -> jax.Array:
+    """(batch, length, vocab) float32 LM logits of final-normed text states."""
+    return llama.lm_logits(text, self.embed_tokens, self.lm_head)
+
+
+def _example_inputs(config: QLlamaConfig):
+  return (jax.ShapeDtypeStruct((1, 2), jnp.int32),
+          jax.ShapeDtypeStruct((1, 1, config.vision_width), jnp.float32))
+
+
+def _init(config: QLlamaConfig, seed: int, tokens, vision):
+  # Queries, text, cross-attention and the LM head: every param.
+  touch_all = lambda model, t, v: model.logits(model(t, None, v, mode="itg").text)
+  return QLlama(config).init(jax.random.key(seed), tokens, vision, method=touch_all)
+
+
+def abstract_params(config: QLlamaConfig) -> dict:
+  """Param shapes and dtypes, with nothing allocated."""
+  variables = jax.eval_shape(lambda t, v: _init(config, 0, t, v), *_example_inputs(config))
+  return nn.meta.unbox(variables["params"])
+
+
+def init_params(config: QLlamaConfig, seed: int = 0) -> dict:
+  inputs = [jnp.zeros(x.shape, x.dtype) for x in _example_inputs(config)]
+  variables = jax.jit(lambda t, v: _init(config, seed, t, v))(*inputs)
+  return jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))
+
+
+def llama_params(params: dict, config: QLlamaConfig) -> dict:
+  """The LLaMA params inside QLLaMA params, in `llama.Llama`'s layout: the text tower that
+  InternVL-C uses (queries and cross-attention left out)."""
+  f = config.cross_attention_frequency
+  sub_layers = [params["layers"][f"layer_{j}"] for j in range(f)]
+  sub_layers[0] = {name: tree for name, tree in sub_layers[0].items() if name != "cross_attn"}
+  # Layer f * i + j is block i, sub-layer j: stack the sub-layers on axis 1, merge the two axes.
+  merged = jax.tree.map(lambda *xs: jnp.stack(xs, axis=1).reshape((-1,) + xs[0].shape[1:]),
+                        *sub_layers)
+  out = {name: tree for name, tree in params.items() if name not in ("layers", "query_tokens")}
+  return out | {"layers": merged}
+
+
+def with_llama_params(params: dict, llama_tree: dict, config: QLlamaConfig) -> dict:
+  """QLLaMA params whose LLaMA weights are `llama_tree` (`llama.Llama`'s layout), keeping the
+  queries and cross-attention of `params`: stage 2 starts QLLaMA from the stage-1 text tower."""
+  f, num_blocks = config.cross_attention_frequency, config.num_blocks
+  layer_stack = dict(params["layers"])
+  for j in range(f):
+    split = jax.tree.map(lambda x: x.reshape((num_blocks, f) + x.shape[1:])[:, j],
+                         llama_tree["layers"])
+    layer_stack[f"layer_{j}"] = dict(layer_stack[f"layer_{j}"]) | split
+  shared = {name: tree for name, tree in llama_tree.items() if name != "layers"}
+  return dict(params) | shared | {"layers": layer_stack}
