@@ -6,11 +6,16 @@ import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from internvl_jax.config import VisionConfig
+from internvl_jax.config import InternVLConfig, VisionConfig
 from internvl_jax.convert import orbax_io
-from internvl_jax.convert.pytorch import import_pytorch
+from internvl_jax.convert.pytorch import TOKENIZER_FILE, import_pytorch
+from internvl_jax.data.tokenizer import Tokenizer
 from internvl_jax.models.intern_vit import InternViT, select_layer
+from internvl_jax.models.internvl import InternVLG
+
+TEXT_MAX_TOKENS = 80  # the reference's text length for contrastive use (spec 2.1)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "layer"))
@@ -19,12 +24,37 @@ def _vision_features(config: VisionConfig, params, pixels, layer: int):
   return select_layer(output, layer)
 
 
+@functools.partial(jax.jit, static_argnames=("config", "mode"))
+def _encode_image(config: InternVLConfig, params, pixels, mode: str):
+  return InternVLG(config).apply({"params": params}, pixels, mode=mode, method=InternVLG.encode_image)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _encode_text(config: InternVLConfig, params, input_ids, attention_mask):
+  return InternVLG(config).apply({"params": params}, input_ids, attention_mask,
+                                 method=InternVLG.encode_text)
+
+
 @dataclasses.dataclass
 class Pretrained:
-  """A loaded model: its config, its params, and what it computes."""
+  """A loaded model: its config, its params, its tokenizer if it has one, and what it computes."""
 
-  config: VisionConfig
+  config: object  # VisionConfig (InternViT) or InternVLConfig (InternVL-14B), LlamaConfig
   params: dict
+  tokenizer: Tokenizer | None = None
+
+  def _vision(self) -> tuple[VisionConfig, dict]:
+    if isinstance(self.config, VisionConfig):
+      return self.config, self.params
+    if isinstance(self.config, InternVLConfig):
+      return self.config.vision, self.params["vision_model"]
+    raise ValueError(f"A {type(self.config).__name__} model has no vision tower.")
+
+  def _internvl(self) -> InternVLConfig:
+    if not isinstance(self.config, InternVLConfig):
+      raise ValueError(f"Image and text embeddings need an InternVL model (InternVL-C/G); this is "
+                       f"a {type(self.config).__name__}.")
+    return self.config
 
   def vision_features(self, pixels, layer: int = -1) -> jax.Array:
     """InternViT token features (batch, 1 + patches, width) of the given layer.
@@ -32,15 +62,46 @@ class Pretrained:
     `pixels` are NHWC float32, normalized with the ImageNet mean and std. `layer` indexes the
     hidden states as the reference does: -1 is the last block, -4 the fourth-to-last.
     """
-    return _vision_features(self.config, self.params, jnp.asarray(pixels, jnp.float32), layer)
+    config, params = self._vision()
+    return _vision_features(config, params, jnp.asarray(pixels, jnp.float32), layer)
+
+  def encode_image(self, pixels, mode: str = "C") -> jax.Array:
+    """L2-normalized image embeddings (batch, embed_dim): InternVL-C ("C") or -G ("G")."""
+    if mode not in ("C", "G"):
+      raise ValueError(f"mode must be 'C' or 'G', got {mode!r}.")
+    return _encode_image(self._internvl(), self.params, jnp.asarray(pixels, jnp.float32), mode)
+
+  def encode_text(self, texts=None, *, input_ids=None, attention_mask=None) -> jax.Array:
+    """L2-normalized text embeddings (batch, embed_dim).
+
+    Given strings, they are tokenized as the reference does: "summarize:" prefix, BOS and EOS,
+    padded with 0 to at most 80 tokens. Given `input_ids` and `attention_mask`, those are used
+    as they are (right padding).
+    """
+    config = self._internvl()
+    if (texts is None) == (input_ids is None):
+      raise ValueError("Pass either texts or input_ids (with attention_mask), not both.")
+    if texts is not None:
+      if self.tokenizer is None:
+        raise ValueError("This checkpoint has no tokenizer.model; pass input_ids and attention_mask.")
+      input_ids = np.stack([self.tokenizer.encode_caption(text, TEXT_MAX_TOKENS)[0] for text in texts])
+      attention_mask = input_ids > 0
+    elif attention_mask is None:
+      raise ValueError("input_ids need their attention_mask (1 for real tokens, 0 for padding).")
+    return _encode_text(config, self.params, jnp.asarray(input_ids, jnp.int32),
+                        jnp.asarray(attention_mask, bool))
 
   def save(self, directory: str):
-    """Writes an Orbax checkpoint that `load_pretrained` reads back."""
+    """Writes an Orbax checkpoint (and the tokenizer) that `load_pretrained` reads back."""
     orbax_io.save(directory, self.config, self.params)
+    if self.tokenizer is not None:
+      with open(os.path.join(directory, TOKENIZER_FILE), "wb") as f:
+        f.write(self.tokenizer.model_proto)
 
 
 def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
-  """Loads a PyTorch checkpoint directory (OpenGVLab or transformers layout) or an Orbax checkpoint."""
+  """Loads a PyTorch checkpoint directory (InternViT in OpenGVLab's or transformers' layout,
+  InternVL-14B in OpenGVLab's, LLaMA in transformers') or an Orbax checkpoint."""
   if os.path.isfile(os.path.join(path, "config.json")):
     config, params = import_pytorch(path, allow_missing=allow_missing)
   elif orbax_io.is_checkpoint(path):
@@ -49,4 +110,6 @@ def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
     raise ValueError(
         f"{path} is neither a PyTorch checkpoint directory (config.json + weights) nor an Orbax "
         "checkpoint written by internvl_jax.")
-  return Pretrained(config, jax.tree.map(jnp.asarray, params))
+  tokenizer_path = os.path.join(path, TOKENIZER_FILE)
+  tokenizer = Tokenizer.load(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+  return Pretrained(config, jax.tree.map(jnp.asarray, params), tokenizer)

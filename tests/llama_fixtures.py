@@ -1,16 +1,13 @@
 """Tiny LLaMA configs, random params, and transformers-layout directories for the tests."""
 
 import functools
-import json
-import os
 
 import jax
 import numpy as np
 
 from internvl_jax.config import llama_preset
 from internvl_jax.convert import keymap, llama_layouts
-from internvl_jax.convert.pytorch_dir import open_weights, read_config
-from internvl_jax.convert.safetensors_io import write_streaming
+from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.models import llama
 
 MHA = llama_preset("tiny")
@@ -28,14 +25,7 @@ def random_params(config, seed: int = 0) -> dict:
 
 def export_transformers(config, params, directory) -> None:
   """Writes config.json and model.safetensors in LlamaForCausalLM's layout."""
-  plans = keymap.plan(LAYOUT, params)
-  flat = keymap.flatten(params)
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(llama_layouts.config_json(config) | {"torch_dtype": "float32"}, f, indent=2)
-  tensors = ((tensor.key, blocks) for tensor, blocks in
-             keymap.export_tensors(plans, lambda path, index: flat[path][index]))
-  write_streaming(str(directory), {t.key: (t.torch_shape, np.dtype(np.float32)) for t in plans}, tensors)
+  export_pytorch(config, params, str(directory), layout="transformers")
 
 
 def import_tensors(config, source) -> dict:
@@ -50,5 +40,4 @@ def import_tensors(config, source) -> dict:
 
 
 def import_transformers(directory):
-  config = llama_layouts.config_from_json(read_config(str(directory)))
-  return config, import_tensors(config, open_weights(str(directory)))
+  return import_pytorch(str(directory))

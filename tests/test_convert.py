@@ -147,7 +147,7 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path, params):
   with pytest.raises(ValueError, match="is not a safetensors file"):
     import_pytorch(str(tmp_path))
   json.dump({"architectures": ["BertModel"]}, open(tmp_path / "config.json", "w"))
-  with pytest.raises(ValueError, match="supported: \\['InternVLVisionModel', 'InternVisionModel'\\]"):
+  with pytest.raises(ValueError, match="BertModel.*supported: .*'InternVisionModel'"):
     import_pytorch(str(tmp_path))
 
 

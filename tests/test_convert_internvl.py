@@ -1,7 +1,6 @@
 """InternVL-G in the official `InternVLModel` layout: bit-exact round trips, the key set and shapes
 of spec 5.4, the pair-scanned QLLaMA layers, and the config.json the official code reads."""
 
-import json
 import os
 
 import jax
@@ -10,8 +9,8 @@ import pytest
 
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert import internvl_layouts, keymap
-from internvl_jax.convert.pytorch_dir import read_config
-from internvl_jax.convert.safetensors_io import SafetensorsFile, write_streaming
+from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
+from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.models.internvl import abstract_params, init_params
 
 TINY = internvl_preset("tiny", vision=vision_preset("tiny", hidden_size=48, mlp_dim=96),
@@ -19,29 +18,12 @@ TINY = internvl_preset("tiny", vision=vision_preset("tiny", hidden_size=48, mlp_
 
 
 def _export(config, params, directory):
-  """config.json and model.safetensors in the official layout, block by block."""
-  layout = internvl_layouts.official_layout(config.cross_attention_frequency)
-  plans, flat = keymap.plan(layout, params), keymap.flatten(params)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(internvl_layouts.config_json(config, allow_unofficial_sizes=True), f)
-  tensors = ((tensor.key, blocks) for tensor, blocks in
-             keymap.export_tensors(plans, lambda path, index: flat[path][index]))
-  return write_streaming(str(directory), {t.key: (t.torch_shape, np.dtype(np.float32)) for t in plans},
-                         tensors)
+  return export_pytorch(config, params, str(directory), layout="official", strict=False)
 
 
 def _import(directory):
-  config = internvl_layouts.config_from_json(read_config(str(directory)))
-  layout = internvl_layouts.official_layout(config.cross_attention_frequency)
-  source = SafetensorsFile(os.path.join(directory, "model.safetensors"))
-  abstract = abstract_params(config, variant="G")
-  plans = keymap.plan(layout, abstract)
-  keymap.check_source(layout, plans, set(source.keys()), source.shape, source.dtype,
-                      allow_missing=False)
-  arrays = {path: np.empty(leaf.shape, leaf.dtype) for path, leaf in keymap.flatten(abstract).items()}
-  for path, index, block in keymap.import_tensors(plans, source.read, abstract):
-    arrays[path][index] = block
-  return config, keymap.unflatten(arrays), source
+  config, params = import_pytorch(str(directory))
+  return config, params, SafetensorsFile(os.path.join(directory, "model.safetensors"))
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,10 @@
-"""Converts a PyTorch InternViT checkpoint directory into an Orbax checkpoint internvl_jax loads.
+"""Converts a PyTorch checkpoint directory into an Orbax checkpoint internvl_jax loads.
 
   python tools/convert_from_pytorch.py --src DIR --out DIR [--allow-missing]
 
-The layout (OpenGVLab `InternVisionModel` or transformers `InternVLVisionModel`) is detected from
-config.json; weights may be safetensors or .bin/.pth (loaded with weights_only=True). Tensors
+The model and layout are detected from config.json's architectures: InternViT as OpenGVLab's
+`InternVisionModel` or transformers' `InternVLVisionModel`, InternVL-14B as OpenGVLab's
+`InternVLModel`, LLaMA as transformers' `LlamaForCausalLM`. Weights weights may be safetensors or .bin/.pth (loaded with weights_only=True). Tensors
 are converted block by block, so memory stays near the largest tensor, not the checkpoint.
 """
 
@@ -26,8 +27,7 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   with cli_errors():
     config = pytorch_to_orbax(args.src, args.out, allow_missing=args.allow_missing)
-  print(f"Converted {args.src} -> {args.out} (Orbax): InternViT with {config.num_layers} layers, "
-        f"width {config.hidden_size}, {time.perf_counter() - start:.1f}s.")
+  print(f"Converted {args.src} -> {args.out} (Orbax), {time.perf_counter() - start:.1f}s: {config}")
   return 0
 
 

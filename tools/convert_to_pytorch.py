@@ -3,11 +3,13 @@
   python tools/convert_to_pytorch.py --checkpoint PATH --out DIR --format official|transformers
       [--dtype float32|bfloat16|float16] [--prefix vision_model.]
 
+InternViT has both formats, InternVL-14B (InternVL-C/G) OpenGVLab's `InternVLModel` (official),
+LLaMA transformers' `LlamaForCausalLM`.
+
 PATH is an Orbax checkpoint written by internvl_jax, read block by block (memory stays near the
 largest tensor), or a PyTorch directory (loaded whole; this converts between the two layouts).
-`official` writes OpenGVLab's `InternVisionModel` layout, `transformers` writes
-`InternVLVisionModel`; both as config.json plus safetensors (sharded with an index above
---max-shard-gb).
+Output: config.json plus safetensors (sharded with an index above --max-shard-gb), and the
+tokenizer.model if the checkpoint has one.
 """
 
 import argparse
@@ -15,7 +17,6 @@ import sys
 import time
 
 from internvl_jax.convert.cli import cli_errors
-from internvl_jax.convert.intern_vit_layouts import LAYOUTS
 from internvl_jax.convert import orbax_io
 from internvl_jax.convert.pytorch import EXPORT_DTYPES, export_pytorch, orbax_to_pytorch
 from internvl_jax.pretrained import load_pretrained
@@ -26,7 +27,8 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="checkpoint to convert")
   parser.add_argument("--out", required=True, help="PyTorch directory to write")
-  parser.add_argument("--format", required=True, choices=sorted(LAYOUTS), help="PyTorch layout")
+  parser.add_argument("--format", required=True, choices=("official", "transformers"),
+                      help="PyTorch layout")
   parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES))
   parser.add_argument("--prefix", default="", help="key prefix, e.g. 'vision_model.'")
   parser.add_argument("--max-shard-gb", type=float, default=5.0)

@@ -1,0 +1,124 @@
+"""The models a checkpoint can hold and the PyTorch formats each is read from and written to.
+
+A `Format` ties a config.json `architectures` entry to a model kind, its key-map layout and its
+config.json mapping; the converters and `load_pretrained` look formats up here and nowhere else.
+"""
+
+import dataclasses
+import functools
+import typing
+from typing import Any, Callable
+
+from internvl_jax.config import InternVLConfig, LlamaConfig, VisionConfig
+from internvl_jax.convert import intern_vit_layouts, internvl_layouts, llama_layouts
+from internvl_jax.convert.keymap import Layout
+from internvl_jax.models import intern_vit, internvl, llama
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKind:
+  name: str
+  config_type: type
+  abstract_params: Callable[[Any], dict]
+  init_params: Callable[..., dict]
+
+
+MODELS = {
+    "intern_vit": ModelKind("intern_vit", VisionConfig, intern_vit.abstract_params,
+                            intern_vit.init_params),
+    "llama": ModelKind("llama", LlamaConfig, llama.abstract_params, llama.init_params),
+    # InternVL-14B holds InternVL-C and -G in one set of params: the G variant's.
+    "internvl": ModelKind("internvl", InternVLConfig,
+                          functools.partial(internvl.abstract_params, variant="G"),
+                          functools.partial(internvl.init_params, variant="G")),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Format:
+  model: str  # a MODELS key
+  name: str  # what --format says: "official" or "transformers"
+  architecture: str  # config.json "architectures"
+  layout: Callable[[Any], Layout]  # config -> key map
+  # (config, strict) -> config.json; strict refuses sizes the format's own code cannot load.
+  config_json: Callable[[Any, bool], dict]
+  config_from_json: Callable[[dict], Any]
+  key_prefixes: tuple[str, ...] = ()  # where the model may sit inside a larger checkpoint
+
+
+def _vit(name: str, architecture: str) -> Format:
+  return Format("intern_vit", name, architecture,
+                lambda config: intern_vit_layouts.LAYOUTS[name],
+                lambda config, strict: intern_vit_layouts.config_json(config, name),
+                functools.partial(intern_vit_layouts.config_from_json, layout=name),
+                intern_vit_layouts.KEY_PREFIXES[name])
+
+
+FORMATS = (
+    _vit(intern_vit_layouts.OFFICIAL, "InternVisionModel"),
+    _vit(intern_vit_layouts.TRANSFORMERS, "InternVLVisionModel"),
+    Format("llama", "transformers", "LlamaForCausalLM",
+           lambda config: llama_layouts.LAYOUTS[llama_layouts.TRANSFORMERS],
+           lambda config, strict: llama_layouts.config_json(config), llama_layouts.config_from_json),
+    Format("internvl", "official", "InternVLModel",
+           lambda config: internvl_layouts.official_layout(config.cross_attention_frequency),
+           lambda config, strict: internvl_layouts.config_json(config, allow_unofficial_sizes=not strict),
+           internvl_layouts.config_from_json),
+)
+
+
+def detect(config_data: dict) -> Format:
+  """The format of a PyTorch checkpoint directory, from its config.json."""
+  names = config_data.get("architectures") or ()
+  for fmt in FORMATS:
+    if fmt.architecture in names:
+      return fmt
+  raise ValueError(
+      f"config.json names architectures {list(names)} (model_type {config_data.get('model_type')!r}); "
+      f"supported: {sorted(f.architecture for f in FORMATS)}.")
+
+
+def find(model: str, name: str) -> Format:
+  """The format `name` of a model kind, e.g. ("intern_vit", "transformers")."""
+  for fmt in FORMATS:
+    if (fmt.model, fmt.name) == (model, name):
+      return fmt
+  known = sorted(f.name for f in FORMATS if f.model == model)
+  raise ValueError(f"A {model} model has no {name!r} PyTorch format; it has: {known}.")
+
+
+def model_kind(config) -> ModelKind:
+  for kind in MODELS.values():
+    if isinstance(config, kind.config_type):
+      return kind
+  raise ValueError(f"No model kind takes a {type(config).__name__}.")
+
+
+def config_to_json(config) -> dict:
+  """{"model": kind, "config": the config's fields, nested configs as dicts}."""
+  return {"model": model_kind(config).name, "config": dataclasses.asdict(config)}
+
+
+def config_from_json(data: dict):
+  if data.get("model") not in MODELS:
+    raise ValueError(f"Checkpoint holds a {data.get('model')!r} model; known: {sorted(MODELS)}.")
+  return _dataclass_from_dict(MODELS[data["model"]].config_type, data["config"])
+
+
+def _dataclass_from_dict(cls, values: dict):
+  hints = typing.get_type_hints(cls)
+  unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+  if unknown:
+    raise ValueError(f"The checkpoint's {cls.__name__} has fields this version does not know: "
+                     f"{unknown}.")
+  fields = {}
+  for field in dataclasses.fields(cls):
+    if field.name not in values:
+      continue  # a field added since the checkpoint was written keeps its default
+    value = values[field.name]
+    if dataclasses.is_dataclass(hints[field.name]):
+      value = _dataclass_from_dict(hints[field.name], value)
+    elif isinstance(value, list):
+      value = tuple(value)
+    fields[field.name] = value
+  return cls(**fields)
