@@ -1,11 +1,13 @@
-"""Peak memory of the converters on a synthetic checkpoint of real InternViT-6B layer shapes.
+"""Peak memory of the converters on a synthetic checkpoint with real InternVL tensor shapes.
 
-  python tools/benchmark.py convert [--layers 5] [--workdir /tmp/internvl_convert_bench]
+  python tools/benchmark.py convert [--model intern_vit|internvl] [--layers 5] [--text-layers 4]
 
-Writes a random official-layout checkpoint (width 3200, MLP 12800: 492 MB of float32 per layer),
-then runs each converter in a fresh process and reads its peak resident memory (getrusage), next
-to that of a process that only imports the same modules. The bound to meet is the baseline plus
-1.5 times the largest single tensor, whatever the size of the checkpoint.
+Writes a random official-layout checkpoint: InternViT-6B layers (width 3200, MLP 12800: 492 MB
+of float32 per layer) or InternVL-14B (those, plus QLLaMA layers of LLaMA-7B shapes with
+cross-attention, and its 49954 x 4096 embedding and LM head) with fewer layers. Then runs each
+converter in a fresh process and reads its peak resident memory (getrusage), next to that of a
+process that only imports the same modules. The bound to meet is the baseline plus 1.5 times
+the largest single tensor, whatever the size of the checkpoint.
 """
 
 import argparse
@@ -17,11 +19,9 @@ import sys
 
 import numpy as np
 
-from internvl_jax.config import vision_preset
-from internvl_jax.convert import keymap
-from internvl_jax.convert.intern_vit_layouts import LAYOUTS
+from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.convert import formats, keymap
 from internvl_jax.convert.pytorch import export_pytorch
-from internvl_jax.models.intern_vit import abstract_params
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 _MEASURE = """
@@ -43,23 +43,31 @@ def peak_rss(command: list[str]) -> tuple[int, float]:
 
 def main(argv):
   parser = argparse.ArgumentParser(prog="benchmark.py convert")
-  parser.add_argument("--layers", type=int, default=5)
+  parser.add_argument("--model", default="intern_vit", choices=("intern_vit", "internvl"))
+  parser.add_argument("--layers", type=int, default=5, help="InternViT layers")
+  parser.add_argument("--text-layers", type=int, default=4, help="QLLaMA layers (internvl)")
   parser.add_argument("--workdir", default="/tmp/internvl_convert_bench")
   args = parser.parse_args(argv)
   shutil.rmtree(args.workdir, ignore_errors=True)
   src, orbax, back = (os.path.join(args.workdir, name) for name in ("torch", "orbax", "back"))
 
   config = vision_preset("6b-224", num_layers=args.layers)
-  abstract = abstract_params(config)
+  if args.model == "internvl":
+    config = internvl_preset("14b-224", vision=config,
+                             text=llama_preset("llama-7b", num_layers=args.text_layers))
+  kind = formats.model_kind(config)
+  abstract = kind.abstract_params(config)
   rng = np.random.default_rng(0)
   random_block = lambda path, index: rng.standard_normal(
       keymap.index_shape(keymap.flatten(abstract)[path].shape, index), np.float32)
   export_pytorch(config, random_block, src, layout="official")
-  tensors = keymap.plan(LAYOUTS["official"], abstract)
+  tensors = keymap.plan(formats.find(kind.name, "official").layout(config), abstract)
   largest = max(int(np.prod(t.torch_shape)) * 4 for t in tensors)
   total = sum(int(np.prod(t.torch_shape)) * 4 for t in tensors)
-  print(f"synthetic official-layout checkpoint: {args.layers} layers of InternViT-6B shapes, "
-        f"{total / 2**30:.2f} GiB float32, largest tensor {largest / 2**20:.0f} MiB")
+  print(f"synthetic official-layout {args.model} checkpoint, InternViT-6B shapes with {args.layers} "
+        f"layers" + (f", QLLaMA (LLaMA-7B) shapes with {args.text_layers} layers"
+                     if args.model == "internvl" else "") +
+        f": {total / 2**30:.2f} GiB float32, largest tensor {largest / 2**20:.0f} MiB")
 
   baseline, _ = peak_rss([sys.executable, "-c", "import jax, internvl_jax.convert.pytorch; jax.devices()"])
   runs = {
