@@ -10,6 +10,11 @@ Layers are scanned in blocks of `cross_attention_frequency` layers, the first of
 cross-attention, so every layer param has one leading axis of `num_blocks`: sub-layer `layer_j` of
 block i is layer f * i + j of the reference. `llama_params` and `with_llama_params` move the
 LLaMA weights between this layout and LLaMA's one-layer scan.
+
+Captioning decodes with a `llama.KVCache` (`init_cache`, `QLlama.prefill`, `QLlama.decode`): the
+first pass runs [queries; prompt] in "itg" mode, the only one that uses the vision tokens; later
+tokens are plain causal LLaMA steps over the cached queries and text. That equals the uncached
+"itg" forward, as there the queries never see the text and the text gets no cross-attention.
 """
 
 import flax.linen as nn
@@ -96,28 +101,36 @@ class CrossAttentionDecoderLayer(llama.DecoderLayer):
     self.cross_attn = CrossAttention(cfg.num_heads, cfg.head_dim, cfg.hidden_size,
                                      norm_eps=cfg.norm_eps, dtype=cfg.compute_dtype)
 
-  def __call__(self, x, vision, mask, positions):
-    x, _ = self.attention_step(x, mask, positions, None, None)
+  def __call__(self, x, vision, mask, positions, cache_index, layer_cache):
+    x, layer_cache = self.attention_step(x, mask, positions, cache_index, layer_cache)
     if vision is not None:
       queries = x[:, :self.num_queries]
       queries = queries + self.cross_attn(queries, vision)
       x = layers.constrain(jnp.concatenate([queries, x[:, self.num_queries:]], axis=1), ACTIVATION)
-    return self.mlp_step(x)
+    return self.mlp_step(x), layer_cache
 
 
 class QLlamaBlock(nn.Module):
-  """`cross_attention_frequency` consecutive layers, the first with cross-attention."""
+  """`cross_attention_frequency` consecutive layers, the first with cross-attention.
+
+  `block_cache` is None or the (keys, values) of the block's layers, each (frequency, batch,
+  max_length, kv_heads, head_dim); the updated one is returned.
+  """
 
   config: QLlamaConfig
 
   @nn.compact
-  def __call__(self, x, vision, mask, positions):
-    cfg = self.config
-    x = CrossAttentionDecoderLayer(cfg.text, cfg.num_queries, name="layer_0")(
-        x, vision, mask, positions)
-    for j in range(1, cfg.cross_attention_frequency):
-      x, _ = llama.DecoderLayer(cfg.text, name=f"layer_{j}")(x, mask, positions, None, None)
-    return x, None
+  def __call__(self, x, vision, mask, positions, cache_index, block_cache):
+    cfg, f = self.config, self.config.cross_attention_frequency
+    caches = [None] * f if block_cache is None else list(zip(*block_cache))
+    x, caches[0] = CrossAttentionDecoderLayer(cfg.text, cfg.num_queries, name="layer_0")(
+        x, vision, mask, positions, cache_index, caches[0])
+    for j in range(1, f):
+      x, caches[j] = llama.DecoderLayer(cfg.text, name=f"layer_{j}")(
+          x, mask, positions, cache_index, caches[j])
+    if block_cache is None:
+      return x, None
+    return x, tuple(jnp.stack(kv) for kv in zip(*caches))
 
 
 @flax.struct.dataclass
@@ -152,6 +165,11 @@ def _check_inputs(config: QLlamaConfig, modes, tokens, attention_mask, vision):
                        f"{vision.shape[0]}.")
 
 
+def _text_mask(tokens, attention_mask):
+  """True for real tokens (transformers' mask; default: all real)."""
+  return jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+
+
 class QLlama(nn.Module):
   """[queries; text] -> final-normed query and text states; `logits` maps text states to the LM's
   logits."""
@@ -166,8 +184,8 @@ class QLlama(nn.Module):
     self.embed_tokens = llama.token_embedding(text_cfg)
     self.layers = nn.scan(
         layers.remat(QLlamaBlock, text_cfg.remat_policy), variable_axes={"params": 0},
-        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-        length=cfg.num_blocks, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+        split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.num_blocks,
+        metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     self.norm = layers.RMSNorm(text_cfg.norm_eps, text_cfg.compute_dtype)
     self.lm_head = llama.lm_head(text_cfg)
 
@@ -180,18 +198,17 @@ class QLlama(nn.Module):
     then that many equal chunks, each under its own mode, as stage 2 runs its three objectives
     in one pass.
     """
-    cfg, text_cfg = self.config, self.config.text
+    cfg = self.config
     modes = (mode,) if isinstance(mode, str) else tuple(mode)
     _check_inputs(cfg, modes, tokens, attention_mask, vision)
     if modes == ("image",):
       text_mask = jnp.ones((vision.shape[0], 0), bool)
     else:
-      text_mask = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+      text_mask = _text_mask(tokens, attention_mask)
     batch = text_mask.shape[0]
     parts = []
     if modes != ("text",):
-      parts.append(jnp.broadcast_to(self.query_tokens.astype(text_cfg.compute_dtype),
-                                    (batch,) + self.query_tokens.shape[1:]))
+      parts.append(self._queries(batch))
     if modes != ("image",):
       parts.append(self.embed_tokens(tokens))
     x = layers.constrain(jnp.concatenate(parts, axis=1), ACTIVATION)
@@ -199,7 +216,7 @@ class QLlama(nn.Module):
               for m, chunk in zip(modes, jnp.split(text_mask, len(modes)))]
     mask, positions = (jnp.concatenate(arrays, axis=0) for arrays in zip(*chunks))
 
-    x, _ = self.layers(x, vision, mask, positions)
+    x, _ = self.layers(x, vision, mask, positions, None, None)
     x = self.norm(x)
     num_queries = 0 if modes == ("text",) else cfg.num_queries
     return QLlamaOutput(queries=x[:, :num_queries] if num_queries else None,
@@ -208,6 +225,72 @@ class QLlama(nn.Module):
   def logits(self, text: jax.Array) -> jax.Array:
     """(batch, length, vocab) float32 LM logits of final-normed text states."""
     return llama.lm_logits(text, self.embed_tokens, self.lm_head)
+
+  def prefill(self, tokens: jax.Array, attention_mask: jax.Array | None, vision: jax.Array,
+              cache: llama.KVCache) -> tuple[jax.Array, llama.KVCache]:
+    """Captioning's first pass: [queries; prompt] in "itg" mode, cross-attending to `vision`.
+
+    Starts a new sequence in `cache` (from `init_cache`; what it held is dropped). Returns the
+    prompt's (batch, length, vocab) float32 logits and the cache, which then holds the keys and
+    values of the queries and the prompt: the vision tokens are not needed again.
+    """
+    cfg = self.config
+    _check_inputs(cfg, ("itg",), tokens, attention_mask, vision)
+    text_mask = _text_mask(tokens, attention_mask)
+    batch, length = tokens.shape
+    used = cfg.num_queries + length
+    if used > cache.max_length:
+      raise ValueError(f"the {cfg.num_queries} queries and a prompt of {length} tokens do not fit "
+                       f"a cache of {cache.max_length} slots.")
+    mask, positions = attention_mask_and_positions("itg", text_mask, cfg.num_queries)
+    free = cache.max_length - used
+    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, free)))
+    valid = jnp.pad(jnp.concatenate([jnp.ones((batch, cfg.num_queries), bool), text_mask], axis=1),
+                    ((0, 0), (0, free)))
+    x = jnp.concatenate([self._queries(batch), self.embed_tokens(tokens)], axis=1)
+    x, cache = self._cached_layers(x, vision, mask, positions, cache.replace(
+        valid=valid, index=jnp.zeros((), jnp.int32)))
+    return self.logits(x[:, cfg.num_queries:]), cache
+
+  def decode(self, tokens: jax.Array, cache: llama.KVCache) -> tuple[jax.Array, llama.KVCache]:
+    """Text tokens after `prefill`, appended to `cache`: (batch, length, vocab) float32 logits.
+
+    A plain causal LLaMA pass: the tokens see all cached queries and the real text before them,
+    and get no cross-attention (the reference skips it for 1-token steps, and text positions never
+    have it). Positions continue each row's text after its real tokens.
+    """
+    llama.check_tokens(tokens, None)
+    mask, valid, positions = llama.attention_mask_and_positions(jnp.ones(tokens.shape, bool), cache)
+    x, cache = self._cached_layers(self.embed_tokens(tokens), None, mask, positions,
+                                   cache.replace(valid=valid))
+    return self.logits(x), cache
+
+  def _queries(self, batch: int) -> jax.Array:
+    dtype = self.config.text.compute_dtype
+    return jnp.broadcast_to(self.query_tokens.astype(dtype), (batch,) + self.query_tokens.shape[1:])
+
+  def _cached_layers(self, x, vision, mask, positions, cache: llama.KVCache):
+    """The layers and final norm over `x`, written to `cache` from `cache.index` on (its `valid`
+    already covering `x`)."""
+    f = self.config.cross_attention_frequency
+    # The cache rows are the reference's layers, f * i + j, so the scan's blocks are a reshape.
+    to_blocks = lambda a: a.reshape((-1, f) + a.shape[1:])
+    x = layers.constrain(x, ACTIVATION)
+    x, (keys, values) = self.layers(x, vision, mask, positions, cache.index,
+                                    (to_blocks(cache.keys), to_blocks(cache.values)))
+    to_layers = lambda a: a.reshape((-1,) + a.shape[2:])
+    cache = cache.replace(keys=to_layers(keys), values=to_layers(values),
+                          index=cache.index + x.shape[1])
+    return self.norm(x), cache
+
+
+def init_cache(config: QLlamaConfig, batch: int, max_length: int) -> llama.KVCache:
+  """An empty cache for the queries and `max_length` text tokens (prompt plus generated ones).
+
+  It is LLaMA's cache, one row per layer in the reference's order, so beam search reorders it and
+  sharding treats it like any other.
+  """
+  return llama.init_cache(config.text, batch, config.num_queries + max_length)
 
 
 def _example_inputs(config: QLlamaConfig):
