@@ -84,7 +84,8 @@ def main(argv):
     rss, seconds = peak_rss(command)
     print(f"{name:<42}{rss / 2**20:>14.0f}{(rss - baseline) / 2**20:>15.0f}{seconds:>9.1f}  "
           f"{'yes' if rss <= bound else 'NO'} (bound {bound / 2**20:.0f} MiB)")
-  same = filecmp.cmp(os.path.join(src, "model.safetensors"), os.path.join(back, "model.safetensors"),
-                     shallow=False)
-  print(f"round trip torch -> orbax -> torch byte-identical: {same}")
+  names = sorted(name for name in os.listdir(src) if name.endswith(".safetensors"))
+  same = names == sorted(name for name in os.listdir(back) if name.endswith(".safetensors")) and all(
+      filecmp.cmp(os.path.join(src, name), os.path.join(back, name), shallow=False) for name in names)
+  print(f"round trip torch -> orbax -> torch byte-identical ({len(names)} files): {same}")
   shutil.rmtree(args.workdir, ignore_errors=True)
