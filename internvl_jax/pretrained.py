@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from internvl_jax import caption
 from internvl_jax.config import InternVLConfig, VisionConfig
 from internvl_jax.convert import orbax_io
 from internvl_jax.convert.pytorch import TOKENIZER_FILE, import_pytorch
@@ -90,6 +91,20 @@ class Pretrained:
       raise ValueError("input_ids need their attention_mask (1 for real tokens, 0 for padding).")
     return _encode_text(config, self.params, jnp.asarray(input_ids, jnp.int32),
                         jnp.asarray(attention_mask, bool))
+
+  def caption(self, pixels, *, prompt: str = "English caption:", num_beams: int = 5,
+              min_new_tokens: int = 8, max_new_tokens: int = 30) -> list[str]:
+    """Captions by QLLaMA (InternVL-G), with the reference's prompt and beam-search settings."""
+    config = self._internvl()
+    if self.tokenizer is None:
+      raise ValueError("Captioning needs the checkpoint's tokenizer.model.")
+    prompt_ids = np.asarray([[self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]], np.int32)
+    ids, _ = caption.caption(config, self.params, jnp.asarray(pixels, jnp.float32), prompt_ids,
+                             num_beams=num_beams, min_new_tokens=min_new_tokens,
+                             max_new_tokens=max_new_tokens)
+    eos = self.tokenizer.eos_id
+    return [self.tokenizer.decode(list(row[:list(row).index(eos)] if eos in row else row))
+            for row in np.asarray(ids)]
 
   def save(self, directory: str):
     """Writes an Orbax checkpoint (and the tokenizer) that `load_pretrained` reads back."""

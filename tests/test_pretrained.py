@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import internvl_jax
+from internvl_jax import caption
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert.pytorch import TOKENIZER_FILE, export_pytorch
 from internvl_jax.data.tokenizer import Tokenizer, train_sentencepiece
@@ -61,6 +62,20 @@ def test_embeddings_from_the_official_layout(checkpoint):
                                      method=InternVLG.encode_text)
   np.testing.assert_allclose(by_ids, expected, atol=1e-6)
   assert model.vision_features(pixels, layer=-2).shape == (2, 17, 48)
+
+
+def test_caption_decodes_beam_search_with_the_reference_prompt(checkpoint):
+  params, directory = checkpoint
+  model = internvl_jax.load_pretrained(str(directory))
+  pixels = np.random.default_rng(2).normal(size=(2, 32, 32, 3)).astype(np.float32)
+  captions = model.caption(pixels, num_beams=2, min_new_tokens=3, max_new_tokens=6)
+  prompt = [[model.tokenizer.bos_id, *model.tokenizer.encode("English caption:")]]
+  ids, _ = caption.caption(CONFIG, params, pixels, np.asarray(prompt), num_beams=2,
+                           min_new_tokens=3, max_new_tokens=6)
+  eos = model.tokenizer.eos_id
+  expected = [model.tokenizer.decode(row[:list(row).index(eos)] if eos in row else row)
+              for row in np.asarray(ids)]
+  assert captions == expected and len(captions) == 2
 
 
 def test_bad_api_calls_say_what_to_do(checkpoint):
