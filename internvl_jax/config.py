@@ -249,3 +249,143 @@ def internvl_preset(name: str, **overrides) -> InternVLConfig:
   if name not in INTERNVL_PRESETS:
     raise ValueError(f"Unknown InternVL preset {name!r}; known presets: {sorted(INTERNVL_PRESETS)}.")
   return INTERNVL_PRESETS[name].replace(**overrides)
+
+
+CHAT_VARIANTS = ("v1.0", "qllama", "v1.5")
+PS_VERSIONS = ("v1", "v2")
+# The tokenizer appends <img>, </img>, <IMG_CONTEXT> to the LLM's vocabulary, in this order
+# (`data/tokenizer.py`), so the chat LLM's vocabulary is 3 tokens larger.
+NUM_IMAGE_TOKEN_TYPES = 3
+
+
+def _chat_llm(preset: str) -> LlamaConfig:
+  """A LLaMA preset whose vocabulary holds the image tokens the chat tokenizer appends."""
+  llm = LLAMA_PRESETS[preset]
+  return llm.replace(vocab_size=llm.vocab_size + NUM_IMAGE_TOKEN_TYPES)
+
+
+def _image_context_id(llm: LlamaConfig) -> int:
+  return llm.vocab_size - 1  # <IMG_CONTEXT> is the last of the appended image tokens
+
+
+_DEFAULT_CHAT_LLM = _chat_llm("vicuna-13b")
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatConfig:
+  """InternVL-Chat (spec 4.4): InternViT -> projector -> a LLaMA-family LLM.
+
+  `variant` picks the vision side and projector:
+    "v1.0"   the LLaVA-1.5 recipe: layer `select_layer` of InternViT, patch tokens (no CLS),
+             `mlp1` = Linear(D, H) -> GELU -> Linear(H, H) (LLaVA's mlp2x_gelu).
+    "qllama" InternVL-G's vision side: as "v1.0" for the patches, plus QLLaMA's query outputs
+             (image mode, cross-attending to the last ViT block) through `mlp2` =
+             Linear(W, H) -> GELU -> Linear(H, H); tokens are [queries; patches] (two_mlp).
+    "v1.5"   InternVL-Chat 1.1+: layer `select_layer`, patch tokens, pixel shuffle by
+             `downsample_ratio` (`ps_version` "v1" leaves the grid transposed, "v2" swaps it
+             back), `mlp1` = LayerNorm(D r^-2) -> Linear -> GELU -> Linear.
+  Image features overwrite the embeddings of the `image_context_id` tokens in order; the prompt
+  holds `num_image_tokens` of them per tile. The defaults are V1-5's vision side on a 13B LLaMA.
+  """
+
+  vision: VisionConfig = VISION_PRESETS["6b-448-v1.5"]
+  llm: LlamaConfig = _DEFAULT_CHAT_LLM
+  variant: str = "v1.5"
+  image_size: int = 448  # the tiles' resolution; the ViT resizes its position embedding to it
+  select_layer: int = -1  # as the reference's hidden_states[select_layer]; -1 the last block
+  downsample_ratio: float = 0.5  # "v1.5" only
+  ps_version: str = "v2"  # "v1.5" only
+  projector_eps: float = 1e-5  # the "v1.5" LayerNorm's (PyTorch's default)
+  image_context_id: int = _image_context_id(_DEFAULT_CHAT_LLM)  # <IMG_CONTEXT>
+  qllama: QLlamaConfig | None = None  # "qllama" only: the QLLaMA whose queries join the tokens
+
+  def __post_init__(self):
+    _check_choice("variant", self.variant, CHAT_VARIANTS)
+    _check_choice("ps_version", self.ps_version, PS_VERSIONS)
+    num_states = self.vision.num_layers + 1
+    if not -num_states <= self.select_layer < num_states:
+      raise ValueError(f"ChatConfig: select_layer {self.select_layer} is out of range for the "
+                       f"{num_states} hidden states of a {self.vision.num_layers}-block InternViT.")
+    if self.image_size % self.vision.patch_size:
+      raise ValueError(f"ChatConfig: image_size {self.image_size} is not a multiple of the patch "
+                       f"size {self.vision.patch_size}.")
+    if not 0 <= self.image_context_id < self.llm.vocab_size:
+      raise ValueError(f"ChatConfig: image_context_id {self.image_context_id} is outside the LLM's "
+                       f"vocabulary of {self.llm.vocab_size} tokens.")
+    if (self.qllama is None) != (self.variant != "qllama"):
+      raise ValueError(f"ChatConfig: variant {self.variant!r} "
+                       f"{'needs' if self.qllama is None else 'takes no'} a qllama config.")
+    if self.qllama is not None and self.qllama.vision_width != self.vision.hidden_size:
+      raise ValueError(f"ChatConfig: QLLaMA cross-attends to width {self.qllama.vision_width}, the "
+                       f"vision tower has {self.vision.hidden_size}.")
+    if self.variant == "v1.5":
+      factor = round(1 / self.downsample_ratio)
+      if factor < 1 or abs(factor * self.downsample_ratio - 1) > 1e-9:
+        raise ValueError(f"ChatConfig: downsample_ratio {self.downsample_ratio} is not 1 / k for a "
+                         "whole k.")
+      if self.grid_size % factor:
+        raise ValueError(f"ChatConfig: the {self.grid_size}x{self.grid_size} patch grid does not "
+                         f"split into {factor}x{factor} blocks for downsample_ratio "
+                         f"{self.downsample_ratio}.")
+
+  @property
+  def grid_size(self) -> int:
+    return self.image_size // self.vision.patch_size
+
+  @property
+  def shuffle_factor(self) -> int:
+    """How many patches per side one pixel-shuffled token merges (2 for downsample_ratio 0.5)."""
+    return round(1 / self.downsample_ratio)
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Image tokens per tile: the prompt's <IMG_CONTEXT> tokens per tile."""
+    if self.variant == "v1.5":
+      return (self.grid_size // self.shuffle_factor)**2
+    queries = self.qllama.num_queries if self.variant == "qllama" else 0
+    return queries + self.grid_size**2
+
+  def replace(self, **changes) -> "ChatConfig":
+    return dataclasses.replace(self, **changes)
+
+
+def _paper_chat(variant: str, llm_preset: str) -> ChatConfig:
+  """Paper Table 9: InternViT-6B-224px run at 336 px (576 patch tokens, layer -4, the LLaVA-1.5
+  recipe) + Vicuna v1.5, with or without InternVL-14B's QLLaMA (LLaMA-7B, 96 queries)."""
+  llm = _chat_llm(llm_preset)
+  return ChatConfig(vision=_INTERN_VIT_6B, llm=llm, variant=variant, image_size=336,
+                    select_layer=-4, image_context_id=_image_context_id(llm),
+                    qllama=QLlamaConfig() if variant == "qllama" else None)
+
+
+_TINY_VISION = VISION_PRESETS["tiny"]
+_TINY_LLM = LLAMA_PRESETS["tiny"]
+_TINY_CHAT = dict(vision=_TINY_VISION, llm=_TINY_LLM, image_context_id=_image_context_id(_TINY_LLM))
+
+CHAT_PRESETS = {
+    # Tiny models for tests and the demo: the 32-px ViT run at 48 px (as 224 at 336), or at 32 px
+    # with its 4x4 grid shuffled to 2x2.
+    "tiny-v1.0": ChatConfig(**_TINY_CHAT, variant="v1.0", image_size=48, select_layer=-2),
+    "tiny-qllama": ChatConfig(
+        **_TINY_CHAT, variant="qllama", image_size=48, select_layer=-2,
+        # A QLLaMA narrower than the LLM, so that mlp2 maps between widths.
+        qllama=QLlamaConfig(_TINY_LLM.replace(hidden_size=48, mlp_dim=96),
+                            vision_width=_TINY_VISION.hidden_size, num_queries=4)),
+    "tiny-v1.5": ChatConfig(**_TINY_CHAT, variant="v1.5", image_size=32),
+    "v1.0-vicuna-7b": _paper_chat("v1.0", "vicuna-7b"),
+    "v1.0-vicuna-13b": _paper_chat("v1.0", "vicuna-13b"),
+    "qllama-vicuna-7b": _paper_chat("qllama", "vicuna-7b"),
+    "qllama-vicuna-13b": _paper_chat("qllama", "vicuna-13b"),
+    # InternVL-Chat-V1-1: InternViT-6B-448px-V1-0 (48 blocks, the 4th-to-last used) + a
+    # LLaMA2-13B-shaped LLM, pixel shuffle v1 (spec 1.3, 4.4c).
+    "v1.1-llama2-13b": ChatConfig(
+        vision=VISION_PRESETS["6b-448-v1.0"], llm=_chat_llm("vicuna-13b"), select_layer=-4,
+        ps_version="v1", image_context_id=_image_context_id(_chat_llm("vicuna-13b"))),
+}
+
+
+def chat_preset(name: str, **overrides) -> ChatConfig:
+  """Returns the named InternVL-Chat preset, with field overrides."""
+  if name not in CHAT_PRESETS:
+    raise ValueError(f"Unknown chat preset {name!r}; known presets: {sorted(CHAT_PRESETS)}.")
+  return CHAT_PRESETS[name].replace(**overrides)

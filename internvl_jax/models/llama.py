@@ -151,40 +151,63 @@ def check_tokens(tokens, attention_mask):
 
 
 class Llama(nn.Module):
-  """Token ids -> logits (and final-normed hidden states), optionally appending to a KV cache."""
+  """Token ids (or their embeddings) -> logits and final-normed hidden states, optionally
+  appending to a KV cache.
+
+  `embed` and `embeddings=` let a caller change the embedded sequence before the layers run:
+  InternVL-Chat writes image features over the embeddings of its image-context tokens.
+  """
 
   config: LlamaConfig
 
-  @nn.compact
-  def __call__(self, tokens: jax.Array, attention_mask: jax.Array | None = None, *,
-               positions: jax.Array | None = None, cache: KVCache | None = None,
-               return_logits: bool = True) -> LlamaOutput:
-    """`attention_mask` is transformers': 1 for real tokens, 0 for padding (default: all real).
+  def setup(self):
+    cfg = self.config
+    self.embed_tokens = token_embedding(cfg)
+    self.layers = nn.scan(
+        layers.remat(DecoderLayer, cfg.remat_policy), variable_axes={"params": 0},
+        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
+    self.norm = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype)
+    self.lm_head = lm_head(cfg)
 
+  def embed(self, tokens: jax.Array) -> jax.Array:
+    """(batch, length, width) token embeddings in the compute dtype."""
+    return self.embed_tokens(tokens)
+
+  def __call__(self, tokens: jax.Array | None, attention_mask: jax.Array | None = None, *,
+               embeddings: jax.Array | None = None, positions: jax.Array | None = None,
+               cache: KVCache | None = None, return_logits: bool = True) -> LlamaOutput:
+    """`tokens` (batch, length), or None with `embeddings` (batch, length, width) given instead.
+
+    `attention_mask` is transformers': 1 for real tokens, 0 for padding (default: all real).
     `positions` default to the number of real tokens before each token (cache included).
     """
-    cfg, dtype = self.config, self.config.compute_dtype
-    check_tokens(tokens, attention_mask)
+    if (tokens is None) == (embeddings is None):
+      raise ValueError("Llama takes either tokens or embeddings, not both or neither.")
+    if tokens is not None:
+      check_tokens(tokens, attention_mask)
+      embeddings = self.embed(tokens)
+    elif embeddings.ndim != 3 or embeddings.shape[-1] != self.config.hidden_size:
+      raise ValueError(f"embeddings must be (batch, length, {self.config.hidden_size}); got shape "
+                       f"{embeddings.shape}.")
+    elif attention_mask is not None and attention_mask.shape != embeddings.shape[:2]:
+      raise ValueError(f"attention_mask has shape {attention_mask.shape}, embeddings "
+                       f"{embeddings.shape[:2]}.")
     if attention_mask is None:
-      attention_mask = jnp.ones(tokens.shape, bool)
+      attention_mask = jnp.ones(embeddings.shape[:2], bool)
     mask, key_valid, default_positions = attention_mask_and_positions(
         attention_mask.astype(bool), cache)
     positions = default_positions if positions is None else positions
 
-    embed = token_embedding(cfg)
-    x = layers.constrain(embed(tokens), ACTIVATION)
-    decoder = nn.scan(
-        layers.remat(DecoderLayer, cfg.remat_policy), variable_axes={"params": 0},
-        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
-        length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    x = layers.constrain(embeddings.astype(self.config.compute_dtype), ACTIVATION)
     layer_cache = None if cache is None else (cache.keys, cache.values)
-    x, layer_cache = decoder(cfg, name="layers")(
-        x, mask, positions, None if cache is None else cache.index, layer_cache)
-    x = layers.RMSNorm(cfg.norm_eps, dtype, name="norm")(x)
+    x, layer_cache = self.layers(x, mask, positions, None if cache is None else cache.index,
+                                 layer_cache)
+    x = self.norm(x)
 
-    logits = lm_logits(x, embed, lm_head(cfg)) if return_logits else None
+    logits = lm_logits(x, self.embed_tokens, self.lm_head) if return_logits else None
     if cache is not None:
-      cache = KVCache(*layer_cache, valid=key_valid, index=cache.index + tokens.shape[1])
+      cache = KVCache(*layer_cache, valid=key_valid, index=cache.index + x.shape[1])
     return LlamaOutput(logits=logits, hidden_state=x, cache=cache)
 
 

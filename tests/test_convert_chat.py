@@ -1,0 +1,157 @@
+"""InternVL-Chat in OpenGVLab's `InternVLChatModel` and transformers'
+`InternVLForConditionalGeneration` layouts: bit-exact round trips, the key sets of the reference
+code, config.json both ways, and named errors."""
+
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from internvl_jax.config import chat_preset, llama_preset
+from internvl_jax.convert import chat_layouts, keymap
+from internvl_jax.convert.safetensors_io import SafetensorsFile
+from internvl_jax.models import chat
+from chat_fixtures import export, import_, random_params
+
+OFFICIAL, TRANSFORMERS = chat_layouts.OFFICIAL, chat_layouts.TRANSFORMERS
+TINY = chat_preset("tiny-v1.5", select_layer=-2)
+# Tied embeddings and grouped-query attention: the LLM writes no lm_head.
+TINY_TIED = chat_preset("tiny-v1.5", ps_version="v1", llm=llama_preset(
+    "tiny", num_kv_heads=2, tie_embeddings=True))
+
+
+@pytest.mark.parametrize("layout", [OFFICIAL, TRANSFORMERS])
+def test_round_trip_is_bit_exact(layout, tmp_path):
+  configs = [TINY] + ([TINY_TIED] if layout == OFFICIAL else [])  # transformers has no ps v1
+  for i, config in enumerate(configs):
+    params = random_params(config)
+    export(config, params, tmp_path / str(i), layout)
+    loaded_config, loaded = import_(tmp_path / str(i), layout)
+    assert loaded_config == config
+    assert jax.tree.structure(loaded) == jax.tree.structure(params)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def _written_keys(directory) -> set[str]:
+  return set(SafetensorsFile(os.path.join(directory, "model.safetensors")).keys())
+
+
+def test_transformers_keys_are_the_models_own(tmp_path):
+  export(TINY, random_params(TINY), tmp_path, TRANSFORMERS)
+  hf_config = transformers.InternVLConfig(**chat_layouts.config_json(TINY, TRANSFORMERS))
+  with torch.device("meta"):
+    reference = transformers.InternVLForConditionalGeneration(hf_config)
+  assert _written_keys(tmp_path) == set(reference.state_dict())
+  assert reference.config.text_config.model_type == "llama"
+
+
+def _spec_5_5_keys(vision_layers: int, llm_layers: int, tied: bool) -> set[str]:
+  """Spec 5.5's InternVLChatModel keys with a LLaMA LLM and a LayerNorm ViT, written out."""
+  vit_layer = ("attn.qkv.weight", "attn.q_norm.weight", "attn.k_norm.weight", "attn.proj.weight",
+               "attn.proj.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
+               "mlp.fc2.bias", "norm1.weight", "norm2.weight", "ls1", "ls2")
+  keys = {f"vision_model.embeddings.{name}" for name in (
+      "class_embedding", "patch_embedding.weight", "patch_embedding.bias", "position_embedding")}
+  keys |= {f"vision_model.encoder.layers.{i}.{name}" for i in range(vision_layers)
+           for name in vit_layer}
+  keys |= {f"mlp1.{i}.{p}" for i in (0, 1, 3) for p in ("weight", "bias")}
+  llm_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [
+      f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")] + [
+      "input_layernorm.weight", "post_attention_layernorm.weight"]
+  keys |= {"language_model.model.embed_tokens.weight", "language_model.model.norm.weight"}
+  keys |= {f"language_model.model.layers.{i}.{name}" for i in range(llm_layers)
+           for name in llm_layer}
+  return keys if tied else keys | {"language_model.lm_head.weight"}
+
+
+@pytest.mark.parametrize("config, tied", [(TINY, False), (TINY_TIED, True)])
+def test_official_keys_are_spec_5_5s(config, tied, tmp_path):
+  export(config, random_params(config), tmp_path, OFFICIAL)
+  assert _written_keys(tmp_path) == _spec_5_5_keys(2, 2, tied)
+
+
+def test_v1_5_shapes_at_full_size():
+  config = chat_preset("v1.1-llama2-13b")
+  plans = keymap.plan(chat_layouts.LAYOUTS[OFFICIAL], chat.abstract_params(config))
+  shapes = {tensor.key: tensor.torch_shape for tensor in plans}
+  assert shapes["mlp1.0.weight"] == (12800,)
+  assert shapes["mlp1.1.weight"] == (5120, 12800)
+  assert shapes["mlp1.3.weight"] == (5120, 5120)
+  assert shapes["vision_model.encoder.layers.47.attn.qkv.weight"] == (9600, 3200)
+  assert shapes["language_model.model.embed_tokens.weight"] == (32003, 5120)
+  assert shapes["language_model.lm_head.weight"] == (32003, 5120)
+
+
+def test_official_config_json_is_what_the_official_code_reads():
+  config = chat_preset("v1.1-llama2-13b")
+  data = chat_layouts.config_json(config, OFFICIAL, template="vicuna_v1.1")
+  assert data["architectures"] == ["InternVLChatModel"] and data["model_type"] == "internvl_chat"
+  assert data["llm_config"]["architectures"] == ["LlamaForCausalLM"]  # picks the LLM class
+  vision = data["vision_config"]
+  assert (vision["num_hidden_layers"], vision["image_size"]) == (48, 448)
+  assert (data["select_layer"], data["ps_version"], data["downsample_ratio"]) == (-4, "v1", 0.5)
+  assert (data["force_image_size"], data["template"]) == (448, "vicuna_v1.1")
+  assert data["tie_word_embeddings"] is False
+  assert chat_layouts.config_from_json(data, OFFICIAL) == config
+  # Released config.json files do not name the <IMG_CONTEXT> id: the tokenizer does.
+  released = {k: v for k, v in data.items() if k != "img_context_token_id"}
+  with pytest.raises(ValueError, match="does not name the <IMG_CONTEXT> token id"):
+    chat_layouts.config_from_json(released, OFFICIAL)
+  assert chat_layouts.config_from_json(released, OFFICIAL, image_context_id=32002) == config
+  with pytest.raises(ValueError, match="use_llm_lora=16: LoRA-wrapped checkpoints"):
+    chat_layouts.config_from_json(data | {"use_llm_lora": 16}, OFFICIAL)
+  internlm2 = data | {
+      "llm_config": data["llm_config"] | {"architectures": ["InternLM2ForCausalLM"]}}
+  with pytest.raises(ValueError, match="InternLM2ForCausalLM; only LlamaForCausalLM"):
+    chat_layouts.config_from_json(internlm2, OFFICIAL)
+
+
+def test_transformers_config_json_round_trip_and_refusals():
+  data = chat_layouts.config_json(TINY, TRANSFORMERS)
+  assert (data["image_token_id"], data["image_seq_length"]) == (127, 4)
+  assert (data["vision_feature_layer"], data["vision_feature_select_strategy"]) == (-2, "default")
+  assert data["text_config"]["model_type"] == "llama"
+  assert chat_layouts.config_from_json(data, TRANSFORMERS) == TINY
+  # The tile size follows image_seq_length, not the stored position embedding's.
+  larger = chat_layouts.config_json(TINY.replace(image_size=48), TRANSFORMERS)
+  assert chat_layouts.config_from_json(larger, TRANSFORMERS).image_size == 48
+  for change, message in (
+      ({"vision_feature_select_strategy": "full"}, "drops the CLS token"),
+      ({"vision_feature_layer": [-1, -2]}, "selects several layers"),
+      ({"text_config": data["text_config"] | {"model_type": "qwen2"}}, "only 'llama'"),
+      ({"projector_hidden_act": "silu"}, "projector_hidden_act 'silu'")):
+    with pytest.raises(ValueError, match=message):
+      chat_layouts.config_from_json(data | change, TRANSFORMERS)
+  with pytest.raises(ValueError, match="lacks the field 'image_token_id'"):
+    chat_layouts.config_from_json({k: v for k, v in data.items() if k != "image_token_id"},
+                                  TRANSFORMERS)
+
+
+def test_layouts_refuse_configs_their_code_cannot_run():
+  with pytest.raises(ValueError, match=r"cannot hold .*variant 'v1.0'"):
+    chat_layouts.config_json(chat_preset("tiny-v1.0"), OFFICIAL)
+  with pytest.raises(ValueError, match=r"cannot hold .*ps_version 'v1' \(transformers"):
+    chat_layouts.config_json(TINY_TIED, TRANSFORMERS)
+  with pytest.raises(ValueError, match=r"projector_eps 1e-06"):
+    chat_layouts.config_json(TINY.replace(projector_eps=1e-6), OFFICIAL)
+  with pytest.raises(ValueError, match="Unknown layout 'llava'"):
+    chat_layouts.config_json(TINY, "llava")
+
+
+def test_mismatched_checkpoints_are_named(tmp_path):
+  export(TINY, random_params(TINY), tmp_path, TRANSFORMERS)
+  layout = chat_layouts.LAYOUTS[TRANSFORMERS]
+  source = SafetensorsFile(os.path.join(tmp_path, "model.safetensors"))
+  plans = keymap.plan(layout, chat.abstract_params(TINY))
+  keys = set(source.keys())
+  check = lambda keys: keymap.check_source(layout, plans, keys, source.shape, source.dtype,
+                                           allow_missing=False)
+  check(keys | {"model.language_model.rotary_emb.inv_freq"})  # buffers some versions save
+  with pytest.raises(keymap.ConversionError,
+                     match="missing keys: model.multi_modal_projector.layer_norm.bias"):
+    check(keys - {"model.multi_modal_projector.layer_norm.bias"})
+  with pytest.raises(keymap.ConversionError, match="unexpected keys .*: mlp1.0.weight"):
+    check(keys | {"mlp1.0.weight"})
