@@ -8,12 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import caption
-from internvl_jax.config import InternVLConfig, VisionConfig
+from internvl_jax import caption, generate
+from internvl_jax.config import ChatConfig, InternVLConfig, VisionConfig
 from internvl_jax.convert import orbax_io
 from internvl_jax.convert.pytorch import TOKENIZER_FILE, import_pytorch
+from internvl_jax.data import chat as chat_data
+from internvl_jax.data import templates
+from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.data.tokenizer import Tokenizer
 from internvl_jax.models.intern_vit import InternViT, select_layer
+from internvl_jax.models.chat import ChatDecoder
 from internvl_jax.models.internvl import InternVLG
 
 TEXT_MAX_TOKENS = 80  # the reference's text length for contrastive use (spec 2.1)
@@ -36,18 +40,29 @@ def _encode_text(config: InternVLConfig, params, input_ids, attention_mask):
                                  method=InternVLG.encode_text)
 
 
+def _with_pieces(tokenizer: Tokenizer, pieces) -> Tokenizer:
+  """The tokenizer with the special pieces it lacks appended (existing ids never change)."""
+  missing = []
+  for piece in pieces:
+    try:
+      tokenizer.token_id(piece)
+    except KeyError:
+      missing.append(piece)
+  return Tokenizer(tokenizer.model_proto, missing) if missing else tokenizer
+
+
 @dataclasses.dataclass
 class Pretrained:
   """A loaded model: its config, its params, its tokenizer if it has one, and what it computes."""
 
-  config: object  # VisionConfig (InternViT) or InternVLConfig (InternVL-14B), LlamaConfig
+  config: object  # VisionConfig (InternViT), InternVLConfig (InternVL-14B), ChatConfig, LlamaConfig
   params: dict
   tokenizer: Tokenizer | None = None
 
   def _vision(self) -> tuple[VisionConfig, dict]:
     if isinstance(self.config, VisionConfig):
       return self.config, self.params
-    if isinstance(self.config, InternVLConfig):
+    if isinstance(self.config, (InternVLConfig, ChatConfig)):
       return self.config.vision, self.params["vision_model"]
     raise ValueError(f"A {type(self.config).__name__} model has no vision tower.")
 
@@ -105,6 +120,41 @@ class Pretrained:
     eos = self.tokenizer.eos_id
     return [self.tokenizer.decode(list(row[:list(row).index(eos)] if eos in row else row))
             for row in np.asarray(ids)]
+
+  def chat(self, tiles, question: str, *, template: str = "vicuna_v1",
+           system_message: str | None = None, max_new_tokens: int = 64) -> str:
+    """InternVL-Chat's greedy answer to a question about one image.
+
+    `tiles` are the image's (tiles, size, size, 3) ImageNet-normalized tiles (one, or the dynamic
+    tiling of `internvl_jax.data.tiling` with its thumbnail last). The question gets the image
+    placeholder in front unless it has one; the prompt follows the chat template.
+    """
+    if not isinstance(self.config, ChatConfig):
+      raise ValueError(f"chat() needs an InternVL-Chat model; this is a {type(self.config).__name__}.")
+    if self.tokenizer is None:
+      raise ValueError("chat() needs the checkpoint's tokenizer.model.")
+    config = self.config
+    tokenizer = _with_pieces(self.tokenizer,
+                             tokenizer_lib.IMAGE_TOKENS + templates.TEMPLATES[template].special_tokens)
+    if tokenizer.token_id(tokenizer_lib.IMAGE_CONTEXT) != config.image_context_id:
+      raise ValueError(f"The tokenizer's {tokenizer_lib.IMAGE_CONTEXT} is id "
+                       f"{tokenizer.token_id(tokenizer_lib.IMAGE_CONTEXT)}, the model's "
+                       f"{config.image_context_id}: they do not belong together.")
+    tiles = np.asarray(tiles, np.float32)
+    tiles = tiles[None] if tiles.ndim == 3 else tiles
+    image_ids = chat_data.image_token_ids(tokenizer, len(tiles), config.num_image_tokens,
+                                          wrap=config.variant != "v1.0")
+    if templates.IMAGE_PLACEHOLDER not in question:
+      question = f"{templates.IMAGE_PLACEHOLDER}\n{question}"
+    ids = templates.prompt_ids(templates.prompt_segments(template, question, system_message),
+                               tokenizer, image_ids)
+    stop = tokenizer.token_id(templates.IM_END) if template == "internlm2-chat" else tokenizer.eos_id
+    context = {"tiles": jnp.asarray(tiles)[None], "tile_count": jnp.asarray([len(tiles)], jnp.int32)}
+    answer = generate.greedy_search(ChatDecoder(config), self.params, jnp.asarray([ids], jnp.int32),
+                                    None, context, max_new_tokens=max_new_tokens, eos_id=stop,
+                                    pad_id=config.llm.pad_id)
+    answer = list(np.asarray(answer[0]))
+    return tokenizer.decode(answer[:answer.index(stop)] if stop in answer else answer)
 
   def save(self, directory: str):
     """Writes an Orbax checkpoint (and the tokenizer) that `load_pretrained` reads back."""

@@ -9,10 +9,10 @@ import functools
 import typing
 from typing import Any, Callable
 
-from internvl_jax.config import InternVLConfig, LlamaConfig, VisionConfig
-from internvl_jax.convert import intern_vit_layouts, internvl_layouts, llama_layouts
+from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
+from internvl_jax.convert import chat_layouts, intern_vit_layouts, internvl_layouts, llama_layouts
 from internvl_jax.convert.keymap import Layout
-from internvl_jax.models import intern_vit, internvl, llama
+from internvl_jax.models import chat, intern_vit, internvl, llama
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +31,7 @@ MODELS = {
     "internvl": ModelKind("internvl", InternVLConfig,
                           functools.partial(internvl.abstract_params, variant="G"),
                           functools.partial(internvl.init_params, variant="G")),
+    "internvl_chat": ModelKind("internvl_chat", ChatConfig, chat.abstract_params, chat.init_params),
 }
 
 
@@ -60,6 +61,10 @@ FORMATS = (
     Format("llama", "transformers", "LlamaForCausalLM",
            lambda config: llama_layouts.LAYOUTS[llama_layouts.TRANSFORMERS],
            lambda config, strict: llama_layouts.config_json(config), llama_layouts.config_from_json),
+    *(Format("internvl_chat", name, architecture, lambda config, name=name: chat_layouts.LAYOUTS[name],
+             lambda config, strict, name=name: chat_layouts.config_json(config, name),
+             functools.partial(chat_layouts.config_from_json, layout=name))
+      for architecture, name in chat_layouts.ARCHITECTURES.items()),
     Format("internvl", "official", "InternVLModel",
            lambda config: internvl_layouts.official_layout(config.cross_attention_frequency),
            lambda config, strict: internvl_layouts.config_json(config, allow_unofficial_sizes=not strict),
@@ -116,8 +121,11 @@ def _dataclass_from_dict(cls, values: dict):
     if field.name not in values:
       continue  # a field added since the checkpoint was written keeps its default
     value = values[field.name]
-    if dataclasses.is_dataclass(hints[field.name]):
-      value = _dataclass_from_dict(hints[field.name], value)
+    # A nested config, possibly optional (`QLlamaConfig | None`).
+    nested = [t for t in typing.get_args(hints[field.name]) or (hints[field.name],)
+              if dataclasses.is_dataclass(t)]
+    if nested and isinstance(value, dict):
+      value = _dataclass_from_dict(nested[0], value)
     elif isinstance(value, list):
       value = tuple(value)
     fields[field.name] = value

@@ -141,6 +141,31 @@ def render(template: str, conversation: Conversation,
   return segments
 
 
+def prompt_segments(template: str, question: str, system_message: str | None = None) -> list[Segment]:
+  """Segments of a one-question conversation up to where the assistant's answer starts: the
+  prompt that chat generation continues."""
+  segments = render(template, Conversation(None, ((question, ""),)), system_message)
+  while segments and segments[-1].trainable:  # the (empty) answer and its end marker
+    segments.pop()
+  return segments
+
+
+def _segment_ids(segment: Segment, tokenizer: tokenizer_lib.Tokenizer,
+                 image_token_ids: Sequence[int]) -> list[int]:
+  if segment.kind == TEXT:
+    return tokenizer.encode(segment.value)
+  if segment.kind == TOKEN:
+    return [tokenizer.bos_id if segment.value == BOS else
+            tokenizer.eos_id if segment.value == EOS else tokenizer.token_id(segment.value)]
+  return list(image_token_ids)
+
+
+def prompt_ids(segments: Sequence[Segment], tokenizer: tokenizer_lib.Tokenizer,
+               image_token_ids: Sequence[int]) -> list[int]:
+  """The token ids of prompt segments (see `prompt_segments`), image slot filled."""
+  return [i for segment in segments for i in _segment_ids(segment, tokenizer, image_token_ids)]
+
+
 @dataclasses.dataclass(frozen=True)
 class TokenizedConversation:
   tokens: np.ndarray  # int32 [max_len], right-padded with PAD_ID
@@ -159,13 +184,7 @@ def tokenize(segments: Sequence[Segment], tokenizer: tokenizer_lib.Tokenizer,
   tokens, labels = [], []
   image_end = 0
   for segment in segments:
-    if segment.kind == TEXT:
-      ids = tokenizer.encode(segment.value)
-    elif segment.kind == TOKEN:
-      ids = [tokenizer.bos_id if segment.value == BOS else
-             tokenizer.eos_id if segment.value == EOS else tokenizer.token_id(segment.value)]
-    else:
-      ids = list(image_token_ids)
+    ids = _segment_ids(segment, tokenizer, image_token_ids)
     tokens += ids
     labels += ids if segment.trainable else [tokenizer_lib.IGNORE_LABEL] * len(ids)
     if segment.kind == IMAGE:
