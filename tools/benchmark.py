@@ -25,6 +25,7 @@ from internvl_jax.convert.intern_vit_layouts import TRANSFORMERS, config_json
 from internvl_jax.models.intern_vit import init_params
 from internvl_jax.flops import training_flops, vit_forward_flops
 from internvl_jax.models.intern_vit import InternViT
+from internvl_jax.train import hardware
 
 import benchmark_convert  # tools/, next to this file
 import benchmark_data
@@ -34,16 +35,6 @@ def _timed(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
-
-
-def matmul_flops_per_second(dtype, repeats: int = 5) -> float:
-  """The device's dense matmul rate: the denominator of MFU."""
-  n = 2048 if jax.default_backend() == "cpu" else 8192
-  a = jnp.ones((n, n), dtype)
-  matmul = jax.jit(lambda x, y: x @ y)
-  matmul(a, a).block_until_ready()
-  seconds = statistics.median(_timed(lambda: matmul(a, a).block_until_ready()) for _ in range(repeats))
-  return 2 * n**3 / seconds
 
 
 def _jax_step(config, batch, image_size):
@@ -95,8 +86,9 @@ def benchmark_vit(argv):
   config = vision_preset(args.preset, **overrides)
   image_size = args.image_size or config.image_size
   flops_per_step = training_flops(vit_forward_flops(config, (image_size, image_size))) * args.batch
-  peak = matmul_flops_per_second(DTYPES[args.dtype])
   device = jax.devices()[0]
+  matmul_size = 2048 if device.platform == "cpu" else 8192
+  peak = hardware.measure_tflops(device, matmul_size, dtype=DTYPES[args.dtype]) * 1e12
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
         f"dense {args.dtype} matmul: {peak / 1e12:.3f} TFLOP/s")
   print(f"InternViT {args.preset} (layers {config.num_layers}, width {config.hidden_size}), "

@@ -1,0 +1,70 @@
+"""A tiny InternVL-C training config and a deterministic in-memory batch source for trainer tests.
+
+The source stands in for the grain pipeline: batch n is a function of (seed, n) alone, and its
+state is the index of the next batch, so a restored source continues exactly where it was.
+"""
+
+import numpy as np
+
+from internvl_jax import optim, sharding
+from internvl_jax.config import internvl_preset
+from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, ContrastiveStage
+from internvl_jax.train.config import TrainConfig
+
+MODEL = internvl_preset("tiny")  # ViT width 64, 2 layers, 32 px; LLaMA width 64, 2 layers
+TEXT_LEN = 12
+BATCH = 16
+
+
+class InMemoryPairs:
+  """(image, text, valid) host batches; `nan_batches` get NaN pixels (a corrupt input)."""
+
+  def __init__(self, batch_size: int = BATCH, seed: int = 0, nan_batches=(),
+               image_size: int = MODEL.vision.image_size, text_len: int = TEXT_LEN):
+    self.batch_size, self.seed, self.nan_batches = batch_size, seed, set(nan_batches)
+    self.image_size, self.text_len = image_size, text_len
+    self.next_index = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    index = self.next_index
+    self.next_index += 1
+    return make_batch(index, self.batch_size, self.seed, self.image_size, self.text_len,
+                      nan=index in self.nan_batches)
+
+  def get_state(self):
+    return {"next_index": self.next_index}
+
+  def set_state(self, state):
+    self.next_index = state["next_index"]
+
+
+def make_batch(index: int, batch_size: int = BATCH, seed: int = 0,
+               image_size: int = MODEL.vision.image_size, text_len: int = TEXT_LEN,
+               nan: bool = False):
+  rng = np.random.default_rng([seed, index])
+  image = rng.normal(size=(batch_size, image_size, image_size, 3)).astype(np.float32)
+  if nan:
+    image[0, 0, 0, 0] = np.nan
+  text = np.zeros((batch_size, text_len), np.int32)  # pad id 0
+  lengths = rng.integers(3, text_len + 1, size=batch_size)
+  for row, length in enumerate(lengths):
+    text[row, 0] = MODEL.text.bos_id
+    text[row, 1:length - 1] = rng.integers(3, MODEL.text.vocab_size, size=length - 2)
+    text[row, length - 1] = MODEL.text.eos_id
+  return {"image": image, "text": text, "valid": np.ones((batch_size,), bool)}
+
+
+OPTIMIZER = optim.OptimizerConfig(
+    learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3), ("text", TEXT_PARAMS, 1e-4)),
+    b1=0.9, b2=0.95, weight_decay=0.1, warmup_steps=2, total_steps=12)
+
+
+def tiny_config(**changes) -> TrainConfig:
+  config = TrainConfig(
+      stage=ContrastiveStage(MODEL, text_len=TEXT_LEN), optimizer=OPTIMIZER,
+      global_batch_size=BATCH, mesh=sharding.MeshConfig(data=-1), log_every=1,
+      checkpoint_every=3, keep_checkpoints=2, peak_tflops_per_device=1.0)
+  return config.replace(**changes)

@@ -1,0 +1,41 @@
+"""Runs the tiny InternVL-C training of `train_fixtures` in its own process (the resume tests
+kill it): python tests/train_run.py WORKDIR [--steps N] [--batch-delay SECONDS]."""
+
+import argparse
+import os
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import train_fixtures  # pylint: disable=wrong-import-position
+from internvl_jax.train import loop  # pylint: disable=wrong-import-position
+
+
+class SlowPairs(train_fixtures.InMemoryPairs):
+  """Waits before each batch, so that a test can interrupt the run between given steps."""
+
+  def __init__(self, delay: float):
+    super().__init__()
+    self.delay = delay
+
+  def __next__(self):
+    time.sleep(self.delay)
+    return super().__next__()
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("workdir")
+  parser.add_argument("--steps", type=int, default=12)
+  parser.add_argument("--batch-delay", type=float, default=0.0)
+  args = parser.parse_args()
+  loop.train(train_fixtures.tiny_config(steps=args.steps), SlowPairs(args.batch_delay),
+             args.workdir)
+
+
+if __name__ == "__main__":
+  main()
