@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The front door. Creates (or reuses) the Python environment in .venv, then runs:
-#   ./run.sh demo            the main job on the built-in demo data
+#   ./run.sh demo [ARGS]     the main job: stage 1 on the built-in demo data (ARGS: --workdir, ...)
 #   ./run.sh test [ARGS]     the test suite (pytest ARGS)
 #   ./run.sh python ARGS     anything else inside the environment
 set -euo pipefail
@@ -24,7 +24,7 @@ fi
 cmd=${1:-demo}
 shift || true
 case "$cmd" in
-  demo) exec "$VENV/bin/python" tools/demo_vit.py "$@" ;;
+  demo) JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} exec "$VENV/bin/python" experiments/stage1_contrastive.py "$@" ;;
   test) exec "$VENV/bin/python" -m pytest tests "$@" ;;
   python) exec "$VENV/bin/python" "$@" ;;
   *) echo "usage: ./run.sh [demo|test|python ARGS]" >&2; exit 2 ;;
