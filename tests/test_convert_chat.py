@@ -2,6 +2,7 @@
 `InternVLForConditionalGeneration` layouts: bit-exact round trips, the key sets of the reference
 code, config.json both ways, and named errors."""
 
+import json
 import os
 
 import jax
@@ -12,6 +13,7 @@ import transformers
 
 from internvl_jax.config import chat_preset, llama_preset
 from internvl_jax.convert import chat_layouts, keymap
+from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.models import chat
 from chat_fixtures import export, import_, random_params
@@ -155,3 +157,18 @@ def test_mismatched_checkpoints_are_named(tmp_path):
     check(keys - {"model.multi_modal_projector.layer_norm.bias"})
   with pytest.raises(keymap.ConversionError, match="unexpected keys .*: mlp1.0.weight"):
     check(keys | {"mlp1.0.weight"})
+
+
+def test_released_official_configs_take_the_context_id_from_added_tokens(tmp_path):
+  params = random_params(TINY)
+  export_pytorch(TINY, params, str(tmp_path), layout=OFFICIAL)
+  config_path = tmp_path / "config.json"
+  released = json.loads(config_path.read_text())
+  released.pop("img_context_token_id")  # as OpenGVLab's config.json files are
+  config_path.write_text(json.dumps(released))
+  with pytest.raises(ValueError, match="added_tokens.json"):
+    import_pytorch(str(tmp_path))
+  (tmp_path / "added_tokens.json").write_text(json.dumps({"<IMG_CONTEXT>": TINY.image_context_id}))
+  loaded_config, loaded = import_pytorch(str(tmp_path))
+  assert loaded_config == TINY
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)

@@ -157,7 +157,8 @@ def _official_config(data: dict, image_context_id: int | None) -> ChatConfig:
   image_context_id = data.get("img_context_token_id", image_context_id)
   if image_context_id is None:
     raise ValueError("config.json does not name the <IMG_CONTEXT> token id (the official code "
-                     "takes it from the tokenizer): pass image_context_id.")
+                     "takes it from the tokenizer): put the tokenizer's added_tokens.json next to "
+                     "it, or pass image_context_id.")
   vision = vit_layouts.config_from_json(data["vision_config"], vit_layouts.OFFICIAL)
   llm = llama_layouts.config_from_json(data["llm_config"])
   return ChatConfig(

@@ -26,8 +26,14 @@ TOKENIZER_FILE = "tokenizer.model"  # SentencePiece, next to the weights as in t
 
 def _open_pytorch(directory: str, allow_missing: bool, block_bytes: int):
   """Config, model kind, abstract params, plan, missing tensors and weights of a directory."""
-  fmt = formats.detect(read_config(directory))
-  config = fmt.config_from_json(read_config(directory))
+  config_data = read_config(directory)
+  added_tokens = os.path.join(directory, "added_tokens.json")
+  if "img_context_token_id" not in config_data and os.path.isfile(added_tokens):
+    # The official chat config leaves <IMG_CONTEXT>'s id to the tokenizer's added tokens.
+    with open(added_tokens) as f:
+      config_data["img_context_token_id"] = json.load(f).get("<IMG_CONTEXT>")
+  fmt = formats.detect(config_data)
+  config = fmt.config_from_json(config_data)
   kind = formats.MODELS[fmt.model]
   source = open_weights(directory).with_prefix(fmt.key_prefixes)
   abstract = kind.abstract_params(config)
