@@ -10,7 +10,7 @@ import pytest
 
 from internvl_jax import optim
 from internvl_jax.config import vision_preset
-from internvl_jax.convert.pytorch import abstract_params
+from internvl_jax.models.intern_vit import abstract_params
 
 DEPTH = 2
 
