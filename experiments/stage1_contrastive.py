@@ -1,7 +1,7 @@
 """Stage 1 (spec 4.1): contrastive pre-training of InternVL-C with the CLIP loss.
 
   python experiments/stage1_contrastive.py --workdir runs/stage1_demo            # demo, CPU
-  python experiments/stage1_contrastive.py --preset paper --workdir gs://...     # every host
+  python experiments/stage1_contrastive.py --preset paper --workdir /shared/runs/stage1  # every host
   python tools/aot_plan.py --experiment experiments/stage1_contrastive.py --preset paper \
       --topology v5p:4x4x4
 
