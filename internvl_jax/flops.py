@@ -51,3 +51,61 @@ def internvl_c_forward_flops(config: InternVLConfig, image_hw: tuple[int, int], 
   text_projection = 2 * config.text.hidden_size * config.embed_dim
   return (vit_forward_flops(vision, image_hw, keep_fraction) + pooling +
           llama_forward_flops(config.text, text_tokens, lm_head=False) + text_projection)
+
+
+def _attention_pooling_flops(width: int, tokens: int, out_dim: int) -> int:
+  """One query (the mean token) attending over `tokens` (`AttentionPooling`)."""
+  return 2 * width * width + 2 * 2 * tokens * width * width + 2 * 2 * tokens * width + \
+      2 * width * out_dim
+
+
+def internvl_g_stage2_flops(config: InternVLConfig, image_hw: tuple[int, int],
+                            text_tokens: int) -> dict[str, int]:
+  """Matmul FLOPs of one stage-2 example (an image and its ITM, ITC and ITG texts) by part.
+
+  "vision": InternViT. "qllama": the three [queries; text] sequences through QLLaMA (cross-
+  attention keys and values projected once per image), the ITG vocabulary logits, the ITM head,
+  `clip_projector2` and the text projection. "trainable": the matmuls of that with trainable
+  weights (cross-attention, ITM head, `clip_projector2`). "attention": its matmuls of two
+  activations (scores and weighted values).
+  """
+  text, vision = config.text, config.vision
+  d, queries, num_texts = text.hidden_size, config.num_queries, 3
+  length = queries + text_tokens
+  p = vision.patch_size
+  image_tokens = 1 + (image_hw[0] // p) * (image_hw[1] // p)
+  num_cross = -(-text.num_layers // config.cross_attention_frequency)
+  cross_projections = num_cross * (num_texts * 2 * 2 * queries * d * d +
+                                   2 * 2 * image_tokens * vision.hidden_size * d)
+  cross_attention = num_cross * num_texts * 2 * 2 * queries * image_tokens * d
+  pooling = _attention_pooling_flops(d, queries, config.embed_dim)
+  pooling_attention = 2 * 2 * queries * d
+  itm_head = 2 * queries * d * 2
+  trainable = cross_projections + itm_head + pooling - pooling_attention
+  qllama = (num_texts * llama_forward_flops(text, length, lm_head=False) +
+            2 * text_tokens * d * text.vocab_size + cross_projections + cross_attention +
+            itm_head + pooling + 2 * d * config.embed_dim)
+  attention = (num_texts * text.num_layers * 2 * 2 * length * length * d + cross_attention +
+               pooling_attention)
+  return {"vision": vit_forward_flops(vision, image_hw), "qllama": qllama,
+          "trainable": trainable, "attention": attention}
+
+
+def internvl_g_stage2_forward_flops(config: InternVLConfig, image_hw: tuple[int, int],
+                                    text_tokens: int) -> int:
+  """Matmul FLOPs of one stage-2 example's forward (see `internvl_g_stage2_flops`)."""
+  parts = internvl_g_stage2_flops(config, image_hw, text_tokens)
+  return parts["vision"] + parts["qllama"]
+
+
+def internvl_g_stage2_training_flops(config: InternVLConfig, image_hw: tuple[int, int],
+                                     text_tokens: int) -> int:
+  """Forward and backward of one stage-2 example with InternViT and LLaMA frozen.
+
+  InternViT runs forward only (nothing before it trains). Backward through QLLaMA and the heads
+  propagates every activation gradient (one forward's worth), adds weight gradients for the
+  trainable matmuls only, and both operand gradients for attention. An upper estimate: XLA drops
+  the backward of ITC text rows, which never see the queries.
+  """
+  parts = internvl_g_stage2_flops(config, image_hw, text_tokens)
+  return parts["vision"] + 2 * parts["qllama"] + parts["trainable"] + parts["attention"]

@@ -86,6 +86,18 @@ def itm_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = Non
   return _masked_mean(nll, valid), {"itm_accuracy": _masked_mean(accuracy, valid)}
 
 
+def lm_example_losses(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100):
+  """Next-token cross-entropy per row: (summed over the row's counted tokens, their number).
+
+  Sums add up exactly over micro-batches, so the mean over a whole batch is exact under
+  feature-cached accumulation (stage 2's ITG). Alignment and `ignore_index` as in `lm_loss`.
+  """
+  logits, targets = logits[:, :-1], labels[:, 1:]
+  counted = targets != ignore_index
+  nll = _cross_entropy(logits, jnp.where(counted, targets, 0))
+  return jnp.sum(jnp.where(counted, nll, 0.0), axis=1), jnp.sum(counted, axis=1)
+
+
 def lm_loss(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100):
   """Next-token cross-entropy (ITG, chat SFT), averaged over the tokens that count.
 
@@ -93,9 +105,6 @@ def lm_loss(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100):
   labels[t + 1]; positions labelled `ignore_index` (padding, prompts, prefixes) do not count.
   Returns (loss, number of counted tokens); with none counted the loss is 0.
   """
-  logits, targets = logits[:, :-1], labels[:, 1:]
-  counted = targets != ignore_index
-  nll = _cross_entropy(logits, jnp.where(counted, targets, 0))
-  num_tokens = jnp.sum(counted)
-  loss = jnp.sum(jnp.where(counted, nll, 0.0)) / jnp.maximum(num_tokens, 1)
-  return loss, num_tokens
+  nll, counts = lm_example_losses(logits, labels, ignore_index=ignore_index)
+  num_tokens = jnp.sum(counts)
+  return jnp.sum(nll) / jnp.maximum(num_tokens, 1), num_tokens

@@ -53,7 +53,12 @@ def pool_negatives(texts: np.ndarray, pool: np.ndarray, rng: np.random.Generator
 
 
 class ItmNegatives:
-  """Adds "itm_text" [B, L] to a host batch; random choices depend on (seed, batch index)."""
+  """Adds "itm_text" [B, L], a negative for every row, and "itm_label" [B] int32 to a host batch.
+
+  As the reference splits each rank's batch, the first B - B // 2 rows are labelled 0 (trained
+  on their negative) and the rest 1 (their own caption). Random choices depend on (seed, batch
+  index).
+  """
 
   def __init__(self, mode: str, seed: int, pool: np.ndarray | None = None):
     if mode == "pool" and (pool is None or len(pool) < 2):
@@ -69,4 +74,6 @@ class ItmNegatives:
       negatives = pool_negatives(texts, self._pool, rng)
     else:
       negatives = texts[batch_negative_indices(texts, rng, hard=self._mode == "batch_hard")]
-    return {**batch, "itm_text": negatives}
+    batch_size = len(texts)
+    labels = (np.arange(batch_size) >= batch_size - batch_size // 2).astype(np.int32)
+    return {**batch, "itm_text": negatives, "itm_label": labels}

@@ -1,0 +1,102 @@
+"""Stage 2 (spec 4.2, 9): InternVL-G trained with ITC + ITM + ITG, each with weight 1.
+
+Only the new parts train: QLLaMA's queries and cross-attention blocks, `clip_projector2`, the ITM
+head and the temperature; InternViT, the LLaMA weights, `clip_projector` and `text_projection`
+stay frozen (and hold no optimizer state).
+
+Batches (`data.pipeline.pair_pipeline` with `itm_negatives` set and `itg=True`) hold "image"
+(B, S, S, 3) float32; "text" (B, L) int32, "summarize:" + caption (the ITC text, and the ITM
+positive); "itm_text" (B, L) a negative caption per row; "itm_label" (B,) int32, 1 where the ITM
+row uses its own caption; "itg_text" / "itg_labels" (B, L) "English caption:" + caption and its
+next-token labels; "valid" (B,) bool (False on padding rows: left out of every loss).
+
+Every loss is exact under feature-cached accumulation: the ITM label travels with its row, and
+ITG keeps per-row sums of token losses and token counts, so its mean is over the whole batch.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax import flops, losses, sharding
+from internvl_jax.config import InternVLConfig
+from internvl_jax.data.tokenizer import IGNORE_LABEL
+from internvl_jax.models.internvl import InternVLG
+
+_SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
+                  ("^clip_projector/", sharding.VISION_RULES),
+                  ("^(qllama|clip_projector2|itm_head)/", sharding.TEXT_RULES))
+
+# The params stage 2 trains (spec 4.2); every other param is frozen.
+TRAINABLE_PARAMS = (r"^qllama/query_tokens$|^qllama/layers/[^/]+/cross_attn/|^clip_projector2/|"
+                    r"^itm_head/|^logit_scale$")
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerativeStage:
+  model: InternVLConfig
+  text_len: int = 80  # tokens per text, BOS and EOS (and any prefix) included
+  max_logit_scale: float | None = float(np.log(100.0))
+
+  rules = sharding.VISION_RULES
+  subtree_rules = _SUBTREE_RULES
+
+  @property
+  def input_size(self) -> int:
+    return self.model.vision.image_size
+
+  @property
+  def _module(self) -> InternVLG:
+    return InternVLG(self.model)
+
+  def init(self, rng):
+    size = self.model.vision.image_size
+    pixels = jnp.zeros((1, size, size, self.model.vision.num_channels), jnp.float32)
+    tokens = jnp.ones((3, 1, 2), jnp.int32)
+    # The stage-2 forward touches every param but `clip_projector` (InternVL-C's image side).
+    touch_all = lambda model, p, t: (model(p, t, t > 0), model.encode_image(p, mode="C"))
+    return self._module.init(rng, pixels, tokens, method=touch_all)["params"]
+
+  def encode(self, params, batch, rng, train: bool = True):
+    itm_text = jnp.where(batch["itm_label"][:, None] == 1, batch["text"], batch["itm_text"])
+    tokens = jnp.stack([itm_text, batch["text"], batch["itg_text"]])
+    out = self._module.apply({"params": params}, batch["image"], tokens,
+                             tokens != self.model.text.pad_id, train=train,
+                             rngs={"dropout": rng})
+    # Padding rows are zeros, which would count as labels.
+    labels = jnp.where(batch["valid"][:, None], batch["itg_labels"], IGNORE_LABEL)
+    itg_nll, itg_tokens = losses.lm_example_losses(out.lm_logits, labels,
+                                                   ignore_index=IGNORE_LABEL)
+    return {"image": out.image_features, "text": out.text_features,
+            "itm_logits": out.itm_logits, "itg_nll": itg_nll,
+            "itg_tokens": itg_tokens.astype(jnp.float32)}
+
+  def loss(self, params, features, batch):
+    valid = batch["valid"]
+    itc, metrics = losses.clip_softmax_loss(
+        features["image"], features["text"], params["logit_scale"],
+        max_logit_scale=self.max_logit_scale, valid=valid)
+    itm, itm_metrics = losses.itm_loss(features["itm_logits"], batch["itm_label"], valid)
+    itg = jnp.sum(features["itg_nll"]) / jnp.maximum(jnp.sum(features["itg_tokens"]), 1.0)
+    metrics.update(itm_metrics, itc_loss=itc, itm_loss=itm, itg_loss=itg)
+    return itc + itm + itg, metrics
+
+  def abstract_batch(self, batch_size: int):
+    size, channels = self.input_size, self.model.vision.num_channels
+    text = jax.ShapeDtypeStruct((batch_size, self.text_len), jnp.int32)
+    return {"image": jax.ShapeDtypeStruct((batch_size, size, size, channels), jnp.float32),
+            "text": text, "itm_text": text, "itg_text": text, "itg_labels": text,
+            "itm_label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+            "valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
+  def flops_per_example(self) -> int:
+    size = self.input_size
+    return flops.internvl_g_stage2_training_flops(self.model, (size, size), self.text_len)
+
+  def count_tokens(self, batch) -> int:
+    """The text tokens of the three text batches, as the model sees them."""
+    itm = np.where(np.asarray(batch["itm_label"])[:, None] == 1, batch["text"], batch["itm_text"])
+    pad = self.model.text.pad_id
+    return int(sum(np.sum(np.asarray(t) != pad) for t in (itm, batch["text"], batch["itg_text"])))

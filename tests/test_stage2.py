@@ -1,0 +1,140 @@
+"""Stage 2 (InternVL-G, ITC + ITM + ITG): accumulation equals the unaccumulated step, only the new
+parts train and hold optimizer state, and the analytic FLOPs agree with XLA's."""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from internvl_jax import optim, sharding
+from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.data.tokenizer import IGNORE_LABEL
+from internvl_jax.flops import internvl_g_stage2_forward_flops
+from internvl_jax.models.internvl import InternVLG, abstract_params
+from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
+from internvl_jax.train.config import TrainConfig
+from internvl_jax.train.loop import Trainer
+
+MODEL = internvl_preset("tiny")
+TEXT_LEN = 12
+BATCH = 16
+PREFIX = 3  # BOS and a two-token "English caption:" stand-in: no labels
+
+
+def make_batch(index: int = 0, batch_size: int = BATCH):
+  """Random stage-2 rows as the pair pipeline gives them; the last row is a padding row (all
+  zeros, valid False)."""
+  rng = np.random.default_rng(index)
+  cfg = MODEL.text
+
+  def texts():
+    out = np.zeros((batch_size, TEXT_LEN), np.int32)
+    for row, length in enumerate(rng.integers(PREFIX + 2, TEXT_LEN + 1, size=batch_size)):
+      out[row, :length - 1] = rng.integers(3, cfg.vocab_size, size=length - 1)
+      out[row, 0], out[row, length - 1] = cfg.bos_id, cfg.eos_id
+    return out
+
+  text, itg_text = texts(), texts()
+  itg_labels = np.where(itg_text != cfg.pad_id, itg_text, IGNORE_LABEL)
+  itg_labels[:, :PREFIX] = IGNORE_LABEL
+  # Per-row labels, not the reference's half-and-half layout: the split into micro-batches must
+  # keep each row's own label.
+  batch = {"image": rng.normal(size=(batch_size, 32, 32, 3)).astype(np.float32), "text": text,
+           "itm_text": np.roll(text, 1, axis=0),
+           "itm_label": rng.integers(0, 2, size=batch_size).astype(np.int32),
+           "itg_text": itg_text, "itg_labels": itg_labels.astype(np.int32),
+           "valid": np.ones((batch_size,), bool)}
+  for value in batch.values():
+    value[-1] = 0
+  return batch
+
+
+def config(**changes) -> TrainConfig:
+  # An eps far above every gradient makes the first update about -lr * grad / eps, so the
+  # params after one step compare the gradients (Adam's g / |g| would amplify float noise).
+  optimizer = optim.OptimizerConfig(learning_rate=1.0, b1=0.9, b2=0.98, eps=10.0,
+                                    weight_decay=0.05, warmup_steps=0, total_steps=12,
+                                    trainable=(TRAINABLE_PARAMS,))
+  return TrainConfig(stage=GenerativeStage(MODEL, text_len=TEXT_LEN), optimizer=optimizer,
+                     global_batch_size=BATCH, mesh=sharding.MeshConfig(data=-1),
+                     log_every=1).replace(**changes)
+
+
+def one_step(trainer: Trainer, batch):
+  state = trainer.factory.init(seed=0)
+  with trainer.context():
+    return state, *trainer.step(state, trainer.global_batch(batch))
+
+
+@pytest.fixture(scope="module")
+def unaccumulated():
+  trainer = Trainer(config())
+  initial = jax.tree.map(np.asarray, trainer.factory.init(seed=0))
+  _, state, metrics = one_step(trainer, make_batch())
+  return initial, state, metrics
+
+
+def names(tree) -> set[str]:
+  return {optim.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.mark.parametrize("mesh, accum_steps", [
+    (sharding.MeshConfig(data=-1), 2),
+    (sharding.MeshConfig(data=2, fsdp=2, tensor=2), 4),  # params sharded, 4-way data parallel
+])
+def test_accumulated_step_equals_the_unaccumulated_step(unaccumulated, mesh, accum_steps):
+  _, state, metrics = unaccumulated
+  _, acc_state, acc_metrics = one_step(Trainer(config(mesh=mesh, accum_steps=accum_steps)),
+                                       make_batch())
+  assert np.isfinite(metrics["loss"])
+  # The whole-batch losses (not means of micro-batch losses) and their gradient; only the order
+  # of float sums differs.
+  for name in ("loss", "itc_loss", "itm_loss", "itg_loss", "grad_norm", "itm_accuracy",
+               "i2t_accuracy", "t2i_accuracy"):
+    np.testing.assert_allclose(acc_metrics[name], metrics[name], rtol=2e-5, err_msg=name)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               acc_state.params, state.params)
+
+
+def test_only_the_new_parts_train_and_hold_optimizer_state(unaccumulated):
+  initial, state, _ = unaccumulated
+  trainable = {name for name in names(initial.params) if re.search(TRAINABLE_PARAMS, name)}
+  assert trainable == {name for name in names(initial.params) if name.startswith(
+      ("qllama/query_tokens", "qllama/layers/layer_0/cross_attn/", "clip_projector2/",
+       "itm_head/", "logit_scale"))}
+  for moments in ("mu", "nu"):
+    assert names(optax.tree_utils.tree_get(state.opt_state, moments)) == trainable
+  changed = jax.tree.map(lambda a, b: not np.array_equal(a, b), initial.params, state.params)
+  flat = {optim.path_name(path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(changed)[0]}
+  assert {name for name, leaf in flat.items() if leaf} == trainable
+
+
+def test_itm_rows_use_their_own_caption_where_labelled_positive():
+  stage = GenerativeStage(MODEL, text_len=TEXT_LEN)
+  params = nn.meta.unbox(jax.jit(stage.init)(jax.random.key(0)))
+  batch = make_batch()
+  positive = dict(batch, itm_label=np.ones_like(batch["itm_label"]))
+  negative_is_own = dict(batch, itm_label=np.zeros_like(batch["itm_label"]),
+                         itm_text=batch["text"])
+  encode = jax.jit(lambda b: stage.encode(params, b, jax.random.key(1), train=False))
+  logits = [encode(b)["itm_logits"] for b in (positive, negative_is_own)]
+  np.testing.assert_allclose(logits[0], logits[1], rtol=1e-6)
+  assert stage.count_tokens(positive) == 2 * np.sum(batch["text"] > 0) + np.sum(
+      batch["itg_text"] > 0)
+
+
+def test_forward_flops_match_xla():
+  # One layer of ViT and one QLLaMA block: XLA counts a scan body once.
+  model = internvl_preset("tiny", vision=vision_preset("tiny", num_layers=1),
+                          text=llama_preset("tiny", num_layers=2, vocab_size=512))
+  pixels = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((3, 2, TEXT_LEN), jnp.int32)
+  forward = jax.jit(lambda p, x, t: InternVLG(model).apply({"params": p}, x, t, t > 0))
+  compiled = forward.lower(abstract_params(model, "G"), pixels, tokens).compile()
+  analytic = 2 * internvl_g_stage2_forward_flops(model, (32, 32), TEXT_LEN)
+  assert analytic <= compiled.cost_analysis()["flops"] <= 1.1 * analytic
