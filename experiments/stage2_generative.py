@@ -14,8 +14,6 @@ path, bfloat16 compute. It should start from stage 1's weights (not wired here: 
 every param at random).
 """
 
-import argparse
-
 from internvl_jax import sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.data import demo
@@ -23,8 +21,8 @@ from internvl_jax.data import config as data_config
 from internvl_jax.data.pipeline import pair_pipeline
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
+from internvl_jax.train import cli
 from internvl_jax.train import config as train_config
-from internvl_jax.train import loop
 
 
 def demo_config() -> train_config.TrainConfig:
@@ -78,14 +76,7 @@ def data(config: train_config.TrainConfig, preset: str, seed: int):
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-  parser.add_argument("--workdir", default="runs/stage2_demo")
-  args = parser.parse_args(argv)
-  sharding.maybe_initialize_distributed()
-  config = get_config(args.preset)
-  loop.train(config, data(config, args.preset, config.seed), args.workdir)
+  cli.main(__doc__, PRESETS, data, "runs/stage2_demo", argv)
 
 
 if __name__ == "__main__":
