@@ -17,8 +17,6 @@ every param at random).
 from internvl_jax import sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.data import demo
-from internvl_jax.data import config as data_config
-from internvl_jax.data.pipeline import pair_pipeline
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
 from internvl_jax.train import cli
@@ -67,12 +65,8 @@ def data(config: train_config.TrainConfig, preset: str, seed: int):
     raise ValueError(f"No dataset is wired for preset {preset!r}: build the paper's sources with "
                      "tools/build_dataset.py and list them here.")
   stage = config.stage
-  return pair_pipeline(data_config.PairDataConfig(
-      loader=data_config.LoaderConfig(
-          sources=(data_config.Source(demo.ensure_dataset(image_size=stage.input_size)),),
-          global_batch_size=config.global_batch_size, seed=seed),
-      tokenizer_path=demo.ensure_tokenizer(vocab_size=stage.model.text.vocab_size),
-      image_size=stage.input_size, max_text_len=stage.text_len, itm_negatives="batch", itg=True))
+  return demo.pair_pipeline(stage.input_size, stage.model.text.vocab_size, stage.text_len,
+                            config.global_batch_size, seed, itm_negatives="batch", itg=True)
 
 
 def main(argv=None):

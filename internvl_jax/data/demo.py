@@ -17,6 +17,8 @@ import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
+from internvl_jax.data import config as config_lib
+from internvl_jax.data import pipeline
 from internvl_jax.data import sources
 from internvl_jax.data import templates
 from internvl_jax.data import tokenizer as tokenizer_lib
@@ -229,3 +231,15 @@ def ensure_tokenizer(seed: int = 0, train_size: int = 5000, vocab_size: int = 51
       f.write(model)
     os.replace(partial, path)  # atomic: concurrent builders never see half a file
   return path
+
+
+def pair_pipeline(image_size: int, vocab_size: int, max_text_len: int, global_batch_size: int,
+                  seed: int, **options):
+  """Image-text pairs of the demo data (stages 1 and 2), built on first use; `options` are further
+  `PairDataConfig` fields (e.g. ITM negatives and ITG inputs for stage 2)."""
+  return pipeline.pair_pipeline(config_lib.PairDataConfig(
+      loader=config_lib.LoaderConfig(
+          sources=(config_lib.Source(ensure_dataset(image_size=image_size)),),
+          global_batch_size=global_batch_size, seed=seed),
+      tokenizer_path=ensure_tokenizer(vocab_size=vocab_size), image_size=image_size,
+      max_text_len=max_text_len, **options))

@@ -175,31 +175,29 @@ class InternVLG(_DualEncoder):
 VARIANTS = ("C", "G")
 
 
-def _init(config: InternVLConfig, variant: str, seed: int, pixels, tokens):
+def init_variables(config: InternVLConfig, variant: str, rng: jax.Array) -> dict:
+  """Freshly initialized variables of InternVL-C or -G, boxed with their logical axis names (what
+  a sharded init needs)."""
+  size = config.vision.image_size
+  pixels = jnp.zeros((1, size, size, config.vision.num_channels), jnp.float32)
+  tokens = jnp.ones((1, 2), jnp.int32)
   mask = jnp.ones(tokens.shape, bool)
   if variant == "C":
-    return InternVLC(config).init(jax.random.key(seed), pixels, tokens, mask)
+    return InternVLC(config).init(rng, pixels, tokens, mask)
   if variant == "G":
     # The stage-2 forward touches every param but `clip_projector`, which the image encoder uses.
     touch_all = lambda model, p, t: (model(p, jnp.stack([t] * 3), jnp.stack([mask] * 3)),
                                      model.encode_image(p, mode="C"))
-    return InternVLG(config).init(jax.random.key(seed), pixels, tokens, method=touch_all)
+    return InternVLG(config).init(rng, pixels, tokens, method=touch_all)
   raise ValueError(f"Unknown InternVL variant {variant!r}; known: {VARIANTS}.")
-
-
-def _example_inputs(config: InternVLConfig):
-  size = config.vision.image_size
-  return (jax.ShapeDtypeStruct((1, size, size, config.vision.num_channels), jnp.float32),
-          jax.ShapeDtypeStruct((1, 2), jnp.int32))
 
 
 def abstract_params(config: InternVLConfig, variant: str = "C") -> dict:
   """Param shapes and dtypes of InternVL-C or -G, with nothing allocated."""
-  variables = jax.eval_shape(lambda p, t: _init(config, variant, 0, p, t), *_example_inputs(config))
+  variables = jax.eval_shape(lambda: init_variables(config, variant, jax.random.key(0)))
   return nn.meta.unbox(variables["params"])
 
 
 def init_params(config: InternVLConfig, seed: int = 0, variant: str = "C") -> dict:
-  inputs = [jnp.ones(x.shape, x.dtype) for x in _example_inputs(config)]
-  variables = jax.jit(lambda p, t: _init(config, variant, seed, p, t))(*inputs)
+  variables = jax.jit(lambda key: init_variables(config, variant, key))(jax.random.key(seed))
   return jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))

@@ -14,6 +14,7 @@ import numpy as np
 
 from internvl_jax import flops, losses, sharding
 from internvl_jax.config import InternVLConfig
+from internvl_jax.models import internvl
 from internvl_jax.models.internvl import InternVLC
 
 # The vision tower (and its pooling head) and the LLaMA tower shard differently (sharding.py).
@@ -56,10 +57,7 @@ class ContrastiveStage:
     return InternVLC(self.model)
 
   def init(self, rng):
-    size = self.model.vision.image_size
-    pixels = jnp.zeros((1, size, size, self.model.vision.num_channels), jnp.float32)
-    tokens = jnp.ones((1, 2), jnp.int32)
-    return self._module.init(rng, pixels, tokens, jnp.ones((1, 2), bool))["params"]
+    return internvl.init_variables(self.model, "C", rng)["params"]
 
   def encode(self, params, batch, rng, train: bool = True):
     masking, dropout = jax.random.split(rng)

@@ -23,6 +23,7 @@ import numpy as np
 from internvl_jax import flops, losses, sharding
 from internvl_jax.config import InternVLConfig
 from internvl_jax.data.tokenizer import IGNORE_LABEL
+from internvl_jax.models import internvl
 from internvl_jax.models.internvl import InternVLG
 
 _SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
@@ -52,12 +53,7 @@ class GenerativeStage:
     return InternVLG(self.model)
 
   def init(self, rng):
-    size = self.model.vision.image_size
-    pixels = jnp.zeros((1, size, size, self.model.vision.num_channels), jnp.float32)
-    tokens = jnp.ones((3, 1, 2), jnp.int32)
-    # The stage-2 forward touches every param but `clip_projector` (InternVL-C's image side).
-    touch_all = lambda model, p, t: (model(p, t, t > 0), model.encode_image(p, mode="C"))
-    return self._module.init(rng, pixels, tokens, method=touch_all)["params"]
+    return internvl.init_variables(self.model, "G", rng)["params"]
 
   def encode(self, params, batch, rng, train: bool = True):
     itm_text = jnp.where(batch["itm_label"][:, None] == 1, batch["text"], batch["itm_text"])
