@@ -18,7 +18,8 @@ from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.data.tokenizer import Tokenizer
 from internvl_jax.models.intern_vit import InternViT, select_layer
 from internvl_jax.models.chat import ChatDecoder
-from internvl_jax.models.internvl import InternVLG
+from internvl_jax.models.internvl import InternVLC, InternVLG
+from internvl_jax.train import workdir as workdir_lib
 
 TEXT_MAX_TOKENS = 80  # the reference's text length for contrastive use (spec 2.1)
 
@@ -29,15 +30,23 @@ def _vision_features(config: VisionConfig, params, pixels, layer: int):
   return select_layer(output, layer)
 
 
+def _is_internvl_c(params) -> bool:
+  """Stage 1 trains InternVL-C, whose text tower is `text_model`; InternVL-G's is `qllama`."""
+  return "text_model" in params
+
+
 @functools.partial(jax.jit, static_argnames=("config", "mode"))
 def _encode_image(config: InternVLConfig, params, pixels, mode: str):
+  if _is_internvl_c(params):
+    return InternVLC(config).apply({"params": params}, pixels, method=InternVLC.encode_image)
   return InternVLG(config).apply({"params": params}, pixels, mode=mode, method=InternVLG.encode_image)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _encode_text(config: InternVLConfig, params, input_ids, attention_mask):
-  return InternVLG(config).apply({"params": params}, input_ids, attention_mask,
-                                 method=InternVLG.encode_text)
+  model = InternVLC if _is_internvl_c(params) else InternVLG
+  return model(config).apply({"params": params}, input_ids, attention_mask,
+                             method=model.encode_text)
 
 
 def _with_pieces(tokenizer: Tokenizer, pieces) -> Tokenizer:
@@ -72,6 +81,18 @@ class Pretrained:
                        f"a {type(self.config).__name__}.")
     return self.config
 
+  @property
+  def is_internvl_c(self) -> bool:
+    """True for InternVL-C params (stage 1): no QLLaMA, so no mode "G" and no captions."""
+    return isinstance(self.config, InternVLConfig) and _is_internvl_c(self.params)
+
+  def _internvl_g(self, what: str) -> InternVLConfig:
+    config = self._internvl()
+    if _is_internvl_c(self.params):
+      raise ValueError(f"{what} needs InternVL-G (QLLaMA, stage 2); these are InternVL-C params "
+                       "(stage 1, a `text_model` text tower).")
+    return config
+
   def vision_features(self, pixels, layer: int = -1) -> jax.Array:
     """InternViT token features (batch, 1 + patches, width) of the given layer.
 
@@ -85,7 +106,8 @@ class Pretrained:
     """L2-normalized image embeddings (batch, embed_dim): InternVL-C ("C") or -G ("G")."""
     if mode not in ("C", "G"):
       raise ValueError(f"mode must be 'C' or 'G', got {mode!r}.")
-    return _encode_image(self._internvl(), self.params, jnp.asarray(pixels, jnp.float32), mode)
+    config = self._internvl_g('encode_image(mode="G")') if mode == "G" else self._internvl()
+    return _encode_image(config, self.params, jnp.asarray(pixels, jnp.float32), mode)
 
   def encode_text(self, texts=None, *, input_ids=None, attention_mask=None) -> jax.Array:
     """L2-normalized text embeddings (batch, embed_dim).
@@ -110,7 +132,7 @@ class Pretrained:
   def caption(self, pixels, *, prompt: str = "English caption:", num_beams: int = 5,
               min_new_tokens: int = 8, max_new_tokens: int = 30) -> list[str]:
     """Captions by QLLaMA (InternVL-G), with the reference's prompt and beam-search settings."""
-    config = self._internvl()
+    config = self._internvl_g("caption()")
     if self.tokenizer is None:
       raise ValueError("Captioning needs the checkpoint's tokenizer.model.")
     prompt_ids = np.asarray([[self.tokenizer.bos_id, *self.tokenizer.encode(prompt)]], np.int32)
@@ -166,15 +188,18 @@ class Pretrained:
 
 def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
   """Loads a PyTorch checkpoint directory (InternViT in OpenGVLab's or transformers' layout,
-  InternVL-14B in OpenGVLab's, LLaMA in transformers') or an Orbax checkpoint."""
+  InternVL-14B in OpenGVLab's, LLaMA in transformers'), an Orbax checkpoint, or the latest
+  checkpoint of a training workdir."""
   if os.path.isfile(os.path.join(path, "config.json")):
     config, params = import_pytorch(path, allow_missing=allow_missing)
   elif orbax_io.is_checkpoint(path):
     config, params = orbax_io.load(path)
+  elif workdir_lib.is_workdir(path):
+    config, params, _ = workdir_lib.load_model(path)
   else:
     raise ValueError(
-        f"{path} is neither a PyTorch checkpoint directory (config.json + weights) nor an Orbax "
-        "checkpoint written by internvl_jax.")
+        f"{path} is neither a PyTorch checkpoint directory (config.json + weights), an Orbax "
+        "checkpoint written by internvl_jax, nor a training workdir.")
   tokenizer_path = os.path.join(path, TOKENIZER_FILE)
   tokenizer = Tokenizer.load(tokenizer_path) if os.path.isfile(tokenizer_path) else None
   return Pretrained(config, jax.tree.map(jnp.asarray, params), tokenizer)

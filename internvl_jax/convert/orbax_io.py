@@ -51,11 +51,17 @@ def load_config(directory: str):
   return formats.config_from_json(restored["config"])
 
 
+def saved_arrays(pytree_dir: str) -> dict:
+  """The tree of a saved PyTree item as host-CPU ShapeDtypeStructs: a restore target that is
+  whatever was saved (InternVL-C and -G share a config but not a params tree)."""
+  cpu = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+  tree = ocp.PyTreeCheckpointer().metadata(os.path.abspath(pytree_dir)).item_metadata.tree
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), tree)
+
+
 def load(directory: str) -> tuple[object, dict]:
   config = load_config(directory)
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        formats.model_kind(config).abstract_params(config))
+  target = saved_arrays(os.path.join(directory, "params"))
   params = _checkpointer().restore(
       os.path.abspath(directory), ocp.args.Composite(params=ocp.args.StandardRestore(target)))["params"]
   return config, jax.tree.map(np.asarray, params)
