@@ -156,6 +156,9 @@ LLAMA_PRESETS = {
     "tiny": LlamaConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                         mlp_dim=160, max_positions=128),
     "llama-7b": _LLAMA_7B,
+    # TinyLlama-1.1B's shape (grouped-query attention): the text tower of single-GPU presets.
+    "tinyllama-1.1b": LlamaConfig(vocab_size=32000, hidden_size=2048, num_layers=22, num_heads=32,
+                                  num_kv_heads=4, mlp_dim=5632, max_positions=2048, norm_eps=1e-5),
     "vicuna-7b": _LLAMA_7B.replace(vocab_size=32000),
     "vicuna-13b": _LLAMA_7B.replace(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
                                     num_kv_heads=40, mlp_dim=13824),
@@ -237,6 +240,10 @@ class InternVLConfig:
 
 INTERNVL_PRESETS = {
     "tiny": InternVLConfig(vision=VISION_PRESETS["tiny"], text=LLAMA_PRESETS["tiny"], embed_dim=32,
+                           attn_pool_heads=4, num_queries=4),
+    # The demo runs' model (experiments/*, on the demo data at 64 px with its 512-piece tokenizer).
+    "demo": InternVLConfig(vision=VISION_PRESETS["tiny"].replace(image_size=64),
+                           text=LLAMA_PRESETS["tiny"].replace(vocab_size=512), embed_dim=32,
                            attn_pool_heads=4, num_queries=4),
     # InternVL-14B-224px (InternVL-C and -G): InternViT-6B-224px + QLLaMA on the multilingual
     # LLaMA-7B, 96 queries, cross-attention in every second layer.

@@ -13,7 +13,7 @@ def test_aot_plan_reports_memory_and_flops_for_the_demo_preset():
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "aot_plan.py"), "--experiment",
        os.path.join(REPO, "experiments", "stage1_contrastive.py"), "--preset", "demo",
-       "--cpu-devices", "8", "--set", "accum_steps=2", "--memory-gb", "1"],
+       "--cpu-devices", "8", "--set", "train.accum_steps=2", "--memory-gb", "1"],
       capture_output=True, text=True, timeout=600, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   out = result.stdout
@@ -30,7 +30,7 @@ def test_aot_plan_names_an_unknown_override_key():
   result = subprocess.run(
       [sys.executable, os.path.join(REPO, "tools", "aot_plan.py"), "--experiment",
        os.path.join(REPO, "experiments", "stage1_contrastive.py"), "--preset", "demo",
-       "--cpu-devices", "8", "--set", "optimizer.lr=1"],
+       "--cpu-devices", "8", "--set", "train.optimizer.lr=1"],
       capture_output=True, text=True, timeout=600, cwd=REPO)
   assert result.returncode != 0
-  assert "Unknown config key 'optimizer.lr'" in result.stderr
+  assert "Unknown config key 'train.optimizer.lr'" in result.stderr

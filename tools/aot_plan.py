@@ -4,29 +4,32 @@ prints per-device memory, FLOPs per step and whether it fits.
   python tools/aot_plan.py --experiment experiments/stage1_contrastive.py --preset paper \
       --topology v5p:4x4x4        # TPU devices described by libtpu, on this CPU machine
   python tools/aot_plan.py --experiment experiments/stage1_contrastive.py --preset demo \
-      --cpu-devices 8 [--set accum_steps=2 --set optimizer.learning_rate=1e-4]
+      --cpu-devices 8 [--set train.accum_steps=2 --set train.optimizer.learning_rate=1e-4]
 
 An experiment file exposes `get_config(preset) -> TrainConfig`.
 
 FLOPs: XLA's cost analysis counts the body of a loop (scanned layers, accumulated micro-batches)
-once, whatever the trip count. So the step is compiled again without accumulation (one
-micro-batch per step), without remat, with `nn.scan` unrolled (patched for these compiles only,
-so XLA sees every layer), and with every scanned depth (each `num_layers` field of the config)
-at 2, then each in turn at 4 with the others at 2 (2, not 1: QLLaMA scans its layers in pairs).
-FLOPs are linear in each depth, so one micro-batch costs
-f(2, ..., 2) + sum_i (L_i - 2) (f(.., 4_i, ..) - f(2, ..., 2)) / 2, and a step `accum_steps`
-times that. These are model FLOPs (no recomputation), compared with the stage's analytic count. The
+once, whatever the trip count, and the TPU compiler makes loops of its own, so neither it nor
+compiles with unrolled scans give the step's FLOPs (unrolling deeper changed what XLA fused into
+loops: the count fell as layers were added). So the step is compiled again without accumulation
+(one micro-batch per step) and without remat, on the same devices, with XLA's optimized HLO
+dumped; the FLOPs of its dots and convolutions are summed, each loop body times its trip count
+(XLA's annotation, else the `counter < N` of its condition). That is every layer as XLA runs it,
+after it dropped what frozen towers do not need: matmul model FLOPs per device (no
+recomputation), times `accum_steps`, compared with the stage's analytic (matmul) count. The
 memory figures are those of the real step, with its remat and accumulation.
 """
 
 import argparse
-import ast
-import contextlib
 import dataclasses
 import functools
+import glob
 import importlib.util
+import math
 import os
+import re
 import sys
+import tempfile
 import time
 
 
@@ -46,20 +49,12 @@ def _parse(argv):
 
 
 def _load_config(path: str, preset: str, settings: list[str]):
+  """The experiment's preset, overridden, as the trainer's config."""
   from internvl_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   spec = importlib.util.spec_from_file_location("experiment", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  changes = {}
-  for setting in settings:
-    key, sep, value = setting.partition("=")
-    if not sep:
-      raise ValueError(f"--set {setting!r}: expected KEY=VALUE.")
-    try:
-      changes[key] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      changes[key] = value  # a bare string
-  return config_lib.override(module.get_config(preset), changes)
+  return config_lib.override(module.get_config(preset), config_lib.parse_settings(settings)).train
 
 
 def _field_paths(obj, name: str, prefix: str = "") -> list[str]:
@@ -74,44 +69,153 @@ def _field_paths(obj, name: str, prefix: str = "") -> list[str]:
   return paths
 
 
-def _compile(config, devices):
+def _compile(config, devices, compiler_options=None):
   from internvl_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
   trainer = Trainer(config, devices)
   with trainer.context():
-    return trainer.step.lower(trainer.factory.abstract(), trainer.abstract_batch()).compile()
+    lowered = trainer.step.lower(trainer.factory.abstract(), trainer.abstract_batch())
+    return lowered.compile(compiler_options)
 
 
-@contextlib.contextmanager
-def _unrolled_scans():
-  """Models call `nn.scan` when traced; within this context it unrolls its loop."""
-  import flax.linen as nn  # pylint: disable=import-outside-toplevel
-  scan = nn.scan
-  nn.scan = functools.partial(scan, unroll=True)
-  try:
-    yield
-  finally:
-    nn.scan = scan
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
+_SHAPE = re.compile(r"\w+\[([\d,]*)\]")
+_CALLEES = re.compile(r"\b(?:calls|body|to_apply|true_computation|false_computation)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+# Ops whose `to_apply` is a scalar combiner, not work of its own.
+_SCALAR_APPLY = {"reduce", "reduce-window", "scatter", "select-and-scatter", "sort", "map",
+                 "all-reduce", "all-reduce-start", "reduce-scatter"}
 
 
-def model_flops_per_step(config, devices) -> tuple[float, dict[str, int]]:
-  """Per-device XLA FLOPs of one step, extrapolated over scanned depths (module docstring)."""
+def _dims(shape: str) -> list[int]:
+  return [int(d) for d in _SHAPE.match(shape).group(1).split(",") if d]
+
+
+def _operands(rest: str) -> list[str]:
+  return [name.strip().lstrip("%") for name in rest.partition(")")[0].split(",") if name.strip()]
+
+
+def _parse_instruction(line: str):
+  """(name, shape, opcode, text after the opcode's parenthesis) of an HLO instruction line."""
+  lhs, sep, rhs = line.partition(" = ")
+  if not sep:
+    return None
+  if rhs.startswith("("):  # a tuple shape, which holds spaces
+    depth = 0
+    for end, char in enumerate(rhs):
+      depth += {"(": 1, ")": -1}.get(char, 0)
+      if not depth:
+        break
+    shape, rhs = rhs[:end + 1], rhs[end + 2:]
+  else:
+    shape, _, rhs = rhs.partition(" ")
+  opcode, _, rest = rhs.partition("(")
+  return lhs.split()[-1].lstrip("%"), shape, opcode, rest
+
+
+def _parse_module(hlo: str):
+  """({computation: {instruction: (shape, opcode, rest)}}, entry computation name)."""
+  computations, entry, body = {}, None, None
+  for line in hlo.splitlines():
+    header = _HEADER.match(line)
+    if header:
+      body = computations.setdefault(header.group(1), {})
+      entry = header.group(1) if line.startswith("ENTRY") else entry
+    elif body is not None and line.startswith("  "):
+      parsed = _parse_instruction(line)
+      if parsed:
+        body[parsed[0]] = parsed[1:]
+  return computations, entry
+
+
+def _matmul_flops(shape: str, opcode: str, rest: str, instructions) -> int:
+  out = math.prod(_dims(shape))
+  lhs, rhs = (_dims(instructions[name][0]) for name in _operands(rest)[:2])
+  if opcode == "dot":
+    contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
+    return 2 * out * math.prod(lhs[int(d)] for d in contracting.split(",") if d)
+  # A convolution: each output element takes the kernel's elements of one output feature.
+  kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
+  return 2 * out * math.prod(rhs) // rhs[kernel_labels.index("o")]
+
+
+def _constant(instructions, name: str):
+  """The value of scalar `name` if it is an integer constant (behind copies), else None."""
+  while name in instructions:
+    _, opcode, rest = instructions[name]
+    if opcode == "constant":
+      return int(rest.partition(")")[0])
+    if opcode not in ("copy", "convert", "bitcast"):
+      return None
+    name = _operands(rest)[0]
+  return None
+
+
+def _trip_count(computations, caller: str, line_rest: str) -> int:
+  """A while loop's trip count: XLA's annotation, else its condition's `counter < N` (or <=) with
+  the counter starting from a constant and counting up by one (what the TPU compiler leaves)."""
+  known = _TRIP_COUNT.search(line_rest)
+  if known:
+    return int(known.group(1))
+  condition = re.search(r"condition=%?([\w.\-]+)", line_rest).group(1)
+  cond = computations[condition]
+  _, opcode, rest = list(cond.values())[-1]  # the ROOT
+  direction = re.search(r"direction=(\w+)", rest)
+  if opcode == "compare" and direction:
+    left, right = _operands(rest)
+    bound, counter, direction = _constant(cond, right), left, direction.group(1)
+    if bound is None:  # N > counter
+      bound, counter = _constant(cond, left), right
+      direction = {"GT": "LT", "GE": "LE"}.get(direction)
+    index = re.search(r"index=(\d+)", cond.get(counter, ("", "", ""))[2])
+    init = caller[_operands(line_rest)[0]]
+    if bound is not None and index and init[1] == "tuple" and direction in ("LT", "LE"):
+      start = _constant(caller, _operands(init[2])[int(index.group(1))])
+      if start is not None:
+        return bound - start + (direction == "LE")
+  raise ValueError(f"aot_plan: cannot find the trip count of a while loop (condition "
+                   f"{condition}); its FLOPs would be counted once.")
+
+
+def hlo_matmul_flops(hlo: str) -> int:
+  """FLOPs of the dots and convolutions of an optimized HLO module, as executed: a computation's
+  count includes what it calls, loop bodies times their trip count, the costlier branch of a
+  conditional."""
+  computations, entry = _parse_module(hlo)
+
+  @functools.cache
+  def flops(name: str) -> int:
+    instructions, total = computations[name], 0
+    for shape, opcode, rest in instructions.values():
+      if opcode in ("dot", "convolution"):
+        total += _matmul_flops(shape, opcode, rest, instructions)
+      elif opcode == "conditional":
+        branches = _BRANCHES.search(rest)
+        names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches
+                 else _CALLEES.findall(rest))
+        total += max(flops(b) for b in names)
+      elif opcode not in _SCALAR_APPLY:
+        called = sum(flops(callee) for callee in _CALLEES.findall(rest))
+        if opcode == "while" and called:
+          called *= _trip_count(computations, instructions, rest)
+        total += called
+    return total
+
+  return flops(entry)
+
+
+def model_flops_per_step(config, devices) -> float:
+  """Per-device matmul FLOPs of one step in XLA's optimized HLO (module docstring)."""
   from internvl_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
-  depths = {path: _get(config, path) for path in _field_paths(config, "num_layers")}
   base = config_lib.override(config, {p: "none" for p in _field_paths(config, "remat_policy")})
   base = base.replace(accum_steps=1, global_batch_size=config.global_batch_size // config.accum_steps)
-  flops = lambda changes: _compile(config_lib.override(base, changes), devices).cost_analysis()["flops"]
-  twos = {path: 2 for path in depths}
-  with _unrolled_scans():
-    f0 = flops(twos)
-    per_micro = f0 + sum((depth - 2) * (flops({**twos, path: 4}) - f0) / 2
-                         for path, depth in depths.items())
-  return per_micro * config.accum_steps, depths
-
-
-def _get(obj, path: str):
-  for part in path.split("."):
-    obj = getattr(obj, part)
-  return obj
+  with tempfile.TemporaryDirectory() as dump:
+    # The TPU executable cannot be printed (`as_text` fails on its async ops); its dump can.
+    _compile(base, devices, {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+    (path,) = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
+    with open(path, encoding="utf-8") as f:
+      per_micro = hlo_matmul_flops(f.read())
+  return per_micro * config.accum_steps
 
 
 def main(argv=None):
@@ -156,9 +260,9 @@ def main(argv=None):
 
   if not args.no_flops:
     start = time.perf_counter()
-    xla, depths = model_flops_per_step(config, devices)
+    xla = model_flops_per_step(config, devices)
     analytic = config.stage.flops_per_example() * config.global_batch_size / len(devices)
-    print(f"  FLOPs per step per device (XLA, depths {depths} extrapolated, "
+    print(f"  FLOPs per step per device (XLA's optimized HLO, every layer, "
           f"{time.perf_counter() - start:.0f} s): {xla:.4g}; analytic {analytic:.4g}; "
           f"XLA / analytic = {xla / analytic:.4f}")
   return 0

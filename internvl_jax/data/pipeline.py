@@ -164,8 +164,9 @@ class DataIterator:
   with VALID False.
   """
 
-  def __init__(self, dataset: grain.IterDataset, batch_size: int,
+  def __init__(self, dataset: grain.IterDataset, batch_size: int, tokenizer_path: str,
                add_extras: Callable[[HostBatch, int], HostBatch] | None = None):
+    self.tokenizer_path = tokenizer_path  # what the texts were tokenized with
     self._iterator = iter(dataset)
     self._batch_size = batch_size
     self._add_extras = add_extras
@@ -239,7 +240,8 @@ def pair_pipeline(config: config_lib.PairDataConfig) -> DataIterator:
   if config.itm_negatives != "none":
     pool = _caption_pool(config, tokenizer) if config.itm_negatives == "pool" else None
     add_extras = negatives.ItmNegatives(config.itm_negatives, _seed(loader.seed, 3), pool)
-  return DataIterator(batched(loader, processed), host_batch_size(loader), add_extras)
+  return DataIterator(batched(loader, processed), host_batch_size(loader), config.tokenizer_path,
+                      add_extras)
 
 
 def chat_pipeline(config: config_lib.ChatDataConfig) -> DataIterator:
@@ -247,4 +249,5 @@ def chat_pipeline(config: config_lib.ChatDataConfig) -> DataIterator:
   "tokens" / "labels" [B, max_len] int32, "token_mask" [B, max_len] bool; "valid"."""
   tokenizer = chat.load_chat_tokenizer(config.tokenizer_path, config.template)
   processed = records(config.loader).map(chat.ChatProcessor(config, tokenizer))
-  return DataIterator(batched(config.loader, processed), host_batch_size(config.loader))
+  return DataIterator(batched(config.loader, processed), host_batch_size(config.loader),
+                      config.tokenizer_path)

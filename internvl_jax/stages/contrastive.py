@@ -13,9 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax import flops, losses, sharding
-from internvl_jax.config import InternVLConfig
-from internvl_jax.models import internvl
+from internvl_jax.config import InternVLConfig, LlamaConfig, VisionConfig
+from internvl_jax.models import internvl, qllama
 from internvl_jax.models.internvl import InternVLC
+from internvl_jax.train import warm_start
 
 # The vision tower (and its pooling head) and the LLaMA tower shard differently (sharding.py).
 _SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
@@ -84,3 +85,20 @@ class ContrastiveStage:
 
   def count_tokens(self, batch) -> int:
     return int(np.sum(np.asarray(batch["text"]) != self.model.text.pad_id))
+
+  def warm_start(self, params, source_config, source_params, source):
+    """From InternVL-C (e.g. the 196 px phase), InternVL-G (its LLaMA weights as the text tower),
+    a pretrained InternViT (the vision tower) or a pretrained LLaMA (the text tower: the paper
+    starts from multilingual LLaMA-7B)."""
+    warm_start.require(source_config, (InternVLConfig, VisionConfig, LlamaConfig), source,
+                       "InternVL-C")
+    if isinstance(source_config, VisionConfig):
+      return warm_start.graft(params, {"vision_model": source_params}, source)
+    if isinstance(source_config, LlamaConfig):
+      text = {name: source_params[name] for name in params["text_model"]}
+      return warm_start.graft(params, {"text_model": text}, source)
+    parts = {name: source_params[name] for name in params if name in source_params}
+    if "qllama" in source_params:
+      text = qllama.llama_params(source_params["qllama"], source_config.qllama)
+      parts["text_model"] = {name: text[name] for name in params["text_model"]}
+    return warm_start.graft(params, parts, source)

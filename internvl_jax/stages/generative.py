@@ -23,8 +23,9 @@ import numpy as np
 from internvl_jax import flops, losses, sharding
 from internvl_jax.config import InternVLConfig
 from internvl_jax.data.tokenizer import IGNORE_LABEL
-from internvl_jax.models import internvl
+from internvl_jax.models import internvl, qllama
 from internvl_jax.models.internvl import InternVLG
+from internvl_jax.train import warm_start
 
 _SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
                   ("^clip_projector/", sharding.VISION_RULES),
@@ -96,3 +97,14 @@ class GenerativeStage:
     itm = np.where(np.asarray(batch["itm_label"])[:, None] == 1, batch["text"], batch["itm_text"])
     pad = self.model.text.pad_id
     return int(sum(np.sum(np.asarray(t) != pad) for t in (itm, batch["text"], batch["itg_text"])))
+
+  def warm_start(self, params, source_config, source_params, source):
+    """From stage 1 (InternVL-C: InternViT, `clip_projector`, `text_projection`, the temperature,
+    and the text tower as QLLaMA's LLaMA weights; queries and cross-attention stay new) or from
+    InternVL-G (every param, e.g. the released InternVL-14B)."""
+    warm_start.require(source_config, (InternVLConfig,), source, "InternVL-G")
+    parts = {name: source_params[name] for name in params if name in source_params}
+    if "text_model" in source_params:
+      parts["qllama"] = qllama.with_llama_params(params["qllama"], source_params["text_model"],
+                                                 self.model.qllama)
+    return warm_start.graft(params, parts, source)

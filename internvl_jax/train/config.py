@@ -1,13 +1,18 @@
-"""The trainer's config, its checks (run before anything compiles) and dotted-key overrides."""
+"""The trainer's and an experiment's configs, their checks (run before anything compiles) and
+dotted-key overrides (`--set train.steps=200`)."""
 
+import ast
 import dataclasses
 import re
+import types
+import typing
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 
 from internvl_jax import sharding
+from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig, path_name
 
 
@@ -53,6 +58,64 @@ class TrainConfig:
     return dataclasses.replace(self, **changes)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """Evaluation during a run (`internvl_jax.evaluation.evaluate` of each task): every `every`
+  steps and at the end; no evaluation when `every` is None or there are no tasks."""
+
+  every: int | None = None
+  tasks: tuple[str, ...] = ()  # "zero_shot", "retrieval", "caption", "chat"
+  data: str = "demo"  # "demo" or "tfds:NAME[:SPLIT]"
+  limit: int | None = None  # examples per task; None: the whole split
+  mode: str = "C"  # image embeddings of InternVL-C or -G (zero-shot, retrieval)
+
+  def __post_init__(self):
+    if self.every is not None and self.every < 1:
+      raise ValueError(f"EvalConfig: every must be at least 1 (or None), got {self.every}.")
+    if self.mode not in ("C", "G"):
+      raise ValueError(f"EvalConfig: mode must be 'C' or 'G', got {self.mode!r}.")
+
+  @property
+  def enabled(self) -> bool:
+    return self.every is not None and bool(self.tasks)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+  """An experiment's training data: TFDS sources mixed by weight (written by
+  tools/build_dataset.py), or, with no sources, the built-in demo data and its tokenizer."""
+
+  sources: tuple[Source, ...] = ()
+  tokenizer: str | None = None  # the text tower's SentencePiece model; None: the demo's
+  worker_count: int = 0  # grain worker processes (0: in the training process)
+  augment: bool = True  # random resized crops of training images
+
+  @property
+  def is_demo(self) -> bool:
+    return not self.sources
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentConfig:
+  """What an experiment file's preset is: the trainer's config, its data and evaluation, and
+  where the params start. Each `init` path (a previous stage's workdir, an internvl_jax Orbax
+  checkpoint or a PyTorch checkpoint directory) provides the parts the stage takes from it, in
+  order (e.g. the vision tower from InternVL, then the LLM from Vicuna); they are used only when
+  the workdir has no checkpoint to resume from."""
+
+  train: TrainConfig
+  data: DataConfig = DataConfig()
+  eval: EvalConfig = EvalConfig()
+  init: tuple[str, ...] = ()
+
+  def __post_init__(self):
+    if isinstance(self.init, str):  # one path
+      object.__setattr__(self, "init", (self.init,))
+
+  def replace(self, **changes) -> "ExperimentConfig":
+    return dataclasses.replace(self, **changes)
+
+
 def check_batch(config: TrainConfig, mesh_shape: Mapping[str, int]):
   """Every micro-batch must split evenly over the data-parallel devices."""
   data_parallel = 1
@@ -80,24 +143,87 @@ def check_patterns(optimizer: OptimizerConfig, abstract_params):
     raise ValueError("OptimizerConfig: trainable / frozen leave no param to train.")
 
 
+def parse_settings(settings: list[str]) -> dict[str, Any]:
+  """["train.steps=200", "eval.tasks=('chat',)"] -> {"train.steps": 200, ...}: each VALUE a
+  Python literal, or else a bare string."""
+  changes = {}
+  for setting in settings:
+    key, sep, value = setting.partition("=")
+    if not sep or not key:
+      raise ValueError(f"--set {setting!r}: expected KEY=VALUE, e.g. train.steps=200.")
+    try:
+      changes[key.strip()] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      changes[key.strip()] = value
+  return changes
+
+
 def override(config, changes: Mapping[str, Any]):
-  """`config` with dotted fields replaced: {"optimizer.learning_rate": 1e-4, "steps": 10}."""
+  """`config` with dotted fields replaced: {"train.optimizer.learning_rate": 1e-4}. Unknown keys
+  and values of the wrong type fail with a message naming the key."""
   for key, value in changes.items():
     config = _replace_path(config, key.split("."), value, key)
   return config
 
 
 def _replace_path(obj, parts: list[str], value, key: str):
-  fields = [f.name for f in dataclasses.fields(obj)] if dataclasses.is_dataclass(obj) else []
+  fields = {f.name: f for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else {}
   if parts[0] not in fields:
     raise ValueError(f"Unknown config key {key!r}: {type(obj).__name__} has no field "
-                     f"{parts[0]!r}; its fields are {fields}.")
+                     f"{parts[0]!r}; its fields are {list(fields)}.")
   if len(parts) > 1:
     value = _replace_path(getattr(obj, parts[0]), parts[1:], value, key)
-  return dataclasses.replace(obj, **{parts[0]: value})
+  else:
+    value = _checked(value, typing.get_type_hints(type(obj))[parts[0]], key)
+  try:
+    return dataclasses.replace(obj, **{parts[0]: value})
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"--set {key}={value!r}: {e}") from e
 
 
-def preset(presets: Mapping[str, Callable[[], TrainConfig]], name: str) -> TrainConfig:
+def _checked(value, annotation, key: str):
+  """`value` if it fits the field's annotation (ints pass for floats, lists for tuples, one item
+  for a tuple of one)."""
+  if _fits(value, annotation):
+    return value
+  if isinstance(value, list) and _fits(tuple(value), annotation):
+    return tuple(value)
+  if _fits((value,), annotation):
+    return (value,)
+  raise ValueError(f"--set {key}={value!r}: the field takes {_type_name(annotation)}, not "
+                   f"{type(value).__name__}.")
+
+
+def _fits(value, annotation) -> bool:
+  origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+  if annotation is Any:
+    return True
+  if annotation is type(None):
+    return value is None
+  if origin in (typing.Union, types.UnionType):
+    return any(_fits(value, arg) for arg in args)
+  if annotation is float:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if annotation is int:
+    return isinstance(value, int) and not isinstance(value, bool)
+  if origin is tuple:
+    if not isinstance(value, tuple):
+      return False
+    if len(args) == 2 and args[1] is Ellipsis:
+      return all(_fits(v, args[0]) for v in value)
+    return len(args) == len(value) and all(_fits(v, a) for v, a in zip(value, args))
+  if isinstance(annotation, type):
+    return isinstance(value, annotation)
+  return True  # annotations this check does not model (e.g. callables) are left to the field
+
+
+def _type_name(annotation) -> str:
+  if typing.get_args(annotation) or not hasattr(annotation, "__name__"):
+    return str(annotation).replace("typing.", "")
+  return annotation.__name__
+
+
+def preset(presets: Mapping[str, Callable[[], Any]], name: str):
   """The named preset of an experiment; the error lists the known names."""
   if name not in presets:
     raise ValueError(f"Unknown preset {name!r}; this experiment has {sorted(presets)}.")

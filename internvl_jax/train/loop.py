@@ -7,6 +7,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -18,8 +19,7 @@ from internvl_jax.train import metrics as metrics_lib
 from internvl_jax.train import step as step_lib
 from internvl_jax.train.checkpoint import Checkpoints
 from internvl_jax.train.state import StateFactory, TrainState
-
-CHECKPOINT_DIR = "checkpoints"
+from internvl_jax.train.workdir import CHECKPOINT_DIR
 
 
 class NonFiniteError(RuntimeError):
@@ -104,13 +104,19 @@ def _peak_tflops(config: config_lib.TrainConfig) -> float:
           hardware.measure_tflops(device))
 
 
-def train(config: config_lib.TrainConfig, data, workdir: str) -> TrainState:
+def train(config: config_lib.TrainConfig, data, workdir: str, *,
+          init: Callable[[dict], dict] | None = None,
+          evaluate: Callable[[dict], dict[str, float]] | None = None,
+          eval_every: int | None = None) -> TrainState:
   """Trains to `config.num_steps`, resuming from WORKDIR/checkpoints if it has a checkpoint.
 
   `data` yields host batches (dicts of numpy arrays, this process's rows) and has
   JSON-serializable `get_state()` / `set_state()`; its state is saved with every checkpoint. If it
   has `issue_counts()` (the data pipeline's skipped records by reason), they are logged.
-  Returns the final state. On SIGTERM (preemption) the current step is saved before returning.
+  `init` maps fresh params (numpy) to the first params of a run that has no checkpoint (a warm
+  start). `evaluate(params)` runs every `eval_every` steps and after the last; its metrics are
+  logged as "eval/<name>". Returns the final state. On SIGTERM (preemption) the current step is
+  saved before returning.
   """
   trainer = trainer_for(config)
   stage, num_steps = config.stage, config.num_steps
@@ -119,6 +125,9 @@ def train(config: config_lib.TrainConfig, data, workdir: str) -> TrainState:
   latest = checkpoints.latest_step()
   if latest is None:
     state = trainer.factory.init(config.seed)
+    if init is not None:
+      params = init(jax.device_get(state.params))
+      state = state.replace(params=jax.device_put(params, trainer.factory.param_shardings))
   else:
     state, data_state = checkpoints.restore(latest, trainer.factory.abstract())
     data.set_state(data_state)
@@ -169,6 +178,11 @@ def train(config: config_lib.TrainConfig, data, workdir: str) -> TrainState:
               f"steps (max_bad_steps={config.max_bad_steps}); stopping. The last checkpoint "
               f"({checkpoints.latest_step()}) holds the last good state; lower the learning rate "
               f"or check the data before resuming.")
+        if evaluate is not None and (step == num_steps or (eval_every and step % eval_every == 0)):
+          results = {f"eval/{name}": value for name, value in evaluate(state.params).items()}
+          writer.write(step, results)
+          writer.message(f"step {step}: " + ", ".join(f"{name} {value:.4g}"
+                                                      for name, value in results.items()))
         preempted = sigterm["set"] or checkpoints.reached_preemption(step)
         if preempted or step % config.checkpoint_every == 0 or step == num_steps:
           checkpoints.save(step, state, data_state)

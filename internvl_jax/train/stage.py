@@ -40,6 +40,10 @@ class Stage(Protocol):
   def count_tokens(self, batch: dict[str, np.ndarray]) -> int:
     """The real (non-padding) tokens of a host batch, for tokens/s."""
 
+  def warm_start(self, params: dict, source_config: Any, source_params: dict, source: str) -> dict:
+    """Fresh `params` (numpy) with the parts another model provides (`train/warm_start.py`);
+    `source` names it in errors."""
+
 
 def loss_fn(stage: Stage, params, batch: Batch, rng: jax.Array):
   """The whole-batch loss: `stage.loss` of `stage.encode`."""

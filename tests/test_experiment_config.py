@@ -1,0 +1,138 @@
+"""Experiment configs: `--set` parsing and checking, warm starts between stages, the workdir's
+model record and the end-of-run report."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.convert import formats
+from internvl_jax.models import internvl, qllama
+from internvl_jax.stages.contrastive import ContrastiveStage
+from internvl_jax.stages.generative import GenerativeStage
+from internvl_jax.train import config as config_lib
+from internvl_jax.train import report, warm_start
+from internvl_jax.train import workdir as workdir_lib
+from internvl_jax.train.metrics import METRICS_FILE
+
+import train_fixtures
+
+MODEL = internvl_preset("tiny")
+
+
+def experiment():
+  return config_lib.ExperimentConfig(train=train_fixtures.tiny_config())
+
+
+def test_settings_parse_literals_and_bare_strings():
+  assert config_lib.parse_settings(["train.steps=200", "eval.tasks=('chat',)", "init=/a/b",
+                                    "eval.every=None"]) == {
+      "train.steps": 200, "eval.tasks": ("chat",), "init": "/a/b", "eval.every": None}
+  with pytest.raises(ValueError, match="expected KEY=VALUE"):
+    config_lib.parse_settings(["train.steps"])
+
+
+def test_overrides_reach_nested_fields_and_keep_types():
+  changes = config_lib.parse_settings(
+      ["train.steps=200", "train.checkpoint_every=50", "train.optimizer.learning_rate=1",
+       "eval.tasks=['zero_shot', 'retrieval']", "init=/ckpt"])
+  config = config_lib.override(experiment(), changes)
+  assert (config.train.steps, config.train.checkpoint_every) == (200, 50)
+  assert config.train.optimizer.learning_rate == 1  # an int is a fine float
+  assert config.eval.tasks == ("zero_shot", "retrieval")  # a list becomes the field's tuple
+  assert config.init == ("/ckpt",)  # one path is a tuple of one
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("train.stepz=3", "Unknown config key 'train.stepz'.*fields are"),
+    ("train.steps=many", "train.steps='many'.*takes int"),
+    ("train.steps=2.5", "takes int"),
+    ("train.async_checkpoints=1", "takes bool"),
+    ("train.steps=0", "steps must be at least 1"),
+    ("eval.mode='X'", "mode must be 'C' or 'G'"),
+])
+def test_bad_overrides_name_the_key_and_what_it_takes(setting, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.override(experiment(), config_lib.parse_settings([setting]))
+
+
+def _random_params(abstract, seed: int) -> dict:
+  """Distinct random values of the params' shapes: what a warm start copies is then visible (and
+  nothing compiles)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract)
+
+
+def _internvl(config, variant, seed):
+  return _random_params(internvl.abstract_params(config, variant), seed)
+
+
+def test_stage2_takes_the_towers_from_stage1_and_keeps_its_new_parts_fresh():
+  source = _internvl(MODEL, "C", 1)
+  fresh = _internvl(MODEL, "G", 2)
+  out = GenerativeStage(MODEL, text_len=8).warm_start(fresh, MODEL, source, "stage1")
+  for name in ("vision_model", "clip_projector", "text_projection", "logit_scale"):
+    jax.tree.map(np.testing.assert_array_equal, out[name], source[name])
+  text = qllama.llama_params(out["qllama"], MODEL.qllama)
+  jax.tree.map(np.testing.assert_array_equal,
+               {k: text[k] for k in source["text_model"]}, source["text_model"])
+  for name in ("clip_projector2", "itm_head"):
+    jax.tree.map(np.testing.assert_array_equal, out[name], fresh[name])
+  np.testing.assert_array_equal(out["qllama"]["query_tokens"], fresh["qllama"]["query_tokens"])
+  cross = out["qllama"]["layers"]["layer_0"]["cross_attn"]
+  jax.tree.map(np.testing.assert_array_equal, cross,
+               fresh["qllama"]["layers"]["layer_0"]["cross_attn"])
+
+
+def test_stage1_takes_a_pretrained_llama_as_its_text_tower():
+  from internvl_jax.models import llama  # pylint: disable=import-outside-toplevel
+  fresh = _internvl(MODEL, "C", 2)
+  source = _random_params(llama.abstract_params(MODEL.text), 3)
+  out = ContrastiveStage(MODEL, text_len=8).warm_start(fresh, MODEL.text, source, "llama")
+  jax.tree.map(np.testing.assert_array_equal, out["text_model"],
+               {k: source[k] for k in fresh["text_model"]})
+  jax.tree.map(np.testing.assert_array_equal, out["vision_model"], fresh["vision_model"])
+
+
+def test_warm_starts_from_models_of_another_size_or_kind_fail_by_name():
+  wide = MODEL.replace(vision=vision_preset("tiny", hidden_size=32, mlp_dim=64))
+  source = _internvl(wide, "C", 1)
+  fresh = _internvl(MODEL, "G", 2)
+  stage = GenerativeStage(MODEL, text_len=8)
+  with pytest.raises(ValueError, match="has shape .* there and .* here: the models differ in size"):
+    stage.warm_start(fresh, wide, source, "wide")
+  with pytest.raises(ValueError, match="needs a InternVLConfig checkpoint; it holds a LlamaConfig"):
+    stage.warm_start(fresh, llama_preset("tiny"), {}, "llama")
+
+
+def test_a_workdir_checkpoint_loads_as_its_model(tmp_path):
+  from internvl_jax.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
+  from internvl_jax.train import loop  # pylint: disable=import-outside-toplevel
+  config = train_fixtures.tiny_config(steps=2)
+  workdir = str(tmp_path)
+  state = loop.train(config, train_fixtures.InMemoryPairs(), workdir)
+  workdir_lib.write_model(workdir, config.stage.model)
+  with open(os.path.join(workdir, workdir_lib.MODEL_FILE)) as f:
+    assert formats.config_from_json(json.load(f)) == config.stage.model
+  model = load_pretrained(workdir)
+  assert model.config == config.stage.model and model.is_internvl_c
+  jax.tree.map(np.testing.assert_array_equal, model.params, jax.device_get(state.params))
+  source_config, source_params = warm_start.load_source(workdir)
+  assert source_config == config.stage.model
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    warm_start.load_source(os.path.join(workdir, "missing"))
+
+
+def test_the_report_summarizes_and_plots_the_whole_history(tmp_path):
+  records = [{"step": 10, "loss": 4.0}, {"step": 20, "loss": 3.0},
+             {"step": 20, "eval/zero_shot/top1": 55.0}, {"step": 10, "loss": 3.5}]
+  with open(tmp_path / METRICS_FILE, "w") as f:
+    f.writelines(json.dumps(r) + "\n" for r in records)
+  table = report.report(str(tmp_path), "demo")
+  rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+  assert rows["loss"] == ["3.5", "3", "20"]  # step 10 logged again after a resume: the last wins
+  assert rows["eval/zero_shot/top1"] == ["55", "20"]
+  assert (tmp_path / report.PLOT_FILE).stat().st_size > 1000
