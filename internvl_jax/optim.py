@@ -44,9 +44,11 @@ def _map_named(fn, tree):
 class LayerDecay:
   """Layer-wise lr decay over one tower, as the reference's fine-tuning does (spec 4.3).
 
-  With L = depth + 2: params matching `first` have layer id 0, slice i of the scanned stack
+  With L = depth + 2: params matching `first` have layer id 0, layer i of the scanned stack
   matching `blocks` has id i + 1, any other param of the tower id L; the lr scale is
-  rate ** (L - id - 1), capped at 1.
+  rate ** (L - id - 1), capped at 1. A stack that scans `layers_per_block` layers per slice
+  (QLLaMA's pairs) names the layer within the slice by the `offset` group of `blocks`: slice j,
+  offset k is layer j * layers_per_block + k.
   """
 
   rate: float
@@ -54,17 +56,32 @@ class LayerDecay:
   prefix: str = ""  # regex selecting the tower's params; "" is every param
   first: str = r"(^|/)embeddings/"
   blocks: str = r"(^|/)blocks/"
+  layers_per_block: int = 1
+
+  def __post_init__(self):
+    if self.layers_per_block < 1 or self.depth % self.layers_per_block:
+      raise ValueError(f"LayerDecay: layers_per_block {self.layers_per_block} must be positive and "
+                       f"divide depth {self.depth}.")
+    if self.layers_per_block > 1 and "offset" not in re.compile(self.blocks).groupindex:
+      raise ValueError(f"LayerDecay: blocks {self.blocks!r} needs an (?P<offset>...) group naming "
+                       f"the layer within a slice of {self.layers_per_block}.")
 
   def scale(self, name: str, shape: tuple[int, ...]) -> float | np.ndarray:
     num_ids = self.depth + 2
     if re.search(self.first, name):
       return min(1.0, self.rate**(num_ids - 1))
-    if re.search(self.blocks, name):
-      if not shape or shape[0] != self.depth:
+    match = re.search(self.blocks, name)
+    if match:
+      slices = self.depth // self.layers_per_block
+      if not shape or shape[0] != slices:
         raise ValueError(
-            f"LayerDecay: {name} {shape} should be stacked over depth {self.depth} blocks on its "
-            f"leading axis.")
-      ids = np.arange(1, self.depth + 1)
+            f"LayerDecay: {name} {shape} should be stacked over depth {self.depth} blocks "
+            f"({slices} slices of {self.layers_per_block}) on its leading axis.")
+      offset = int(match.group("offset")) if self.layers_per_block > 1 else 0
+      if not 0 <= offset < self.layers_per_block:
+        raise ValueError(f"LayerDecay: {name} is layer {offset} of a slice of "
+                         f"{self.layers_per_block}.")
+      ids = np.arange(slices) * self.layers_per_block + offset + 1
       scales = np.minimum(1.0, self.rate**(num_ids - ids - 1.0)).astype(np.float32)
       return scales.reshape((-1,) + (1,) * (len(shape) - 1))
     return 1.0

@@ -5,6 +5,7 @@ import dataclasses
 ITM_NEGATIVES = ("none", "batch", "batch_hard", "pool")
 EVAL_RESIZES = ("resize_center_crop", "resize")
 TEMPLATES = ("vicuna_v1", "internlm2-chat", "plain")
+IMAGE_IDS = ("none", "feature", "image_hash")
 
 
 def _check_choice(owner: str, field: str, value, choices):
@@ -108,6 +109,10 @@ class PairDataConfig:
   max_text_len: int = 80
   caption_prefix: str = "summarize:"
   with_class_label: bool = False  # pass the record's "label" through (zero-shot evaluation)
+  # Retrieval fine-tuning's multi-positive targets (spec 4.3): "image_id" int32 per example, from
+  # the record's integer "image_id" feature, or a 31-bit hash of its encoded image bytes (the
+  # captions of one image share it when each caption is a record holding the same file).
+  image_id: str = "none"
   # Stage 2: ITM negatives and ITG inputs (spec 4.2).
   itm_negatives: str = "none"
   itm_pool_size: int = 1024
@@ -129,6 +134,7 @@ class PairDataConfig:
     if self.max_text_len < 3:
       raise ValueError(f"{owner}: max_text_len must hold BOS, one token and EOS (>= 3), got "
                        f"{self.max_text_len}.")
+    _check_choice(owner, "image_id", self.image_id, IMAGE_IDS)
     _check_choice(owner, "itm_negatives", self.itm_negatives, ITM_NEGATIVES)
     if self.itm_negatives == "pool":
       _check_positive(owner, "itm_pool_size", self.itm_pool_size)

@@ -1,5 +1,6 @@
 """Record transform for image-text pairs (stages 1 and 2): image augmentation and captions."""
 
+import hashlib
 import math
 
 import grain
@@ -16,11 +17,18 @@ from internvl_jax.data import transforms
 _CHARS_PER_TOKEN = 16
 
 
+def image_hash(data: bytes) -> np.int32:
+  """A non-negative 31-bit id of encoded image bytes: equal files get equal ids."""
+  digest = hashlib.blake2b(bytes(data), digest_size=4).digest()
+  return np.int32(int.from_bytes(digest, "little") & 0x7FFFFFFF)
+
+
 class PairProcessor(grain.transforms.RandomMap):
   """One record {"image", "caption"[, "label"]} to an example, or a skipped outcome.
 
   Example keys: "image" float32 [S, S, 3]; "text" int32 [L] ("summarize:" + caption); with ITG
-  "itg_text" / "itg_labels" int32 [L]; with class labels "class_label" int32.
+  "itg_text" / "itg_labels" int32 [L]; with class labels "class_label" int32; with image ids
+  "image_id" int32.
   """
 
   def __init__(self, config: config_lib.PairDataConfig, tokenizer: tokenizer_lib.Tokenizer):
@@ -61,4 +69,8 @@ class PairProcessor(grain.transforms.RandomMap):
       truncated = truncated or itg_truncated
     if config.with_class_label:
       example["class_label"] = np.int32(record["label"])
+    if config.image_id == "feature":
+      example["image_id"] = np.int32(record["image_id"])
+    elif config.image_id == "image_hash":
+      example["image_id"] = image_hash(record["image"])
     return issues.RecordOutcome(example, (issues.CAPTION_TRUNCATED,) if truncated else ())
