@@ -4,7 +4,7 @@ XLA's cost analysis counts a scanned layer once, so logs and benchmarks use thes
 checks them against XLA on a one-layer model.
 """
 
-from internvl_jax.config import InternVLConfig, LlamaConfig, VisionConfig
+from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
 
 
 def vit_forward_flops(config: VisionConfig, image_hw: tuple[int, int], keep_fraction: float = 1.0) -> int:
@@ -109,3 +109,49 @@ def internvl_g_stage2_training_flops(config: InternVLConfig, image_hw: tuple[int
   """
   parts = internvl_g_stage2_flops(config, image_hw, text_tokens)
   return parts["vision"] + 2 * parts["qllama"] + parts["trainable"] + parts["attention"]
+
+
+def chat_flops(config: ChatConfig, tokens: int, tiles: int) -> dict[str, int]:
+  """Matmul FLOPs of one InternVL-Chat example (a `ChatConfig`; `tiles` tile slots, all run
+  through the ViT; a `tokens`-long sequence) by part.
+
+  "vision": InternViT (every block, whichever layer is selected) and for the "qllama" variant
+  QLLaMA's queries in image mode. "projector_in": the projectors' first Linear, whose input is
+  the vision side's output. "projector_out": their second. "llm": the LLM with its vocabulary
+  logits. "llm_attention": the LLM's matmuls of two activations (scores and weighted values).
+  """
+  vision, llm = config.vision, config.llm
+  size, h = config.image_size, llm.hidden_size
+  patches = config.grid_size**2
+  if config.variant == "v1.5":
+    patches, width = config.num_image_tokens, vision.hidden_size * config.shuffle_factor**2
+  else:
+    width = vision.hidden_size
+  vit = vit_forward_flops(vision, (size, size))
+  projector_in, projector_out = 2 * patches * width * h, 2 * patches * h * h
+  if config.variant == "qllama":
+    q, queries = config.qllama.text.hidden_size, config.qllama.num_queries
+    image_tokens = 1 + patches
+    num_cross = config.qllama.num_blocks
+    vit += (llama_forward_flops(config.qllama.text, queries, lm_head=False) +
+            num_cross * (2 * 2 * queries * q * q + 2 * 2 * image_tokens * vision.hidden_size * q +
+                         2 * 2 * queries * image_tokens * q))
+    projector_in += 2 * queries * q * h
+    projector_out += 2 * queries * h * h
+  return {"vision": tiles * vit, "projector_in": tiles * projector_in,
+          "projector_out": tiles * projector_out, "llm": llama_forward_flops(llm, tokens),
+          "llm_attention": llm.num_layers * 2 * 2 * tokens * tokens * h}
+
+
+def chat_training_flops(config: ChatConfig, tokens: int, tiles: int,
+                        train_llm: bool = True) -> int:
+  """Forward and backward of one InternVL-Chat example with the vision side frozen.
+
+  The vision side runs forward only (nothing before it trains). The projectors' first Linear
+  needs its weight gradient only (its input is frozen); the rest of a trained part costs three
+  forwards. A frozen LLM (v1.0 step 1) still propagates activation gradients to the image
+  tokens: one forward's worth, plus both operand gradients of its attention matmuls.
+  """
+  parts = chat_flops(config, tokens, tiles)
+  llm = 3 * parts["llm"] if train_llm else 2 * parts["llm"] + parts["llm_attention"]
+  return parts["vision"] + 2 * parts["projector_in"] + 3 * parts["projector_out"] + llm

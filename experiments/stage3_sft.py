@@ -1,0 +1,136 @@
+"""Stage 3 (spec 4.4): supervised fine-tuning of InternVL-Chat on conversations.
+
+  python experiments/stage3_sft.py                   # demo: CPU, from the stage-2 demo's ViT
+  python experiments/stage3_sft.py --set "init=()"    # demo from a random ViT (no stage-2 run)
+  python experiments/stage3_sft.py --preset paper-pretrain --init /ckpt/InternViT-6B-224px \
+      --init /ckpt/vicuna-7b-v1.5 --set data.tokenizer=/ckpt/vicuna-7b-v1.5/tokenizer.model
+  python experiments/stage3_sft.py --preset paper \
+      --set data.tokenizer=/ckpt/vicuna-7b-v1.5/tokenizer.model   # from paper-pretrain's run
+
+"demo": InternVL-Chat v1.0-style (layer features, MLP projector, no pixel shuffle, one 64-px
+tile) on the stage-2 demo's tiny InternViT, frozen, and a tiny LLaMA trained from scratch with
+the projector (no pretrained LLM exists offline), on the built-in shapes conversations in the
+vicuna_v1 template; evaluates exact match of greedy answers on the test split at the end.
+"gpu": InternViT-300M-448 (pixel shuffle, dynamic tiling) + a TinyLlama-1.1B-shaped LLM on one
+GPU, bfloat16, one epoch of LLaVA-Mix-665K (built with `tools/build_dataset.py internvl-chat`);
+`--init` the ViT and a LLaMA checkpoint of that shape (e.g. TinyLlama), as for "paper-pretrain".
+"paper-pretrain" / "paper": the v1.0 recipe (LLaVA-1.5's) in two steps: InternViT-6B-224px run
+at 336 px (layer -4, frozen) + Vicuna-7B v1.5; step 1 trains the MLP alone on LGS-558K in the
+"plain" template (lr 1e-3, batch 256), step 2 the MLP and the LLM on LLaVA-Mix-665K in
+vicuna_v1 (lr 2e-5, batch 128); each one epoch, AdamW without weight decay, warm-up 3% of the
+steps, cosine. Step 1 takes the ViT and the LLM from two `--init`s; step 2 starts from step 1.
+"""
+
+import dataclasses
+import math
+
+from internvl_jax import sharding
+from internvl_jax.config import ChatConfig, chat_preset, llama_preset, vision_preset
+from internvl_jax.data.config import Source
+from internvl_jax.optim import OptimizerConfig
+from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, PROJECTOR_PARAMS, ChatStage
+from internvl_jax.train import cli, inputs
+from internvl_jax.train import config as train_config
+
+# The demo tokenizer's 512 pieces and <img>, </img>, <IMG_CONTEXT> (vicuna_v1 adds no markers).
+_DEMO_VOCAB = 512 + 3
+
+
+def demo_config() -> train_config.ExperimentConfig:
+  # The vision tower of the stage-2 demo (experiments/stage2_generative.py), so it warm-starts.
+  llm = llama_preset("tiny", vocab_size=_DEMO_VOCAB, hidden_size=128, mlp_dim=352,
+                     max_positions=256)
+  model = ChatConfig(vision=vision_preset("tiny", image_size=64), llm=llm, variant="v1.0",
+                     image_size=64, select_layer=-2, image_context_id=_DEMO_VOCAB - 1)
+  steps = 300
+  train = train_config.TrainConfig(
+      # 64 image tokens + the vicuna_v1 system prompt + up to 3 rounds: at most ~200 tokens.
+      stage=ChatStage(model, max_len=208, template="vicuna_v1"),
+      optimizer=OptimizerConfig(learning_rate=2e-3, b1=0.9, b2=0.98, warmup_steps=20,
+                                total_steps=steps, trainable=(PROJECTOR_AND_LLM_PARAMS,)),
+      global_batch_size=32, mesh=sharding.MeshConfig(data=-1), log_every=20,
+      checkpoint_every=100)
+  # 60 test images: about 100 questions with one right answer (what shape / colour / where /
+  # large or small).
+  evaluation = train_config.EvalConfig(every=steps, tasks=("chat",), limit=60)
+  return train_config.ExperimentConfig(train=train, eval=evaluation,
+                                       init=("runs/stage2_generative",))
+
+
+# Spec 4.4(a): the LLaVA-1.5 data, as TFDS datasets built with tools/build_dataset.py
+# internvl-chat under these names; Vicuna's tokenizer comes with --set data.tokenizer=.
+_PRETRAIN_RECORDS, _SFT_RECORDS = 558_128, 665_298
+
+
+def _one_epoch(records: int, batch: int, learning_rate: float, trainable: str) -> OptimizerConfig:
+  """AdamW without weight decay, warm-up 3% of one epoch's steps, then cosine (HF Trainer's
+  step counts: partial final batch included, warm-up rounded up)."""
+  steps = math.ceil(records / batch)
+  return OptimizerConfig(learning_rate=learning_rate, b1=0.9, b2=0.999, weight_decay=0.0,
+                         warmup_steps=math.ceil(0.03 * steps), total_steps=steps,
+                         trainable=(trainable,))
+
+
+def gpu_config() -> train_config.ExperimentConfig:
+  """One GPU: InternViT-300M-448 (frozen; 256 tokens per tile after pixel shuffle, up to 4
+  tiles + thumbnail) + a TinyLlama-1.1B-shaped LLM, bfloat16."""
+  llm = llama_preset("tinyllama-1.1b", vocab_size=32000 + 3, dtype="bfloat16",
+                     remat_policy="full", max_positions=2048)
+  model = ChatConfig(
+      vision=vision_preset("300m-448", dtype="bfloat16", remat_policy="full"), llm=llm,
+      variant="v1.5", image_size=448, select_layer=-1, image_context_id=llm.vocab_size - 1)
+  train = train_config.TrainConfig(
+      stage=ChatStage(model, max_len=2048, template="vicuna_v1", max_tiles=4),
+      optimizer=_one_epoch(_SFT_RECORDS, 128, 2e-5, PROJECTOR_AND_LLM_PARAMS),
+      global_batch_size=128, accum_steps=16, mesh=sharding.MeshConfig(data=-1), log_every=10,
+      checkpoint_every=500)
+  data = train_config.DataConfig(sources=(Source("llava_v1_5_mix665k"),), worker_count=8)
+  return train_config.ExperimentConfig(train=train, data=data)
+
+
+def paper_pretrain_config() -> train_config.ExperimentConfig:
+  """Step 1: the MLP alone on LGS-558K, "plain" template, lr 1e-3, batch 256."""
+  model = chat_preset(
+      "v1.0-vicuna-7b",
+      vision=vision_preset("6b-224", dtype="bfloat16", remat_policy="full"),
+      llm=chat_preset("v1.0-vicuna-7b").llm.replace(dtype="bfloat16", remat_policy="full"))
+  train = train_config.TrainConfig(
+      stage=ChatStage(model, max_len=2048, template="plain", train_llm=False),
+      optimizer=_one_epoch(_PRETRAIN_RECORDS, 256, 1e-3, PROJECTOR_PARAMS),
+      global_batch_size=256, accum_steps=2, mesh=sharding.MeshConfig(data=1, fsdp=-1),
+      log_every=10, checkpoint_every=500)
+  data = train_config.DataConfig(sources=(Source("blip_laion_cc_sbu_558k"),), worker_count=8)
+  return train_config.ExperimentConfig(train=train, data=data)
+
+
+def paper_config() -> train_config.ExperimentConfig:
+  """Step 2: the MLP and the LLM on LLaVA-Mix-665K, vicuna_v1, lr 2e-5, batch 128."""
+  config = paper_pretrain_config()
+  stage = dataclasses.replace(config.train.stage, template="vicuna_v1", train_llm=True)
+  train = config.train.replace(
+      stage=stage, optimizer=_one_epoch(_SFT_RECORDS, 128, 2e-5, PROJECTOR_AND_LLM_PARAMS),
+      global_batch_size=128, accum_steps=1)
+  data = train_config.DataConfig(sources=(Source("llava_v1_5_mix665k"),), worker_count=8)
+  return config.replace(train=train, data=data, init=("runs/stage3_sft-paper-pretrain",))
+
+
+PRESETS = {"demo": demo_config, "gpu": gpu_config, "paper-pretrain": paper_pretrain_config,
+           "paper": paper_config}
+
+
+def get_config(preset: str) -> train_config.ExperimentConfig:
+  return train_config.preset(PRESETS, preset)
+
+
+def data(config: train_config.ExperimentConfig):
+  """This process's batches: the demo's conversations, or the TFDS conversation sources."""
+  return inputs.chat_batches(config)
+
+
+def main(argv=None):
+  cli.main(__doc__, "stage3_sft", PRESETS, data, argv,
+           previous="python experiments/stage2_generative.py")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,155 @@
+"""Stage 3 (spec 4.4): InternVL-Chat supervised fine-tuning, the mean next-token loss over the
+assistant answers of a batch.
+
+Batches (`data.pipeline.chat_pipeline`) hold "tiles" (B, T, S, S, 3) float32 with "tile_count"
+(B,) real ones per row; "tokens" / "labels" (B, L) int32, labels IGNORE_LABEL off the answers;
+"token_mask" (B, L) bool; "valid" (B,) bool (False on padding rows: no loss).
+
+The vision tower is frozen (the optimizer's `trainable` regexes leave it out, so it holds no
+optimizer state and gets no gradient). The v1.0 recipe trains in two steps: the projector alone
+(`PROJECTOR_PARAMS`), then the projector and the LLM (`PROJECTOR_AND_LLM_PARAMS`).
+
+The loss is exact under feature-cached accumulation: `encode` keeps per-row sums of token
+losses and token counts, so the mean is over every answer token of the whole batch.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from internvl_jax import flops, losses, sharding
+from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
+from internvl_jax.data import templates
+from internvl_jax.data.tokenizer import IGNORE_LABEL, IMAGE_TOKENS
+from internvl_jax.models.chat import InternVLChat
+from internvl_jax.train import warm_start
+
+_SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
+                  ("^(mlp1|mlp2|qllama|language_model)/", sharding.TEXT_RULES))
+
+# v1.0 step 1 trains the projector(s) only; step 2 the projector(s) and the LLM.
+PROJECTOR_PARAMS = r"^mlp[12]/"
+PROJECTOR_AND_LLM_PARAMS = r"^(mlp[12]|language_model)/"
+
+
+@dataclasses.dataclass(frozen=True)
+class ChatStage:
+  """`template` and `max_tiles` say how the data is rendered (`train.inputs.chat_batches`);
+  `train_llm` says whether the optimizer trains the LLM, for the FLOPs count only."""
+
+  model: ChatConfig
+  max_len: int = 2048  # tokens per conversation, image tokens included
+  template: str = "vicuna_v1"
+  max_tiles: int = 1  # 1: each image resized to one tile; more: dynamic tiling + thumbnail
+  train_llm: bool = True
+
+  rules = sharding.VISION_RULES
+  subtree_rules = _SUBTREE_RULES
+
+  def __post_init__(self):
+    if self.template not in templates.TEMPLATES:
+      raise ValueError(f"ChatStage: unknown template {self.template!r}; known: "
+                       f"{tuple(templates.TEMPLATES)}.")
+    if self.max_tiles < 1:
+      raise ValueError(f"ChatStage: max_tiles must be at least 1, got {self.max_tiles}.")
+    if self.max_len <= self.model.num_image_tokens * self.tile_slots:
+      raise ValueError(f"ChatStage: max_len {self.max_len} cannot hold the image tokens of "
+                       f"{self.tile_slots} tile(s) of {self.model.num_image_tokens} plus text.")
+    if self.max_len > self.model.llm.max_positions:
+      raise ValueError(f"ChatStage: max_len {self.max_len} is beyond the LLM's "
+                       f"{self.model.llm.max_positions} positions.")
+
+  @property
+  def tile_slots(self) -> int:
+    """Tiles per example in a batch: the dynamic tiles and the thumbnail, or one."""
+    return 1 if self.max_tiles == 1 else self.max_tiles + 1
+
+  @property
+  def appended_tokens(self) -> int:
+    """Tokens the chat tokenizer appends to the LLM's own vocabulary (images, template)."""
+    return len(IMAGE_TOKENS) + len(templates.TEMPLATES[self.template].special_tokens)
+
+  @property
+  def _module(self) -> InternVLChat:
+    return InternVLChat(self.model)
+
+  def init(self, rng):
+    model = self.model
+    size, channels = model.image_size, model.vision.num_channels
+    tokens = jnp.full((1, model.num_image_tokens), model.image_context_id, jnp.int32)
+    return self._module.init(rng, jnp.zeros((1, 1, size, size, channels)),
+                             jnp.ones((1,), jnp.int32), tokens)["params"]
+
+  def encode(self, params, batch, rng, train: bool = True):
+    del rng, train  # InternVL-Chat has no dropout or drop path
+    logits = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
+                                batch["tokens"], batch["token_mask"])
+    # Padding rows are zeros, which would count as labels.
+    labels = jnp.where(batch["valid"][:, None], batch["labels"], IGNORE_LABEL)
+    nll, tokens = losses.lm_example_losses(logits, labels, ignore_index=IGNORE_LABEL)
+    return {"nll": nll, "tokens": tokens.astype(jnp.float32)}
+
+  def loss(self, params, features, batch):
+    del params, batch
+    tokens = jnp.sum(features["tokens"])
+    return jnp.sum(features["nll"]) / jnp.maximum(tokens, 1.0), {"answer_tokens": tokens}
+
+  def abstract_batch(self, batch_size: int):
+    size, channels = self.model.image_size, self.model.vision.num_channels
+    text = jax.ShapeDtypeStruct((batch_size, self.max_len), jnp.int32)
+    return {"tiles": jax.ShapeDtypeStruct((batch_size, self.tile_slots, size, size, channels),
+                                          jnp.float32),
+            "tile_count": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+            "tokens": text, "labels": text,
+            "token_mask": jax.ShapeDtypeStruct((batch_size, self.max_len), jnp.bool_),
+            "valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
+
+  def flops_per_example(self) -> int:
+    return flops.chat_training_flops(self.model, self.max_len, self.tile_slots, self.train_llm)
+
+  def count_tokens(self, batch) -> int:
+    return int(np.sum(np.asarray(batch["token_mask"])))
+
+  def warm_start(self, params, source_config, source_params, source):
+    """From InternVL (stage 1 or 2: the vision tower; for the "qllama" variant also stage 2's
+    QLLaMA), InternViT (the vision tower), LLaMA (the LLM, e.g. Vicuna) or InternVL-Chat (every
+    param it has, e.g. step 2 from step 1)."""
+    warm_start.require(source_config, (InternVLConfig, VisionConfig, LlamaConfig, ChatConfig),
+                       source, "InternVL-Chat")
+    if isinstance(source_config, VisionConfig):
+      return warm_start.graft(params, {"vision_model": source_params}, source)
+    if isinstance(source_config, LlamaConfig):
+      return warm_start.graft(
+          params, {"language_model": self._llm_params(params["language_model"], source_params,
+                                                      source)}, source)
+    if isinstance(source_config, ChatConfig):
+      return warm_start.graft(
+          params, {name: source_params[name] for name in params if name in source_params}, source)
+    parts = {"vision_model": source_params["vision_model"]}
+    if "qllama" in params and "qllama" in source_params:
+      # InternVL-G's QLLaMA also has the token embeddings and LM head the chat one lacks.
+      parts["qllama"] = {name: source_params["qllama"][name] for name in params["qllama"]}
+    return warm_start.graft(params, parts, source)
+
+  def _llm_params(self, fresh: dict, given: dict, source: str) -> dict:
+    """A LLaMA checkpoint's params as the LLM's: its vocabulary is the first rows of the
+    embeddings and LM head; the rows of the tokens the chat tokenizer appends stay fresh."""
+    vocab = self.model.llm.vocab_size
+    source_vocab = np.shape(given["embed_tokens"]["embedding"])[0]
+    if not 0 <= vocab - source_vocab <= self.appended_tokens:
+      raise ValueError(
+          f"Warm start from {source}: its LLaMA has a {source_vocab}-token vocabulary; this "
+          f"model's LLM has {vocab}, which should be it plus the {self.appended_tokens} tokens "
+          f"the {self.template} chat tokenizer appends: the models differ in size.")
+    out = {name: given[name] for name in fresh if name in given}
+    for name, key, axis in (("embed_tokens", "embedding", 0), ("lm_head", "kernel", 1)):
+      if name not in out or source_vocab == vocab:
+        continue
+      table = np.array(fresh[name][key])
+      rows = tuple(slice(0, source_vocab) if i == axis else slice(None) for i in range(table.ndim))
+      if table[rows].shape == np.shape(given[name][key]):  # else `graft` names the mismatch
+        table[rows] = given[name][key]
+        out[name] = {key: table}
+    return out
