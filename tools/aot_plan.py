@@ -8,15 +8,19 @@ prints per-device memory, FLOPs per step and whether it fits.
 
 An experiment file exposes `get_config(preset) -> TrainConfig`.
 
-FLOPs: XLA's cost analysis counts the body of a loop (scanned layers, accumulated micro-batches)
-once, whatever the trip count, and the TPU compiler makes loops of its own, so neither it nor
-compiles with unrolled scans give the step's FLOPs (unrolling deeper changed what XLA fused into
-loops: the count fell as layers were added). So the step is compiled again without accumulation
-(one micro-batch per step) and without remat, on the same devices, with XLA's optimized HLO
-dumped; the FLOPs of its dots and convolutions are summed, each loop body times its trip count
-(XLA's annotation, else the `counter < N` of its condition). That is every layer as XLA runs it,
-after it dropped what frozen towers do not need: matmul model FLOPs per device (no
-recomputation), times `accum_steps`, compared with the stage's analytic (matmul) count. The
+FLOPs: XLA's cost analysis counts the body of a while loop once, whatever its trip count: the
+scanned layers, the accumulated micro-batches, and the loops the TPU compiler makes itself (FSDP
+matmuls become windowed loops over the weight shards, `windowed_dot_general`, two shards a trip).
+Unrolling the scans does not help: which matmuls the compiler windows changes with the depth, so
+counts of unrolled shallow variants are not linear in it. So the step is compiled once more on
+the same devices, without accumulation (one micro-batch per step) and without remat (it need not
+fit: only its optimized HLO is read, from an XLA dump), and the FLOPs of its dots and
+convolutions are summed, each loop body times its trip count (XLA's annotation, else the
+condition's bound, the counter's start and its step in the body), and each value once (XLA
+rematerializes values of a step that does not fit, as `x.remat`, `x.remat2`, ...). That is every
+layer as XLA runs it, after it dropped what frozen towers do not need: matmul model FLOPs per
+device (no recomputation), times `accum_steps`, compared with the stage's analytic (matmul)
+count. The
 memory figures are those of the real step, with its remat and accumulation.
 """
 
@@ -128,36 +132,82 @@ def _parse_module(hlo: str):
   return computations, entry
 
 
+def _window(rest: str, key: str, rank: int, default: int) -> list[int]:
+  found = re.search(rf"\b{key}=([\dx_]+)", rest)
+  return [int(v) for v in found.group(1).split("x")] if found else [default] * rank
+
+
+def _valid_taps(size: int, window: int, out: int, stride: int, pad_lo: int, lhs_dilate: int,
+                rhs_dilate: int) -> int:
+  """(output position, kernel position) pairs of one spatial dim that land on an input element,
+  not on padding or a hole of a dilated input (XLA writes some dots as such convolutions)."""
+  span = (size - 1) * lhs_dilate
+  return sum(1 for o in range(out) for k in range(window)
+             if 0 <= (x := o * stride + k * rhs_dilate - pad_lo) <= span and x % lhs_dilate == 0)
+
+
 def _matmul_flops(shape: str, opcode: str, rest: str, instructions) -> int:
-  out = math.prod(_dims(shape))
+  out_dims = _dims(shape)
   lhs, rhs = (_dims(instructions[name][0]) for name in _operands(rest)[:2])
   if opcode == "dot":
     contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest).group(1)
-    return 2 * out * math.prod(lhs[int(d)] for d in contracting.split(",") if d)
-  # A convolution: each output element takes the kernel's elements of one output feature.
-  kernel_labels = re.search(r"dim_labels=\w+_(\w+)->", rest).group(1)
-  return 2 * out * math.prod(rhs) // rhs[kernel_labels.index("o")]
+    return 2 * math.prod(out_dims) * math.prod(lhs[int(d)] for d in contracting.split(",") if d)
+  # A convolution: batch x output features x input features per group x, per spatial dim, the
+  # (output, kernel) position pairs that read an input element.
+  lhs_labels, kernel_labels, out_labels = re.search(
+      r"dim_labels=(\w+)_(\w+)->(\w+)", rest).groups()
+  spatial = [c for c in out_labels if c.isdigit()]
+  rank = len(spatial)
+  sizes, strides = _window(rest, "size", rank, 1), _window(rest, "stride", rank, 1)
+  lhs_dilates, rhs_dilates = _window(rest, "lhs_dilate", rank, 1), _window(rest, "rhs_dilate", rank, 1)
+  pads = re.search(r"\bpad=([\d_x-]+)", rest)
+  pads_lo = [int(p.split("_")[0]) for p in pads.group(1).split("x")] if pads else [0] * rank
+  taps = math.prod(
+      _valid_taps(lhs[lhs_labels.index(c)], sizes[i], out_dims[out_labels.index(c)], strides[i],
+                  pads_lo[i], lhs_dilates[i], rhs_dilates[i]) for i, c in enumerate(spatial))
+  return (2 * out_dims[out_labels.index("b")] * out_dims[out_labels.index("f")] *
+          rhs[kernel_labels.index("i")] * taps)
+
+
+def _source(instructions, name: str) -> str:
+  """`name` with copies and conversions looked through."""
+  while name in instructions and instructions[name][1] in ("copy", "convert", "bitcast"):
+    name = _operands(instructions[name][2])[0]
+  return name
 
 
 def _constant(instructions, name: str):
   """The value of scalar `name` if it is an integer constant (behind copies), else None."""
-  while name in instructions:
-    _, opcode, rest = instructions[name]
-    if opcode == "constant":
-      return int(rest.partition(")")[0])
-    if opcode not in ("copy", "convert", "bitcast"):
-      return None
-    name = _operands(rest)[0]
+  shape_opcode_rest = instructions.get(_source(instructions, name))
+  if shape_opcode_rest and shape_opcode_rest[1] == "constant":
+    return int(shape_opcode_rest[2].partition(")")[0])
   return None
 
 
-def _trip_count(computations, caller: str, line_rest: str) -> int:
-  """A while loop's trip count: XLA's annotation, else its condition's `counter < N` (or <=) with
-  the counter starting from a constant and counting up by one (what the TPU compiler leaves)."""
+def _step(computations, body: str, index: int):
+  """The constant that loop `body` adds to tuple element `index` each trip, else None."""
+  instructions = computations[body]
+  root = list(instructions.values())[-1]
+  if root[1] != "tuple":
+    return None
+  _, opcode, rest = instructions[_source(instructions, _operands(root[2])[index])]
+  if opcode != "add":
+    return None
+  for term, other in (_operands(rest), _operands(rest)[::-1]):
+    counter = instructions.get(_source(instructions, other), ("", "", ""))
+    if counter[1] == "get-tuple-element" and f"index={index}" in counter[2]:
+      return _constant(instructions, term)
+  return None
+
+
+def _trip_count(computations, caller, line_rest: str) -> int:
+  """A while loop's trip count: XLA's annotation, else from its condition `counter < N` (or <=),
+  the counter's constant start and the constant its body adds (what the TPU compiler leaves)."""
   known = _TRIP_COUNT.search(line_rest)
   if known:
     return int(known.group(1))
   condition = re.search(r"condition=%?([\w.\-]+)", line_rest).group(1)
+  body = re.search(r"body=%?([\w.\-]+)", line_rest).group(1)
   cond = computations[condition]
   _, opcode, rest = list(cond.values())[-1]  # the ROOT
   direction = re.search(r"direction=(\w+)", rest)
@@ -170,48 +220,62 @@ def _trip_count(computations, caller: str, line_rest: str) -> int:
     index = re.search(r"index=(\d+)", cond.get(counter, ("", "", ""))[2])
     init = caller[_operands(line_rest)[0]]
     if bound is not None and index and init[1] == "tuple" and direction in ("LT", "LE"):
-      start = _constant(caller, _operands(init[2])[int(index.group(1))])
-      if start is not None:
-        return bound - start + (direction == "LE")
+      index = int(index.group(1))
+      start = _constant(caller, _operands(init[2])[index])
+      step = _step(computations, body, index)
+      if start is not None and step:
+        return max(0, -(-(bound + (direction == "LE") - start) // step))
   raise ValueError(f"aot_plan: cannot find the trip count of a while loop (condition "
                    f"{condition}); its FLOPs would be counted once.")
 
 
 def hlo_matmul_flops(hlo: str) -> int:
-  """FLOPs of the dots and convolutions of an optimized HLO module, as executed: a computation's
-  count includes what it calls, loop bodies times their trip count, the costlier branch of a
-  conditional."""
+  """FLOPs of the dots and convolutions of an optimized HLO module, each value once: a
+  computation's count includes what it calls, loop bodies times their trip count, the costlier
+  branch of a conditional; recomputations by XLA's rematerialization pass are left out."""
   computations, entry = _parse_module(hlo)
 
   @functools.cache
   def flops(name: str) -> int:
-    instructions, total = computations[name], 0
-    for shape, opcode, rest in instructions.values():
+    instructions, per_value = computations[name], {}
+    for instruction, (shape, opcode, rest) in instructions.items():
       if opcode in ("dot", "convolution"):
-        total += _matmul_flops(shape, opcode, rest, instructions)
+        count = _matmul_flops(shape, opcode, rest, instructions)
       elif opcode == "conditional":
         branches = _BRANCHES.search(rest)
         names = ([b.strip().lstrip("%") for b in branches.group(1).split(",")] if branches
                  else _CALLEES.findall(rest))
-        total += max(flops(b) for b in names)
+        count = max(flops(b) for b in names)
       elif opcode not in _SCALAR_APPLY:
-        called = sum(flops(callee) for callee in _CALLEES.findall(rest))
-        if opcode == "while" and called:
-          called *= _trip_count(computations, instructions, rest)
-        total += called
-    return total
+        count = sum(flops(callee) for callee in _CALLEES.findall(rest))
+        if opcode == "while" and count:
+          count *= _trip_count(computations, instructions, rest)
+      else:
+        count = 0
+      # XLA's rematerialization (when the step does not fit) recomputes `x` as `x.remat`,
+      # `x.remat2`, ... (the original may be gone): one value, counted once.
+      value = instruction.partition(".remat")[0]
+      per_value[value] = max(per_value.get(value, 0), count)
+    return sum(per_value.values())
 
   return flops(entry)
 
 
 def model_flops_per_step(config, devices) -> float:
   """Per-device matmul FLOPs of one step in XLA's optimized HLO (module docstring)."""
+  import jax  # pylint: disable=import-outside-toplevel
   from internvl_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   base = config_lib.override(config, {p: "none" for p in _field_paths(config, "remat_policy")})
   base = base.replace(accum_steps=1, global_batch_size=config.global_batch_size // config.accum_steps)
   with tempfile.TemporaryDirectory() as dump:
     # The TPU executable cannot be printed (`as_text` fails on its async ops); its dump can.
-    _compile(base, devices, {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+    try:
+      _compile(base, devices, {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+    except jax.errors.JaxRuntimeError as error:
+      # Without remat the step may not fit: the TPU compiler says so after it dumped the
+      # optimized HLO, which is all that is needed here.
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
     (path,) = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
     with open(path, encoding="utf-8") as f:
       per_micro = hlo_matmul_flops(f.read())
@@ -221,6 +285,8 @@ def model_flops_per_step(config, devices) -> float:
 def main(argv=None):
   args = _parse(argv)
   os.environ["JAX_PLATFORMS"] = "cpu"  # never initialize an attached accelerator: compile only
+  # Compiling needs no TPU of its own, so libtpu need not lock out jobs that hold one.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   if args.cpu_devices:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={args.cpu_devices}")
