@@ -46,14 +46,13 @@ def internvl_c_forward_flops(config: InternVLConfig, image_hw: tuple[int, int], 
   p = vision.patch_size
   num_patches = (image_hw[0] // p) * (image_hw[1] // p)
   tokens = 1 + max(1, int(round(num_patches * keep_fraction)))
-  d = vision.hidden_size
-  pooling = 2 * d * d + 2 * 2 * tokens * d * d + 2 * 2 * tokens * d + 2 * d * config.embed_dim
+  pooling = attention_pooling_flops(vision.hidden_size, tokens, config.embed_dim)
   text_projection = 2 * config.text.hidden_size * config.embed_dim
   return (vit_forward_flops(vision, image_hw, keep_fraction) + pooling +
           llama_forward_flops(config.text, text_tokens, lm_head=False) + text_projection)
 
 
-def _attention_pooling_flops(width: int, tokens: int, out_dim: int) -> int:
+def attention_pooling_flops(width: int, tokens: int, out_dim: int) -> int:
   """One query (the mean token) attending over `tokens` (`AttentionPooling`)."""
   return 2 * width * width + 2 * 2 * tokens * width * width + 2 * 2 * tokens * width + \
       2 * width * out_dim
@@ -78,7 +77,7 @@ def internvl_g_stage2_flops(config: InternVLConfig, image_hw: tuple[int, int],
   cross_projections = num_cross * (num_texts * 2 * 2 * queries * d * d +
                                    2 * 2 * image_tokens * vision.hidden_size * d)
   cross_attention = num_cross * num_texts * 2 * 2 * queries * image_tokens * d
-  pooling = _attention_pooling_flops(d, queries, config.embed_dim)
+  pooling = attention_pooling_flops(d, queries, config.embed_dim)
   pooling_attention = 2 * 2 * queries * d
   itm_head = 2 * queries * d * 2
   trainable = cross_projections + itm_head + pooling - pooling_attention

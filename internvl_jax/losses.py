@@ -65,6 +65,33 @@ def clip_softmax_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: ja
   return loss, metrics
 
 
+def multi_positive_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
+                             positives: jax.Array, valid: jax.Array, *,
+                             max_logit_scale: float | None = None):
+  """Symmetric InfoNCE with soft targets (retrieval fine-tuning, spec 4.3): the mean of
+  image->text and text->image cross-entropies against `positives` (batch, batch) bool, weighted
+  uniformly per row (BLIP's `pos / pos.sum`).
+
+  `positives` must be symmetric and hold the diagonal of the `valid` rows; unlike
+  `clip_softmax_loss`, columns where `valid` is False are left out of every softmax (rows out of
+  the averages).
+  """
+  logits, scale = _pair_logits(image_emb, text_emb, logit_scale, max_logit_scale)
+  targets = positives.astype(jnp.float32)
+  targets = targets / jnp.maximum(jnp.sum(targets, axis=1, keepdims=True), 1.0)
+
+  def direction(scores):  # rows score every valid column
+    masked = jnp.where(valid[None, :], scores, jnp.finfo(jnp.float32).min)
+    nll = jax.nn.logsumexp(masked, axis=1) - jnp.sum(targets * scores, axis=1)
+    hit = jnp.take_along_axis(positives, jnp.argmax(masked, axis=1)[:, None], axis=1)[:, 0]
+    return _masked_mean(nll, valid), _masked_mean(hit.astype(jnp.float32), valid)
+
+  image_to_text, i2t_accuracy = direction(logits)
+  text_to_image, t2i_accuracy = direction(logits.T)
+  return 0.5 * (image_to_text + text_to_image), {
+      "i2t_accuracy": i2t_accuracy, "t2i_accuracy": t2i_accuracy, "logit_scale": scale}
+
+
 def sigmoid_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
                  logit_bias: jax.Array, *, max_logit_scale: float | None = None):
   """SigLIP: every (image, text) pair is a binary classification, positive on the diagonal.
@@ -86,14 +113,18 @@ def itm_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = Non
   return _masked_mean(nll, valid), {"itm_accuracy": _masked_mean(accuracy, valid)}
 
 
-def lm_example_losses(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100):
+def lm_example_losses(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100,
+                      valid: jax.Array | None = None):
   """Next-token cross-entropy per row: (summed over the row's counted tokens, their number).
 
   Sums add up exactly over micro-batches, so the mean over a whole batch is exact under
-  feature-cached accumulation (stage 2's ITG). Alignment and `ignore_index` as in `lm_loss`.
+  feature-cached accumulation (stage 2's ITG, chat SFT). Alignment and `ignore_index` as in
+  `lm_loss`; rows where `valid` (batch,) is False (batch padding) count no token.
   """
   logits, targets = logits[:, :-1], labels[:, 1:]
   counted = targets != ignore_index
+  if valid is not None:
+    counted &= valid[:, None]
   nll = _cross_entropy(logits, jnp.where(counted, targets, 0))
   return jnp.sum(jnp.where(counted, nll, 0.0), axis=1), jnp.sum(counted, axis=1)
 

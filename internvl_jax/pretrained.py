@@ -186,10 +186,10 @@ class Pretrained:
         f.write(self.tokenizer.model_proto)
 
 
-def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
-  """Loads a PyTorch checkpoint directory (InternViT in OpenGVLab's or transformers' layout,
-  InternVL-14B in OpenGVLab's, LLaMA in transformers'), an Orbax checkpoint, or the latest
-  checkpoint of a training workdir."""
+def load_arrays(path: str, *, allow_missing: bool = False) -> tuple[object, dict, str | None]:
+  """(config, params as host numpy arrays, tokenizer path or None) of a PyTorch checkpoint
+  directory (InternViT in OpenGVLab's or transformers' layout, InternVL-14B in OpenGVLab's, LLaMA
+  in transformers'), an Orbax checkpoint, or the latest checkpoint of a training workdir."""
   if os.path.isfile(os.path.join(path, "config.json")):
     config, params = import_pytorch(path, allow_missing=allow_missing)
   elif orbax_io.is_checkpoint(path):
@@ -201,5 +201,11 @@ def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
         f"{path} is neither a PyTorch checkpoint directory (config.json + weights), an Orbax "
         "checkpoint written by internvl_jax, nor a training workdir.")
   tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-  tokenizer = Tokenizer.load(tokenizer_path) if os.path.isfile(tokenizer_path) else None
+  return config, params, tokenizer_path if os.path.isfile(tokenizer_path) else None
+
+
+def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
+  """The model `load_arrays` reads, on the default device, with its tokenizer if it has one."""
+  config, params, tokenizer_path = load_arrays(path, allow_missing=allow_missing)
+  tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
   return Pretrained(config, jax.tree.map(jnp.asarray, params), tokenizer)

@@ -145,6 +145,18 @@ class InternVLG(_DualEncoder):
     hidden = self.qllama(tokens, attention_mask, None, mode="text").text
     return self.project_text(hidden, attention_mask)
 
+  def text_batches(self, pixels, tokens, attention_mask, modes: tuple[str, ...], *,
+                   train: bool = False):
+    """(InternViT's last tokens, query outputs, text outputs) of text batches `tokens`
+    (len(modes), B, length), each under its mode's mask, in one QLLaMA pass against the image
+    batch; outputs keep the (len(modes), B) leading axes."""
+    count, batch, length = tokens.shape
+    vision = self.vision_model(pixels, train=train).last_hidden_state
+    out = self.qllama(tokens.reshape(-1, length), attention_mask.reshape(-1, length), vision,
+                      mode=modes)
+    unflatten = lambda x: x.reshape((count, batch) + x.shape[1:])
+    return vision, unflatten(out.queries), unflatten(out.text)
+
   def __call__(self, pixels, tokens, attention_mask, *, train: bool = False) -> Stage2Output:
     """The stage-2 forward: `tokens` and `attention_mask` are (3, B, length), the ITM, ITC and ITG
     text batches in `STAGE2_MODES` order, each right-padded to the same length.
@@ -158,12 +170,8 @@ class InternVLG(_DualEncoder):
                        f"{tokens.shape}.")
     if attention_mask.shape != tokens.shape:
       raise ValueError(f"attention_mask has shape {attention_mask.shape}, tokens {tokens.shape}.")
-    _, batch, length = tokens.shape
-    vision = self.vision_model(pixels, train=train).last_hidden_state
-    out = self.qllama(tokens.reshape(-1, length), attention_mask.reshape(-1, length), vision,
-                      mode=STAGE2_MODES)
-    queries = out.queries.reshape((3, batch) + out.queries.shape[1:])
-    text = out.text.reshape((3, batch) + out.text.shape[1:])
+    _, queries, text = self.text_batches(pixels, tokens, attention_mask, STAGE2_MODES,
+                                         train=train)
     return Stage2Output(
         itm_logits=jnp.mean(self.itm_head(queries[0]).astype(jnp.float32), axis=1),
         image_features=l2_normalize(self.clip_projector2(queries[1])),

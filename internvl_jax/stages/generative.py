@@ -62,10 +62,8 @@ class GenerativeStage:
     out = self._module.apply({"params": params}, batch["image"], tokens,
                              tokens != self.model.text.pad_id, train=train,
                              rngs={"dropout": rng})
-    # Padding rows are zeros, which would count as labels.
-    labels = jnp.where(batch["valid"][:, None], batch["itg_labels"], IGNORE_LABEL)
-    itg_nll, itg_tokens = losses.lm_example_losses(out.lm_logits, labels,
-                                                   ignore_index=IGNORE_LABEL)
+    itg_nll, itg_tokens = losses.lm_example_losses(out.lm_logits, batch["itg_labels"],
+                                                   ignore_index=IGNORE_LABEL, valid=batch["valid"])
     return {"image": out.image_features, "text": out.text_features,
             "itm_logits": out.itm_logits, "itg_nll": itg_nll,
             "itg_tokens": itg_tokens.astype(jnp.float32)}

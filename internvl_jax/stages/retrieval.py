@@ -30,7 +30,6 @@ at lr 1e-6 x 0.9^33), padding handled as above (the reference has none).
 
 import dataclasses
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,45 +69,9 @@ def layer_decay(model: InternVLConfig, rate: float) -> tuple[optim.LayerDecay, .
   return vision, qllama
 
 
-def multi_positive_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array,
-                        positives: jax.Array, valid: jax.Array,
-                        max_logit_scale: float | None = None):
-  """Symmetric InfoNCE with soft targets: the mean of image->text and text->image
-  cross-entropies against `positives` (batch, batch) bool normalized per row.
-
-  `positives` must be symmetric and hold the diagonal of the `valid` rows; columns where
-  `valid` is False are left out of every softmax, rows out of the averages.
-  """
-  if max_logit_scale is not None:
-    logit_scale = jnp.minimum(logit_scale, max_logit_scale)
-  scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
-  logits = scale * jnp.einsum("id,td->it", image_emb, text_emb, preferred_element_type=jnp.float32)
-  logits = nn.with_logical_constraint(logits, ("act_batch", None))
-  targets = positives.astype(jnp.float32)
-  targets = targets / jnp.maximum(jnp.sum(targets, axis=1, keepdims=True), 1.0)
-  count = jnp.maximum(jnp.sum(valid.astype(jnp.float32)), 1.0)
-
-  def direction(scores):  # rows score every valid column
-    masked = jnp.where(valid[None, :], scores, jnp.finfo(jnp.float32).min)
-    nll = jax.nn.logsumexp(masked, axis=1) - jnp.sum(targets * scores, axis=1)
-    hit = jnp.take_along_axis(positives, jnp.argmax(masked, axis=1)[:, None], axis=1)[:, 0]
-    return (jnp.sum(jnp.where(valid, nll, 0.0)) / count,
-            jnp.sum(jnp.where(valid, hit, False).astype(jnp.float32)) / count)
-
-  image_to_text, i2t_accuracy = direction(logits)
-  text_to_image, t2i_accuracy = direction(logits.T)
-  return 0.5 * (image_to_text + text_to_image), {
-      "i2t_accuracy": i2t_accuracy, "t2i_accuracy": t2i_accuracy, "logit_scale": scale}
-
-
 def _forward(model: InternVLG, pixels, tokens, attention_mask, train: bool):
   """Per-row features: `tokens` (3, B, L) in `_MODES` order."""
-  _, batch, length = tokens.shape
-  vision = model.vision_model(pixels, train=train).last_hidden_state
-  out = model.qllama(tokens.reshape(-1, length), attention_mask.reshape(-1, length), vision,
-                     mode=_MODES)
-  queries = out.queries.reshape((3, batch) + out.queries.shape[1:])
-  text = out.text.reshape((3, batch) + out.text.shape[1:])
+  vision, queries, text = model.text_batches(pixels, tokens, attention_mask, _MODES, train=train)
   itm = jnp.mean(model.itm_head(queries[:2]).astype(jnp.float32), axis=2)  # (2, B, 2)
   return {"itm_logits": jnp.swapaxes(itm, 0, 1),  # (B, [negative, positive], 2)
           "image": l2_normalize(model.clip_projector2(queries[2])),
@@ -143,11 +106,12 @@ class RetrievalStage:
     valid = batch["valid"]
     ids = batch["image_id"] if self.multi_positive else jnp.arange(valid.shape[0])
     positives = (ids[:, None] == ids[None, :]) & valid[None, :] & valid[:, None]
-    itc, metrics = multi_positive_loss(features["image"], features["text"], params["logit_scale"],
-                                       positives, valid, self.max_logit_scale)
-    backbone, _ = multi_positive_loss(features["backbone"], features["text"],
-                                      params["logit_scale"], positives, valid,
-                                      self.max_logit_scale)
+    itc, metrics = losses.multi_positive_clip_loss(
+        features["image"], features["text"], params["logit_scale"], positives, valid,
+        max_logit_scale=self.max_logit_scale)
+    backbone, _ = losses.multi_positive_clip_loss(
+        features["backbone"], features["text"], params["logit_scale"], positives, valid,
+        max_logit_scale=self.max_logit_scale)
     labels = jnp.broadcast_to(jnp.arange(2, dtype=jnp.int32), valid.shape + (2,))
     itm, itm_metrics = losses.itm_loss(features["itm_logits"].reshape(-1, 2), labels.reshape(-1),
                                        jnp.repeat(valid, 2))
@@ -168,14 +132,12 @@ class RetrievalStage:
     """Stage 2's forward without the ITG logits, with the ITM head on a second text batch and
     `clip_projector` on the image tokens; every param trains, so backward is twice forward."""
     model, size = self.model, self.input_size
-    d, width = model.text.hidden_size, model.vision.hidden_size
+    d = model.text.hidden_size
     tokens = 1 + (size // model.vision.patch_size)**2
     forward = flops.internvl_g_stage2_forward_flops(model, (size, size), self.text_len)
     forward -= 2 * self.text_len * d * model.text.vocab_size
     forward += 2 * model.num_queries * d * 2
-    # The attention pooling, as flops.internvl_c_forward_flops counts it.
-    forward += (2 * width * width + 2 * 2 * tokens * width * width + 2 * 2 * tokens * width +
-                2 * width * model.embed_dim)
+    forward += flops.attention_pooling_flops(model.vision.hidden_size, tokens, model.embed_dim)
     return flops.training_flops(forward)
 
   def count_tokens(self, batch) -> int:

@@ -86,9 +86,8 @@ class ChatStage:
     del rng, train  # InternVL-Chat has no dropout or drop path
     logits = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
                                 batch["tokens"], batch["token_mask"])
-    # Padding rows are zeros, which would count as labels.
-    labels = jnp.where(batch["valid"][:, None], batch["labels"], IGNORE_LABEL)
-    nll, tokens = losses.lm_example_losses(logits, labels, ignore_index=IGNORE_LABEL)
+    nll, tokens = losses.lm_example_losses(logits, batch["labels"], ignore_index=IGNORE_LABEL,
+                                           valid=batch["valid"])
     return {"nll": nll, "tokens": tokens.astype(jnp.float32)}
 
   def loss(self, params, features, batch):

@@ -15,12 +15,13 @@ import numpy as np
 
 
 def load_source(path: str) -> tuple[Any, dict]:
-  """(model config, params as numpy) of whatever `path` holds."""
+  """(model config, params as host numpy arrays) of whatever `path` holds; kept on the host, as
+  `Stage.warm_start` reads them there before the state is placed in its shards."""
   from internvl_jax import pretrained  # pylint: disable=import-outside-toplevel (import cycle)
   if not os.path.exists(path):
     raise FileNotFoundError(f"Warm start: {path} does not exist.")
-  model = pretrained.load_pretrained(path)
-  return model.config, jax.tree.map(np.asarray, model.params)
+  config, params, _ = pretrained.load_arrays(path)
+  return config, params
 
 
 def graft(params: dict, parts: Mapping[str, Any], source: str) -> dict:
