@@ -127,6 +127,16 @@ def test_demo_chat_questions_leave_out_the_free_form_description():
   assert data_lib.class_names(data_lib.resolve("demo", "zero_shot", IMAGE_SIZE)) == demo.CLASS_NAMES
 
 
+def test_demo_caption_references_are_every_template_with_the_record_caption_first():
+  eval_data = data_lib.resolve("demo", "caption", IMAGE_SIZE)
+  for record in data_lib.records(eval_data, 5):
+    references = data_lib.captions(record)
+    assert len(set(references)) == len(references) == 6
+    assert references[0] == record["caption"].decode()
+    colour, shape = record["class_name"].decode().split()
+    assert all(shape in r for r in references)
+
+
 @pytest.fixture(scope="module")
 def coco_like(tmp_path_factory):
   """A local TFDS dataset shaped like coco_captions / imagenet2012: decoded uint8 images of any
@@ -230,7 +240,8 @@ def test_evaluate_runs_zero_shot_and_retrieval_on_internvl_c(internvl_c, coco_li
   tfds_data = "tfds:coco_like"
   retrieval = evaluate(internvl_c, "retrieval", tfds_data, batch_size=4, data_dir=coco_like)
   assert retrieval["retrieval/num_images"] == 5 and retrieval["retrieval/num_texts"] == 10
-  assert retrieval["retrieval/i2t_r5"] == 100.0  # each image has 2 positives among 10 texts
+  assert retrieval["retrieval/i2t_r10"] == 100.0  # 10 texts: every image's positives in the top 10
+  assert 0 <= retrieval["retrieval/i2t_r1"] <= retrieval["retrieval/i2t_r5"] <= 100
   zero_shot = evaluate(internvl_c, "zero_shot", tfds_data, batch_size=4, data_dir=coco_like)
   assert zero_shot["zero_shot/num_classes"] == 3 and zero_shot["zero_shot/top5"] == 100.0
 

@@ -54,7 +54,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
   command.add_argument("--image-size", type=int, default=64)
   command.add_argument("--image-format", choices=("png", "jpeg"), default="png")
   command.add_argument("--seed", type=int, default=0)
-  command.add_argument("--train-size", type=int, default=5000)
+  command.add_argument("--train-size", type=int, default=20_000)
   command.add_argument("--eval-size", type=int, default=500)
   command.add_argument("--vocab-size", type=int, default=512)
   return parser.parse_args(argv)

@@ -47,7 +47,7 @@ def main(argv: list[str]) -> str:
   parser.add_argument("--model-type", choices=("bpe", "unigram"), default="bpe")
   parser.add_argument("--output", help="where to write the .model file")
   parser.add_argument("--seed", type=int, default=0, help="demo data seed")
-  parser.add_argument("--train-size", type=int, default=5000, help="demo train split size")
+  parser.add_argument("--train-size", type=int, default=20_000, help="demo train split size")
   args = parser.parse_args(argv)
   if args.demo:
     path = demo.ensure_tokenizer(args.seed, args.train_size, args.vocab_size, args.data_dir)

@@ -1,9 +1,10 @@
 """The built-in demo dataset: synthetic captioned shapes, and a tokenizer trained on its text.
 
-Each image is one shape (6 kinds) in one colour (6) at one of 9 positions, small or large, on a
-grey background of 5 kinds. The class is the (colour, shape) pair: 36 classes, of which 6 (one
+Each image is one shape (6 kinds) in one colour (6) at one of 9 positions, on a grey background
+of 5 kinds. The class is the (colour, shape) pair: 36 classes, of which 6 (one
 per colour and per shape) never appear in "train" or "test" and make the "zero_shot" split.
-Every record has a caption, the class label and name, and a question-answer conversation.
+Every record has a caption, every caption template filled in (captioning references), the
+class label and name, and a question-answer conversation.
 Everything is a function of (seed, split, index): built once into the TFDS data directory on
 first use and reused after.
 """
@@ -35,22 +36,28 @@ HELD_OUT_CLASSES = tuple(f"{colour} {SHAPES[i]}" for i, colour in enumerate(COLO
 SEEN_CLASSES = tuple(c for c in CLASS_NAMES if c not in HELD_OUT_CLASSES)
 POSITIONS = ("top left", "top center", "top right", "middle left", "center", "middle right",
              "bottom left", "bottom center", "bottom right")
-SIZES = {"small": 0.26, "large": 0.44}  # shape extent as a fraction of the image side
+# Shape extent as a fraction of the image side. One size: a tiny ViT (8 px patches) learns shapes
+# this large within minutes, but not smaller ones, nor two sizes at once.
+SHAPE_EXTENT = 0.44
+# Bumped whenever what the records hold changes, so that a cached older build is not reused.
+VERSION = 3
 BACKGROUNDS = ("dark", "light", "gradient", "striped", "noisy")
 SPLITS = {"train": 0, "test": 1, "zero_shot": 2}
 
 _CAPTIONS = (
-    "a {size} {colour} {shape} in the {position}",
+    "a {colour} {shape} in the {position}",
     "a {colour} {shape}",
-    "a photo of a {size} {colour} {shape} on a {background} background",
+    "a photo of a {colour} {shape} on a {background} background",
     "there is a {colour} {shape} in the {position} of the image",
-    "a {size} {shape} coloured {colour}, {position}",
+    "a {shape} coloured {colour}, {position}",
+    # Without the colour: in-batch negatives of any colour, told apart only by their shape.
+    "a {shape} on a {background} background",
 )
 _QUESTIONS = (
     ("What shape is shown?", "A {shape}."),
     ("What colour is the {shape}?", "It is {colour}."),
     ("Where is the {shape}?", "In the {position}."),
-    ("Is the {shape} large or small?", "It is {size}."),
+    ("Is the background dark, light, gradient, striped or noisy?", "It is {background}."),
     ("Describe the image.", "{caption}."),
 )
 _SUPERSAMPLE = 2  # shapes are drawn at this multiple of the size and downscaled (antialiasing)
@@ -68,10 +75,14 @@ def _sample_text(rng: np.random.Generator, class_names: tuple[str, ...]) -> dict
   attrs = {
       "colour": colour, "shape": shape,
       "position": POSITIONS[rng.integers(len(POSITIONS))],
-      "size": tuple(SIZES)[rng.integers(len(SIZES))],
       "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
   }
-  caption = _with_articles(_CAPTIONS[rng.integers(len(_CAPTIONS))].format(**attrs))
+  chosen = rng.integers(len(_CAPTIONS))
+  # Every template filled in, the record's own caption first: the captioning references (as COCO
+  # has 5 per image), since no captioner can know which template the training caption used.
+  captions = [_with_articles(_CAPTIONS[i].format(**attrs))
+              for i in (chosen, *(i for i in range(len(_CAPTIONS)) if i != chosen))]
+  caption = captions[0]
   order = rng.permutation(len(_QUESTIONS))[:1 + rng.integers(3)]
   conversation = []
   for turn, q in enumerate(order):
@@ -82,8 +93,8 @@ def _sample_text(rng: np.random.Generator, class_names: tuple[str, ...]) -> dict
         {"from": templates.HUMAN, "value": prefix + question.format(**attrs)},
         {"from": templates.ASSISTANT, "value": answer},
     ]
-  return {"attrs": attrs, "caption": caption, "conversations": conversation,
-          "class_name": f"{colour} {shape}"}
+  return {"attrs": attrs, "caption": caption, "captions": captions,
+          "conversations": conversation, "class_name": f"{colour} {shape}"}
 
 
 def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -127,7 +138,7 @@ def _render(attrs: dict, size: int, rng: np.random.Generator) -> Image.Image:
   big = size * _SUPERSAMPLE
   image = Image.fromarray(_background(attrs["background"], big, rng))
   row, col = divmod(POSITIONS.index(attrs["position"]), 3)
-  radius = SIZES[attrs["size"]] * big / 2
+  radius = SHAPE_EXTENT * big / 2
   jitter = big / 24
   cx = (col + 0.5) * big / 3 + rng.uniform(-jitter, jitter)
   cy = (row + 0.5) * big / 3 + rng.uniform(-jitter, jitter)
@@ -167,6 +178,7 @@ def _records(split: str, count: int, image_size: int, image_format: str,
     yield f"{split}_{index:06d}", {
         "image": _encode(_render(text["attrs"], image_size, rng), image_format),
         "caption": text["caption"],
+        "captions": text["captions"],
         "label": CLASS_NAMES.index(text["class_name"]),
         "class_name": text["class_name"],
         "conversations": text["conversations"],
@@ -177,6 +189,7 @@ def features() -> tfds.features.FeaturesDict:
   return tfds.features.FeaturesDict({
       "image": sources.image_feature(),
       "caption": tfds.features.Text(),
+      "captions": tfds.features.Sequence(tfds.features.Text()),
       "label": tfds.features.ClassLabel(names=CLASS_NAMES),
       "class_name": tfds.features.Text(),
       "conversations": sources.conversations_feature(),
@@ -184,10 +197,10 @@ def features() -> tfds.features.FeaturesDict:
 
 
 def config_name(image_size: int, image_format: str, seed: int, train_size: int) -> str:
-  return f"{image_size}px_{image_format}_seed{seed}_train{train_size}"
+  return f"v{VERSION}_{image_size}px_{image_format}_seed{seed}_train{train_size}"
 
 
-def ensure_dataset(image_size: int = 64, seed: int = 0, train_size: int = 5000,
+def ensure_dataset(image_size: int = 64, seed: int = 0, train_size: int = 20_000,
                    eval_size: int = 500, image_format: str = "png",
                    data_dir: str | None = None) -> str:
   """Builds the demo dataset unless it is already in `data_dir`; returns its TFDS name
@@ -218,11 +231,11 @@ def tokenizer_corpus(seed: int, train_size: int) -> Iterator[str]:
     yield from (turn["value"] for turn in text["conversations"])
 
 
-def ensure_tokenizer(seed: int = 0, train_size: int = 5000, vocab_size: int = 512,
+def ensure_tokenizer(seed: int = 0, train_size: int = 20_000, vocab_size: int = 512,
                      data_dir: str | None = None) -> str:
   """Trains the demo SentencePiece model unless cached next to the demo data; returns its path."""
   directory = os.path.join(data_dir or sources.default_data_dir(), NAME)
-  path = os.path.join(directory, f"tokenizer_seed{seed}_train{train_size}_vocab{vocab_size}.model")
+  path = os.path.join(directory, f"tokenizer_v{VERSION}_seed{seed}_train{train_size}_vocab{vocab_size}.model")
   if not os.path.exists(path):
     model = tokenizer_lib.train_sentencepiece(tokenizer_corpus(seed, train_size), vocab_size)
     os.makedirs(directory, exist_ok=True)

@@ -117,12 +117,13 @@ def _text(value) -> str:
 
 
 def captions(record: dict) -> list[str]:
-  """The record's reference captions: "caption" (one) or "captions" (COCO: {"text": [...]})."""
-  if "caption" in record:
-    return [_text(record["caption"])]
+  """The record's reference captions: "captions" (COCO: {"text": [...]}; the demo: a list, its
+  "caption" first) when there, else "caption" (one)."""
   if "captions" in record:
     value = record["captions"]
     return [_text(text) for text in (value["text"] if isinstance(value, dict) else value)]
+  if "caption" in record:
+    return [_text(record["caption"])]
   raise ValueError(f"The records have no 'caption' or 'captions' feature (keys: {sorted(record)}).")
 
 

@@ -37,8 +37,6 @@ DEMO_TEMPLATES = (
     "a {}",
     "a photo of a {}",
     "there is a {} in the image",
-    "a small {}",
-    "a large {}",
 )
 
 

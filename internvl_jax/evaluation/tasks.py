@@ -63,8 +63,10 @@ def retrieval(model, data: data_lib.EvalData, *, size: int, limit: int | None, b
     for record in records:
       references = data_lib.captions(record)
       if data.is_demo:
+        # One text per demo image, its own caption (the others are its templates filled in).
         # Many demo images share one templated caption ("a red circle"): a caption is a correct
         # match for every image with the identical caption string, so the demo groups by string.
+        references = references[:1]
         group = caption_groups.setdefault(references[0], len(caption_groups))
       else:
         group = len(image_groups)  # COCO, Flickr30K: an image's own captions are its positives
