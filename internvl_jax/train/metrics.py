@@ -54,7 +54,8 @@ class MetricsWriter:
     for name, value in record.items():
       if name != "step" and math.isfinite(value):
         self._tensorboard.add_scalar(name, value, step)
-    self._bar.set_postfix(loss=f"{record.get('loss', float('nan')):.4g}", refresh=False)
+    if "loss" in record:  # evaluation records carry none
+      self._bar.set_postfix(loss=f"{record['loss']:.4g}", refresh=False)
 
   def advance(self, steps: int = 1):
     if self._enabled:
