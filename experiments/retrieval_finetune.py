@@ -35,8 +35,7 @@ PAPER_STEPS = 10 * FLICKR30K_TRAIN_PAIRS // PAPER_BATCH  # 1,416
 
 def demo_config() -> train_config.ExperimentConfig:
   # stage2_generative.py's demo model, so that its workdir warm-starts every param.
-  model = internvl_preset("tiny", vision=vision_preset("tiny", image_size=64),
-                          text=llama_preset("tiny", vocab_size=512))
+  model = internvl_preset("demo")
   train = train_config.TrainConfig(
       stage=RetrievalStage(model, text_len=32),
       optimizer=OptimizerConfig(learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.05,

@@ -9,7 +9,7 @@
 Starts from stage 1 (`init`): InternViT, `clip_projector`, `text_projection` and the text tower
 (as QLLaMA's LLaMA weights) come from there; the queries and cross-attention start new.
 "demo": the demo model, warm-started from runs/stage1_contrastive, in-batch ITM negatives;
-evaluates InternVL-G retrieval and captioning (CIDEr, BLEU-4) every 100 steps.
+evaluates InternVL-G retrieval and captioning (CIDEr, BLEU-4) every 500 steps.
 "paper": InternViT-6B + QLLaMA (LLaMA-7B), only the queries, cross-attention blocks,
 `clip_projector2`, ITM head and temperature trainable (about 1B of 14B params); AdamW (0.9,
 0.98), wd 0.05, peak lr 5e-5, 2K warm-up, cosine over 80K steps of 20,000 pairs at 224 px, no drop
@@ -28,12 +28,13 @@ from internvl_jax.train import config as train_config
 def demo_config() -> train_config.ExperimentConfig:
   train = train_config.TrainConfig(
       stage=GenerativeStage(internvl_preset("demo"), text_len=32),
+      # QLLaMA learns to caption from scratch here (see DEMO_LM_PARAMS): 1500 steps.
       optimizer=OptimizerConfig(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.05,
-                                warmup_steps=20, total_steps=300,
+                                warmup_steps=100, total_steps=1500,
                                 trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
-      checkpoint_every=100)
-  evaluation = train_config.EvalConfig(every=100, tasks=("retrieval", "caption"), mode="G")
+      checkpoint_every=500)
+  evaluation = train_config.EvalConfig(every=500, tasks=("retrieval", "caption"), mode="G")
   return train_config.ExperimentConfig(train=train, data=train_config.DataConfig(augment=False),
                                        eval=evaluation, init="runs/stage1_contrastive")
 

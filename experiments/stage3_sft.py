@@ -25,7 +25,7 @@ import dataclasses
 import math
 
 from internvl_jax import sharding
-from internvl_jax.config import ChatConfig, chat_preset, llama_preset, vision_preset
+from internvl_jax.config import ChatConfig, chat_preset, internvl_preset, llama_preset, vision_preset
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, PROJECTOR_PARAMS, ChatStage
@@ -37,12 +37,13 @@ _DEMO_VOCAB = 512 + 3
 
 
 def demo_config() -> train_config.ExperimentConfig:
-  # The vision tower of the stage-2 demo (experiments/stage2_generative.py), so it warm-starts.
   llm = llama_preset("tiny", vocab_size=_DEMO_VOCAB, hidden_size=128, mlp_dim=352,
                      max_positions=256)
-  model = ChatConfig(vision=vision_preset("tiny", image_size=64), llm=llm, variant="v1.0",
-                     image_size=64, select_layer=-2, image_context_id=_DEMO_VOCAB - 1)
-  steps = 300
+  # The stage-1/2 demo's vision tower, so it warm-starts. Its last block's tokens (v1.0 takes
+  # layer -4 of 48): the demo ViT has two blocks, and stage 1 trained the last one for the image.
+  model = ChatConfig(vision=internvl_preset("demo").vision, llm=llm, variant="v1.0",
+                     image_size=64, select_layer=-1, image_context_id=_DEMO_VOCAB - 1)
+  steps = 600  # answers about position (9 places) are learnt last
   train = train_config.TrainConfig(
       # 64 image tokens + the vicuna_v1 system prompt + up to 3 rounds: at most ~200 tokens.
       stage=ChatStage(model, max_len=208, template="vicuna_v1"),
@@ -51,7 +52,7 @@ def demo_config() -> train_config.ExperimentConfig:
       global_batch_size=32, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=100)
   # 60 test images: about 100 questions with one right answer (what shape / colour / where /
-  # large or small).
+  # which background).
   evaluation = train_config.EvalConfig(every=steps, tasks=("chat",), limit=60)
   return train_config.ExperimentConfig(train=train, eval=evaluation,
                                        init=("runs/stage2_generative",))
