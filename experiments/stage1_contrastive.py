@@ -1,6 +1,6 @@
 """Stage 1 (spec 4.1): contrastive pre-training of InternVL-C with the CLIP loss.
 
-  python experiments/stage1_contrastive.py                     # demo: CPU, about a minute
+  python experiments/stage1_contrastive.py                     # demo: CPU, about 3 minutes
   python experiments/stage1_contrastive.py --preset paper --init /ckpt/multilingual-llama-7b \
       --set data.tokenizer=/ckpt/multilingual-llama-7b/tokenizer.model   # on every host
   python tools/aot_plan.py --experiment experiments/stage1_contrastive.py --preset paper \
