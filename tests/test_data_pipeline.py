@@ -218,7 +218,11 @@ def test_demo_dataset_splits_labels_and_reuse(data_dir, monkeypatch):
   assert demo.CLASS_NAMES[record["label"]] == record["class_name"].decode()
   for i in range(len(train)):
     colour, shape = train[i]["class_name"].decode().split(" ")
-    assert colour in train[i]["caption"].decode() and shape in train[i]["caption"].decode()
+    captions = [c.decode() for c in train[i]["captions"]]
+    assert captions[0] == train[i]["caption"].decode()
+    words = [set(c.replace(",", " ").split()) for c in captions]
+    # Every template names the shape; all but one (the shape-only caption) the colour.
+    assert all(shape in w for w in words) and sum(colour in w for w in words) == len(words) - 1
   assert Image.open(io.BytesIO(record["image"])).size == (16, 16)
   assert record["conversations"]["value"][0].startswith(b"<image>\n")
   # Built once: a second call finds it and writes nothing.
