@@ -25,7 +25,8 @@ import dataclasses
 import math
 
 from internvl_jax import sharding
-from internvl_jax.config import ChatConfig, chat_preset, internvl_preset, llama_preset, vision_preset
+from internvl_jax.config import (ChatConfig, chat_preset, internvl_preset, llama_preset,
+                                 vision_preset)
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, PROJECTOR_PARAMS, ChatStage

@@ -243,7 +243,8 @@ INTERNVL_PRESETS = {
                            attn_pool_heads=4, num_queries=4),
     # The demo runs' model (experiments/*, on the demo data at 64 px with its 512-piece tokenizer).
     # LayerScale starts at 1.0, as in InternViT-300M (the demo quality in README is measured so).
-    "demo": InternVLConfig(vision=VISION_PRESETS["tiny"].replace(image_size=64, layerscale_init=1.0),
+    "demo": InternVLConfig(vision=VISION_PRESETS["tiny"].replace(image_size=64,
+                                                                  layerscale_init=1.0),
                            text=LLAMA_PRESETS["tiny"].replace(vocab_size=512), embed_dim=32,
                            attn_pool_heads=4, num_queries=4),
     # InternVL-14B-224px (InternVL-C and -G): InternViT-6B-224px + QLLaMA on the multilingual

@@ -238,7 +238,8 @@ def ensure_tokenizer(seed: int = 0, train_size: int = 20_000, vocab_size: int = 
                      data_dir: str | None = None) -> str:
   """Trains the demo SentencePiece model unless cached next to the demo data; returns its path."""
   directory = os.path.join(data_dir or sources.default_data_dir(), NAME)
-  path = os.path.join(directory, f"tokenizer_v{VERSION}_seed{seed}_train{train_size}_vocab{vocab_size}.model")
+  path = os.path.join(directory,
+                      f"tokenizer_v{VERSION}_seed{seed}_train{train_size}_vocab{vocab_size}.model")
   if not os.path.exists(path):
     model = tokenizer_lib.train_sentencepiece(tokenizer_corpus(seed, train_size), vocab_size)
     os.makedirs(directory, exist_ok=True)
