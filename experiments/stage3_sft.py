@@ -46,15 +46,15 @@ def demo_config() -> train_config.ExperimentConfig:
                      image_size=64, select_layer=-1, image_context_id=_DEMO_VOCAB - 1)
   steps = 600  # answers about position (9 places) are learnt last
   train = train_config.TrainConfig(
-      # 64 image tokens + the vicuna_v1 system prompt + up to 3 rounds: at most ~200 tokens.
-      stage=ChatStage(model, max_len=208, template="vicuna_v1"),
+      # 64 image tokens + the vicuna_v1 system prompt + one round: at most ~150 tokens.
+      stage=ChatStage(model, max_len=160, template="vicuna_v1"),
       optimizer=OptimizerConfig(learning_rate=2e-3, b1=0.9, b2=0.98, warmup_steps=20,
                                 total_steps=steps, trainable=(PROJECTOR_AND_LLM_PARAMS,)),
       global_batch_size=32, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=100)
-  # 60 test images: about 100 questions with one right answer (what shape / colour / where /
-  # which background).
-  evaluation = train_config.EvalConfig(every=steps, tasks=("chat",), limit=60)
+  # 125 test images, one question each: about 100 with one right answer (what shape / colour /
+  # where / which background; "Describe the image." has several).
+  evaluation = train_config.EvalConfig(every=steps, tasks=("chat",), limit=125)
   return train_config.ExperimentConfig(train=train, eval=evaluation,
                                        init=("runs/stage2_generative",))
 
