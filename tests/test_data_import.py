@@ -179,9 +179,9 @@ def test_demo_command_builds_dataset_and_tokenizer(tmp_path):
   report = build_dataset.main(["demo", "--image-size", "8", "--train-size", "20",
                                "--eval-size", "4", "--vocab-size", "400",
                                "--data-dir", str(tmp_path)])
-  assert report["dataset"] == "internvl_demo_shapes/v4_8px_png_seed0_train20"
+  assert report["dataset"] == "internvl_demo_shapes/v5_8px_png_seed0_train20"
   assert tokenizer_lib.Tokenizer.load(report["tokenizer"]).vocab_size <= 400
   with pytest.raises(FileExistsError):
     sources.write_dataset("internvl_demo_shapes", {"train": lambda: iter(())},
                           sources.pair_features(), str(tmp_path),
-                          config="v4_8px_png_seed0_train20")
+                          config="v5_8px_png_seed0_train20")
