@@ -66,7 +66,8 @@ def internvl_g_stage2_flops(config: InternVLConfig, image_hw: tuple[int, int],
   attention keys and values projected once per image), the ITG vocabulary logits, the ITM head,
   `clip_projector2` and the text projection. "trainable": the matmuls of that with trainable
   weights (cross-attention, ITM head, `clip_projector2`). "attention": its matmuls of two
-  activations (scores and weighted values).
+  activations (scores and weighted values). "backbone": `clip_projector` on InternViT's tokens
+  (InternVL-C's image embedding, which the stage-2 forward also returns).
   """
   text, vision = config.text, config.vision
   d, queries, num_texts = text.hidden_size, config.num_queries, 3
@@ -86,28 +87,31 @@ def internvl_g_stage2_flops(config: InternVLConfig, image_hw: tuple[int, int],
             itm_head + pooling + 2 * d * config.embed_dim)
   attention = (num_texts * text.num_layers * 2 * 2 * length * length * d + cross_attention +
                pooling_attention)
+  backbone = attention_pooling_flops(vision.hidden_size, image_tokens, config.embed_dim)
   return {"vision": vit_forward_flops(vision, image_hw), "qllama": qllama,
-          "trainable": trainable, "attention": attention}
+          "trainable": trainable, "attention": attention, "backbone": backbone}
 
 
 def internvl_g_stage2_forward_flops(config: InternVLConfig, image_hw: tuple[int, int],
                                     text_tokens: int) -> int:
   """Matmul FLOPs of one stage-2 example's forward (see `internvl_g_stage2_flops`)."""
   parts = internvl_g_stage2_flops(config, image_hw, text_tokens)
-  return parts["vision"] + parts["qllama"]
+  return parts["vision"] + parts["qllama"] + parts["backbone"]
 
 
 def internvl_g_stage2_training_flops(config: InternVLConfig, image_hw: tuple[int, int],
-                                     text_tokens: int) -> int:
+                                     text_tokens: int, backbone_itc: bool = False) -> int:
   """Forward and backward of one stage-2 example with InternViT and LLaMA frozen.
 
-  InternViT runs forward only (nothing before it trains). Backward through QLLaMA and the heads
-  propagates every activation gradient (one forward's worth), adds weight gradients for the
-  trainable matmuls only, and both operand gradients for attention. An upper estimate: XLA drops
-  the backward of ITC text rows, which never see the queries.
+  InternViT runs forward only (nothing before it trains), and so does `clip_projector` where a
+  loss uses it (`backbone_itc`). Backward through QLLaMA and the heads propagates every
+  activation gradient (one forward's worth), adds weight gradients for the trainable matmuls
+  only, and both operand gradients for attention. An upper estimate: XLA drops the backward of
+  ITC text rows, which never see the queries.
   """
   parts = internvl_g_stage2_flops(config, image_hw, text_tokens)
-  return parts["vision"] + 2 * parts["qllama"] + parts["trainable"] + parts["attention"]
+  return (parts["vision"] + 2 * parts["qllama"] + parts["trainable"] + parts["attention"] +
+          (parts["backbone"] if backbone_itc else 0))
 
 
 def chat_flops(config: ChatConfig, tokens: int, tiles: int) -> dict[str, int]:

@@ -113,6 +113,7 @@ class Stage2Output:
 
   itm_logits: jax.Array  # (B, 2) float32: the mean over queries of `itm_head`
   image_features: jax.Array  # (B, embed_dim) normalized: `clip_projector2` of the ITC queries
+  backbone_features: jax.Array  # (B, embed_dim) normalized: InternVL-C's, `clip_projector`
   text_features: jax.Array  # (B, embed_dim) normalized: the ITC text at its last real token
   lm_logits: jax.Array  # (B, length, vocab) float32 at the ITG text positions
   logit_scale: jax.Array  # () the log scale
@@ -170,11 +171,12 @@ class InternVLG(_DualEncoder):
                        f"{tokens.shape}.")
     if attention_mask.shape != tokens.shape:
       raise ValueError(f"attention_mask has shape {attention_mask.shape}, tokens {tokens.shape}.")
-    _, queries, text = self.text_batches(pixels, tokens, attention_mask, STAGE2_MODES,
-                                         train=train)
+    vision, queries, text = self.text_batches(pixels, tokens, attention_mask, STAGE2_MODES,
+                                              train=train)
     return Stage2Output(
         itm_logits=jnp.mean(self.itm_head(queries[0]).astype(jnp.float32), axis=1),
         image_features=l2_normalize(self.clip_projector2(queries[1])),
+        backbone_features=l2_normalize(self.clip_projector(vision)),
         text_features=self.project_text(text[1], attention_mask[1]),
         lm_logits=self.qllama.logits(text[2]),
         logit_scale=self.logit_scale)
@@ -193,10 +195,8 @@ def init_variables(config: InternVLConfig, variant: str, rng: jax.Array) -> dict
   if variant == "C":
     return InternVLC(config).init(rng, pixels, tokens, mask)
   if variant == "G":
-    # The stage-2 forward touches every param but `clip_projector`, which the image encoder uses.
-    touch_all = lambda model, p, t: (model(p, jnp.stack([t] * 3), jnp.stack([mask] * 3)),
-                                     model.encode_image(p, mode="C"))
-    return InternVLG(config).init(rng, pixels, tokens, method=touch_all)
+    stage2 = lambda model, p, t: model(p, jnp.stack([t] * 3), jnp.stack([mask] * 3))
+    return InternVLG(config).init(rng, pixels, tokens, method=stage2)
   raise ValueError(f"Unknown InternVL variant {variant!r}; known: {VARIANTS}.")
 
 

@@ -129,15 +129,13 @@ class RetrievalStage:
     return batch
 
   def flops_per_example(self) -> int:
-    """Stage 2's forward without the ITG logits, with the ITM head on a second text batch and
-    `clip_projector` on the image tokens; every param trains, so backward is twice forward."""
+    """Stage 2's forward (`clip_projector` included) without the ITG logits, with the ITM head on
+    a second text batch; every param trains, so backward is twice forward."""
     model, size = self.model, self.input_size
     d = model.text.hidden_size
-    tokens = 1 + (size // model.vision.patch_size)**2
     forward = flops.internvl_g_stage2_forward_flops(model, (size, size), self.text_len)
     forward -= 2 * self.text_len * d * model.text.vocab_size
     forward += 2 * model.num_queries * d * 2
-    forward += flops.attention_pooling_flops(model.vision.hidden_size, tokens, model.embed_dim)
     return flops.training_flops(forward)
 
   def count_tokens(self, batch) -> int:
