@@ -1,6 +1,8 @@
 """Stage 2 (InternVL-G, ITC + ITM + ITG): accumulation equals the unaccumulated step, only the new
-parts train and hold optimizer state, and the analytic FLOPs agree with XLA's."""
+parts train and hold optimizer state, the optional InternVL-C ITC term, and the analytic FLOPs
+agree with XLA's."""
 
+import dataclasses
 import re
 
 import flax.linen as nn
@@ -10,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from internvl_jax import optim, sharding
+from internvl_jax import losses, optim, sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.data.tokenizer import IGNORE_LABEL
 from internvl_jax.flops import internvl_g_stage2_forward_flops
@@ -112,6 +114,31 @@ def test_only_the_new_parts_train_and_hold_optimizer_state(unaccumulated):
   flat = {optim.path_name(path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(changed)[0]}
   assert {name for name, leaf in flat.items() if leaf} == trainable
+
+
+def test_backbone_itc_scores_internvl_cs_embedding_over_the_whole_accumulated_batch():
+  # The demo's setting: the text tower trains too, so the term's gradient reaches it.
+  base = config()
+  optimizer = dataclasses.replace(base.optimizer,
+                                  trainable=(TRAINABLE_PARAMS, r"^qllama/layers/"))
+  stage = GenerativeStage(MODEL, text_len=TEXT_LEN, backbone_itc=True)
+  trainer = Trainer(base.replace(stage=stage, optimizer=optimizer, accum_steps=2))
+  params = jax.tree.map(np.asarray, trainer.factory.init(seed=0).params)
+  batch = make_batch()
+  _, _, metrics = one_step(trainer, batch)
+  np.testing.assert_allclose(
+      metrics["loss"], metrics["itc_loss"] + metrics["itm_loss"] + metrics["itg_loss"] +
+      metrics["backbone_itc_loss"], rtol=1e-6)
+
+  # InternVL-C's image embedding against the ITC text features, every row against every column.
+  features = jax.jit(lambda b: stage.encode(params, b, jax.random.key(1), train=False))(batch)
+  model = InternVLG(MODEL)
+  image_c = model.apply({"params": params}, batch["image"], mode="C", method=model.encode_image)
+  np.testing.assert_allclose(features["backbone"], image_c, rtol=1e-5, atol=1e-6)
+  expected, _ = losses.clip_softmax_loss(image_c, features["text"], params["logit_scale"],
+                                         max_logit_scale=stage.max_logit_scale,
+                                         valid=batch["valid"])
+  np.testing.assert_allclose(metrics["backbone_itc_loss"], expected, rtol=2e-5)
 
 
 def test_itm_rows_use_their_own_caption_where_labelled_positive():

@@ -10,6 +10,12 @@ positive); "itm_text" (B, L) a negative caption per row; "itm_label" (B,) int32,
 row uses its own caption; "itg_text" / "itg_labels" (B, L) "English caption:" + caption and its
 next-token labels; "valid" (B,) bool (False on padding rows: left out of every loss).
 
+`backbone_itc` adds a second ITC term against the same text features with InternVL-C's image
+embedding (`clip_projector` of InternViT's tokens), as the reference's retrieval fine-tune does
+(spec 4.3). The paper's stage 2 has none: its text tower is frozen, so InternVL-C's alignment,
+which InternVL-G's image embedding adds to its own (spec 3.3), cannot drift. A stage that also
+trains the text tower (the demo's, which was never a language model) needs the term to keep it.
+
 Every loss is exact under feature-cached accumulation: the ITM label travels with its row, and
 ITG keeps per-row sums of token losses and token counts, so its mean is over the whole batch.
 """
@@ -41,6 +47,7 @@ class GenerativeStage:
   model: InternVLConfig
   text_len: int = 80  # tokens per text, BOS and EOS (and any prefix) included
   max_logit_scale: float | None = float(np.log(100.0))
+  backbone_itc: bool = False  # also ITC of InternVL-C's image embedding (see above)
 
   rules = sharding.VISION_RULES
   subtree_rules = _SUBTREE_RULES
@@ -64,9 +71,12 @@ class GenerativeStage:
                              rngs={"dropout": rng})
     itg_nll, itg_tokens = losses.lm_example_losses(out.lm_logits, batch["itg_labels"],
                                                    ignore_index=IGNORE_LABEL, valid=batch["valid"])
-    return {"image": out.image_features, "text": out.text_features,
-            "itm_logits": out.itm_logits, "itg_nll": itg_nll,
-            "itg_tokens": itg_tokens.astype(jnp.float32)}
+    features = {"image": out.image_features, "text": out.text_features,
+                "itm_logits": out.itm_logits, "itg_nll": itg_nll,
+                "itg_tokens": itg_tokens.astype(jnp.float32)}
+    if self.backbone_itc:
+      features["backbone"] = out.backbone_features
+    return features
 
   def loss(self, params, features, batch):
     valid = batch["valid"]
@@ -76,7 +86,14 @@ class GenerativeStage:
     itm, itm_metrics = losses.itm_loss(features["itm_logits"], batch["itm_label"], valid)
     itg = jnp.sum(features["itg_nll"]) / jnp.maximum(jnp.sum(features["itg_tokens"]), 1.0)
     metrics.update(itm_metrics, itc_loss=itc, itm_loss=itm, itg_loss=itg)
-    return itc + itm + itg, metrics
+    total = itc + itm + itg
+    if self.backbone_itc:
+      backbone, _ = losses.clip_softmax_loss(
+          features["backbone"], features["text"], params["logit_scale"],
+          max_logit_scale=self.max_logit_scale, valid=valid)
+      metrics["backbone_itc_loss"] = backbone
+      total += backbone
+    return total, metrics
 
   def abstract_batch(self, batch_size: int):
     size, channels = self.input_size, self.model.vision.num_channels
@@ -88,7 +105,8 @@ class GenerativeStage:
 
   def flops_per_example(self) -> int:
     size = self.input_size
-    return flops.internvl_g_stage2_training_flops(self.model, (size, size), self.text_len)
+    return flops.internvl_g_stage2_training_flops(self.model, (size, size), self.text_len,
+                                                  self.backbone_itc)
 
   def count_tokens(self, batch) -> int:
     """The text tokens of the three text batches, as the model sees them."""
