@@ -46,7 +46,7 @@ VERSION = 5
 BACKGROUNDS = ("dark", "light", "gradient", "striped", "noisy")
 SPLITS = {"train": 0, "test": 1, "zero_shot": 2}
 
-_CAPTIONS = (
+CAPTION_TEMPLATES = (
     "a {colour} {shape} in the {position}",
     "a {colour} {shape}",
     "a photo of a {colour} {shape} on a {background} background",
@@ -74,6 +74,12 @@ def _with_articles(text: str) -> str:
   return re.sub(r"\b([Aa]) (?=[aeiou])", r"\1n ", text)
 
 
+def fill_caption(template: str, attrs: dict) -> str:
+  """A caption template filled in with a record's attributes (colour, shape, position,
+  background)."""
+  return _with_articles(template.format(**attrs))
+
+
 def _sample_text(rng: np.random.Generator, class_names: tuple[str, ...]) -> dict:
   """Attributes, caption and conversation; drawn before the image so the text of a record
   does not depend on the image size."""
@@ -83,11 +89,11 @@ def _sample_text(rng: np.random.Generator, class_names: tuple[str, ...]) -> dict
       "position": POSITIONS[rng.integers(len(POSITIONS))],
       "background": BACKGROUNDS[rng.integers(len(BACKGROUNDS))],
   }
-  chosen = rng.integers(len(_CAPTIONS))
+  chosen = rng.integers(len(CAPTION_TEMPLATES))
   # Every template filled in, the record's own caption first: the captioning references (as COCO
   # has 5 per image), since no captioner can know which template the training caption used.
-  captions = [_with_articles(_CAPTIONS[i].format(**attrs))
-              for i in (chosen, *(i for i in range(len(_CAPTIONS)) if i != chosen))]
+  captions = [fill_caption(CAPTION_TEMPLATES[i], attrs)
+              for i in (chosen, *(i for i in range(len(CAPTION_TEMPLATES)) if i != chosen))]
   caption = captions[0]
   # One question per conversation, so every answer sits at the same distance from the image
   # tokens. With 1-3 (or 5) turns per conversation, the demo's 2-layer LLM trained from scratch
@@ -176,6 +182,12 @@ def _split_classes(split: str) -> tuple[str, ...]:
 def _texts_and_rng(seed: int, split: str, index: int):
   rng = np.random.default_rng([seed, SPLITS[split], index])
   return _sample_text(rng, _split_classes(split)), rng
+
+
+def record_text(seed: int, split: str, index: int) -> dict:
+  """Record `index` of `split` without its image: "attrs" (colour, shape, position,
+  background), "caption", "captions" (the references), "conversations", "class_name"."""
+  return _texts_and_rng(seed, split, index)[0]
 
 
 def _records(split: str, count: int, image_size: int, image_format: str,
