@@ -245,7 +245,7 @@ def tokenizer_corpus(seed: int, train_size: int) -> Iterator[str]:
   yield from ("summarize:", "English caption:", templates.VICUNA_SYSTEM,
               "USER: ASSISTANT:", "system\n", "user\n", "assistant\n")
   for index in range(train_size):
-    text, _ = _texts_and_rng(seed, "train", index)
+    text = record_text(seed, "train", index)
     yield "summarize:" + text["caption"]
     yield from (turn["value"] for turn in text["conversations"])
 
