@@ -1,0 +1,52 @@
+"""tools/position_probe.py: the shape's patches found from the pixels, the ridge probe, and the
+table for a stage-2 (InternVL-G) checkpoint."""
+
+import numpy as np
+
+from internvl_jax.config import internvl_preset, vision_preset
+from internvl_jax.data import demo
+from internvl_jax.models.internvl import init_params
+from internvl_jax.pretrained import Pretrained
+from tools import position_probe
+
+
+def test_the_shape_covers_the_patches_of_its_position():
+  centers = (np.arange(8) + 0.5) / 8  # patch centers as fractions of the side
+  for index in range(20):
+    image = np.asarray(demo.record_image(0, "test", index, 64))
+    fraction = position_probe.shape_fraction(image, 8).reshape(8, 8)
+    row, col = divmod(demo.POSITIONS.index(demo.record_text(0, "test", index)["attrs"]["position"]),
+                      3)
+    # The shape's nominal center: its third of the image, kept 0.22 (half its extent) from the
+    # edges; it is drawn within 1/24 of there.
+    cy, cx = np.clip((np.array([row, col]) + 0.5) / 3, 0.22, 0.78)
+    distance = np.maximum(np.abs(centers[:, None] - cy), np.abs(centers[None, :] - cx))
+    assert fraction.max() > 0.5, index
+    assert np.all(distance[fraction > 0.5] < 0.3), index
+    # Backgrounds are grey: patches beyond the shape's reach count none of its pixels.
+    assert np.all(fraction[distance > 0.35] == 0), index
+
+
+def test_ridge_probe_reads_a_linear_label_and_not_a_random_one():
+  rng = np.random.default_rng(0)
+  labels = rng.integers(3, size=1200)
+  features = rng.normal(size=(1200, 16))
+  features[np.arange(1200), labels] += 3.0  # each class one direction of the features
+  assert position_probe.ridge_probe(features[:900], labels[:900], features[900:], labels[900:],
+                                    3) > 0.95
+  shuffled = rng.permutation(labels)
+  assert position_probe.ridge_probe(features[:900], shuffled[:900], features[900:], shuffled[900:],
+                                    3) < 0.45
+
+
+def test_probe_table_has_the_query_outputs_of_internvl_g(tmp_path, capsys):
+  config = internvl_preset("tiny", vision=vision_preset("tiny", image_size=32))
+  Pretrained(config, init_params(config, variant="G")).save(str(tmp_path / "g"))
+  position_probe.main([str(tmp_path / "g"), "--train", "60", "--test", "30"])
+  lines = capsys.readouterr().out.splitlines()
+  assert lines[0].split() == ["from", "row", "column", "cell"]
+  rows = {line[:26].strip(): [float(v) for v in line[26:].split()] for line in lines[1:]}
+  assert list(rows) == ["patches under the shape", "all patches", "query outputs"]
+  for name, scores in rows.items():
+    # Accuracies in percent of 30 test images, to one decimal.
+    assert all(0 <= s <= 100 and abs(s * 0.3 - round(s * 0.3)) < 0.05 for s in scores), name

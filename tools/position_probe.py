@@ -1,0 +1,114 @@
+"""Where the demo's captioner loses the shape's position: linear probes along the way.
+
+  python tools/position_probe.py runs/stage2_generative      # or a stage-1 workdir
+  python tools/position_probe.py CHECKPOINT --train 2000 --test 500
+
+Ridge-regression probes (one-hot targets, fit on demo train images, scored on test images) of the
+shape's row, column and cell of the 3x3 grid, from
+  "patches under the shape": InternViT's last-block patch tokens averaged over the patches the
+      shape covers (found from the pixels: the shapes are saturated colours on grey), what a
+      cross-attention attending to the shape alone could read;
+  "all patches": the same tokens averaged over every patch, a pooling without positions of its own;
+  "query outputs": QLLaMA's query outputs, flattened (InternVL-G only), what the captions and
+      InternVL-G's image embedding are made from.
+Chance is 33% for the row and the column, 11% for the cell.
+"""
+
+import argparse
+import functools
+
+import jax
+import numpy as np
+
+import internvl_jax
+from internvl_jax.data import demo
+from internvl_jax.evaluation import data as data_lib
+from internvl_jax.models.internvl import InternVLG
+
+# A pixel belongs to the shape when its channels differ by more than this: the demo's shape
+# colours differ by at least 100 between channels, its backgrounds are grey (0).
+_SATURATION = 40
+_BATCH = 250
+
+
+def shape_fraction(image: np.ndarray, patch_size: int) -> np.ndarray:
+  """(patches,) the fraction of each patch's pixels that are the shape's, in raster order."""
+  pixels = np.asarray(image, np.int32)
+  shape = (pixels.max(-1) - pixels.min(-1)) > _SATURATION
+  grid = shape.shape[0] // patch_size
+  return shape.reshape(grid, patch_size, grid, patch_size).mean((1, 3)).reshape(-1)
+
+
+def ridge_probe(train_x, train_y, test_x, test_y, num_classes: int, l2: float = 1e-2) -> float:
+  """Test accuracy of a ridge regression onto one-hot labels over standardized features."""
+  mean, std = train_x.mean(0), train_x.std(0) + 1e-6
+  design = lambda x: np.concatenate([(x - mean) / std, np.ones((len(x), 1))], axis=1)
+  a = design(np.asarray(train_x, np.float64))
+  weights = np.linalg.solve(a.T @ a + l2 * len(a) * np.eye(a.shape[1]),
+                            a.T @ np.eye(num_classes)[train_y])
+  return float(np.mean((design(np.asarray(test_x, np.float64)) @ weights).argmax(1) == test_y))
+
+
+def demo_split(split: str, count: int, image_size: int, patch_size: int):
+  """(pixels (count, size, size, 3) normalized, cells (count,) 0-8, shape fractions)."""
+  pixels, cells, fractions = [], [], []
+  for index in range(count):
+    image = demo.record_image(0, split, index, image_size)
+    pixels.append(data_lib.pixels(image, image_size, crop=False))
+    cells.append(demo.POSITIONS.index(demo.record_text(0, split, index)["attrs"]["position"]))
+    fractions.append(shape_fraction(image, patch_size))
+  return np.stack(pixels), np.asarray(cells), np.stack(fractions)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _query_outputs(config, params, pixels):
+  def queries(model, pixels):
+    tokens = model.vision_model(pixels).last_hidden_state
+    return model.qllama(None, None, tokens, mode="image").queries
+  return InternVLG(config).apply({"params": params}, pixels, method=queries)
+
+
+def representations(model, pixels: np.ndarray, fractions: np.ndarray) -> dict[str, np.ndarray]:
+  """Name -> (images, features) of every representation the model has."""
+  batches = [pixels[i:i + _BATCH] for i in range(0, len(pixels), _BATCH)]
+  patches = np.concatenate([np.asarray(model.vision_features(b)) for b in batches])[:, 1:]
+  weights = fractions / np.maximum(fractions.sum(1, keepdims=True), 1e-6)
+  features = {"patches under the shape": np.einsum("bp,bpd->bd", weights, patches),
+              "all patches": patches.mean(1)}
+  if not model.is_internvl_c:
+    queries = np.concatenate([np.asarray(_query_outputs(model.config, model.params, b))
+                              for b in batches])
+    features["query outputs"] = queries.reshape(len(queries), -1)
+  return features
+
+
+def probe(path: str, train: int, test: int) -> str:
+  """The table of probe accuracies (%) for the model at `path`."""
+  model = internvl_jax.load_pretrained(path)
+  size, patch = model.config.vision.image_size, model.config.vision.patch_size
+  splits = [demo_split(name, count, size, patch) for name, count in (("train", train),
+                                                                       ("test", test))]
+  (train_features, train_cells), (test_features, test_cells) = (
+      (representations(model, pixels, fractions), cells) for pixels, cells, fractions in splits)
+  lines = [f"{'from':26s} {'row':>6s} {'column':>7s} {'cell':>6s}"]
+  for name in train_features:
+    scores = [100 * ridge_probe(train_features[name], target(train_cells), test_features[name],
+                                target(test_cells), classes)
+              for target, classes in ((lambda c: c // 3, 3), (lambda c: c % 3, 3),
+                                      (lambda c: c, 9))]
+    lines.append(f"{name:26s} {scores[0]:6.1f} {scores[1]:7.1f} {scores[2]:6.1f}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("path", help="a stage-1 or stage-2 demo workdir, or a checkpoint")
+  parser.add_argument("--train", type=int, default=2000, help="train images to fit the probes")
+  parser.add_argument("--test", type=int, default=500, help="test images to score them")
+  args = parser.parse_args(argv)
+  print(probe(args.path, args.train, args.test))
+
+
+if __name__ == "__main__":
+  main()
