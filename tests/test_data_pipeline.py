@@ -226,11 +226,11 @@ def test_demo_dataset_splits_labels_and_reuse(data_dir, monkeypatch):
     # One question and its answer.
     assert [t.decode() for t in train[i]["conversations"]["from"]] == ["human", "gpt"]
   assert Image.open(io.BytesIO(record["image"])).size == (16, 16)
-  # PNG is lossless: the stored images are `record_image`'s, pixel for pixel (TFDS stores the
-  # records in its own order).
+  # PNG is lossless: the stored images are `record_with_image`'s, pixel for pixel (TFDS stores
+  # the records in its own order).
   stored = sorted(np.asarray(Image.open(io.BytesIO(train[i]["image"]))).tobytes()
                   for i in range(len(train)))
-  assert stored == sorted(np.asarray(demo.record_image(0, "train", i, 16)).tobytes()
+  assert stored == sorted(np.asarray(demo.record_with_image(0, "train", i, 16)[1]).tobytes()
                           for i in range(len(train)))
   assert record["conversations"]["value"][0].startswith(b"<image>\n")
   # Built once: a second call finds it and writes nothing.

@@ -13,10 +13,9 @@ from tools import position_probe
 def test_the_shape_covers_the_patches_of_its_position():
   centers = (np.arange(8) + 0.5) / 8  # patch centers as fractions of the side
   for index in range(20):
-    image = np.asarray(demo.record_image(0, "test", index, 64))
-    fraction = position_probe.shape_fraction(image, 8).reshape(8, 8)
-    row, col = divmod(demo.POSITIONS.index(demo.record_text(0, "test", index)["attrs"]["position"]),
-                      3)
+    text, image = demo.record_with_image(0, "test", index, 64)
+    fraction = position_probe.shape_fraction(np.asarray(image), 8).reshape(8, 8)
+    row, col = divmod(demo.POSITIONS.index(text["attrs"]["position"]), 3)
     # The shape's nominal center: its third of the image, kept 0.22 (half its extent) from the
     # edges; it is drawn within 1/24 of there.
     cy, cx = np.clip((np.array([row, col]) + 0.5) / 3, 0.22, 0.78)

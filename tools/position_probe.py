@@ -26,7 +26,7 @@ from internvl_jax.evaluation import data as data_lib
 from internvl_jax.models.internvl import InternVLG
 
 # A pixel belongs to the shape when its channels differ by more than this: the demo's shape
-# colours differ by at least 100 between channels, its backgrounds are grey (0).
+# colours differ by over 90 between channels, its backgrounds are grey (0).
 _SATURATION = 40
 _BATCH = 250
 
@@ -53,31 +53,31 @@ def demo_split(split: str, count: int, image_size: int, patch_size: int):
   """(pixels (count, size, size, 3) normalized, cells (count,) 0-8, shape fractions)."""
   pixels, cells, fractions = [], [], []
   for index in range(count):
-    image = demo.record_image(0, split, index, image_size)
+    text, image = demo.record_with_image(0, split, index, image_size)
     pixels.append(data_lib.pixels(image, image_size, crop=False))
-    cells.append(demo.POSITIONS.index(demo.record_text(0, split, index)["attrs"]["position"]))
+    cells.append(demo.POSITIONS.index(text["attrs"]["position"]))
     fractions.append(shape_fraction(image, patch_size))
   return np.stack(pixels), np.asarray(cells), np.stack(fractions)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
-def _query_outputs(config, params, pixels):
-  def queries(model, pixels):
-    tokens = model.vision_model(pixels).last_hidden_state
-    return model.qllama(None, None, tokens, mode="image").queries
-  return InternVLG(config).apply({"params": params}, pixels, method=queries)
+def _query_outputs(config, params, tokens):
+  """QLLaMA's query outputs from InternViT's last tokens (CLS included), as InternVL-G reads."""
+  queries = lambda model, tokens: model.qllama(None, None, tokens, mode="image").queries
+  return InternVLG(config).apply({"params": params}, tokens, method=queries)
 
 
 def representations(model, pixels: np.ndarray, fractions: np.ndarray) -> dict[str, np.ndarray]:
-  """Name -> (images, features) of every representation the model has."""
-  batches = [pixels[i:i + _BATCH] for i in range(0, len(pixels), _BATCH)]
-  patches = np.concatenate([np.asarray(model.vision_features(b)) for b in batches])[:, 1:]
+  """Name -> (images, features) array, for every representation the model has."""
+  tokens = np.concatenate([np.asarray(model.vision_features(pixels[i:i + _BATCH]))
+                           for i in range(0, len(pixels), _BATCH)])
   weights = fractions / np.maximum(fractions.sum(1, keepdims=True), 1e-6)
-  features = {"patches under the shape": np.einsum("bp,bpd->bd", weights, patches),
-              "all patches": patches.mean(1)}
+  features = {"patches under the shape": np.einsum("bp,bpd->bd", weights, tokens[:, 1:]),
+              "all patches": tokens[:, 1:].mean(1)}
   if not model.is_internvl_c:
-    queries = np.concatenate([np.asarray(_query_outputs(model.config, model.params, b))
-                              for b in batches])
+    queries = np.concatenate([np.asarray(_query_outputs(model.config, model.params,
+                                                        tokens[i:i + _BATCH]))
+                              for i in range(0, len(tokens), _BATCH)])
     features["query outputs"] = queries.reshape(len(queries), -1)
   return features
 
@@ -86,10 +86,10 @@ def probe(path: str, train: int, test: int) -> str:
   """The table of probe accuracies (%) for the model at `path`."""
   model = internvl_jax.load_pretrained(path)
   size, patch = model.config.vision.image_size, model.config.vision.patch_size
-  splits = [demo_split(name, count, size, patch) for name, count in (("train", train),
-                                                                       ("test", test))]
-  (train_features, train_cells), (test_features, test_cells) = (
-      (representations(model, pixels, fractions), cells) for pixels, cells, fractions in splits)
+  pixels, train_cells, fractions = demo_split("train", train, size, patch)
+  train_features = representations(model, pixels, fractions)
+  pixels, test_cells, fractions = demo_split("test", test, size, patch)
+  test_features = representations(model, pixels, fractions)
   lines = [f"{'from':26s} {'row':>6s} {'column':>7s} {'cell':>6s}"]
   for name in train_features:
     scores = [100 * ridge_probe(train_features[name], target(train_cells), test_features[name],

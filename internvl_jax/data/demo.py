@@ -190,18 +190,20 @@ def record_text(seed: int, split: str, index: int) -> dict:
   return _texts_and_rng(seed, split, index)[0]
 
 
-def record_image(seed: int, split: str, index: int, image_size: int) -> Image.Image:
-  """Record `index` of `split`'s image, as the dataset holds it before encoding."""
+def record_with_image(seed: int, split: str, index: int,
+                      image_size: int) -> tuple[dict, Image.Image]:
+  """Record `index` of `split`: its `record_text` and its image, as the dataset holds it before
+  encoding."""
   text, rng = _texts_and_rng(seed, split, index)
-  return _render(text["attrs"], image_size, rng)
+  return text, _render(text["attrs"], image_size, rng)
 
 
 def _records(split: str, count: int, image_size: int, image_format: str,
              seed: int) -> Iterator[tuple[str, dict]]:
   for index in range(count):
-    text = record_text(seed, split, index)
+    text, image = record_with_image(seed, split, index, image_size)
     yield f"{split}_{index:06d}", {
-        "image": _encode(record_image(seed, split, index, image_size), image_format),
+        "image": _encode(image, image_format),
         "caption": text["caption"],
         "captions": text["captions"],
         "label": CLASS_NAMES.index(text["class_name"]),
