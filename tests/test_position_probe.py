@@ -1,10 +1,13 @@
 """tools/position_probe.py: the shape's patches found from the pixels, the ridge probe, and the
 table for a stage-2 (InternVL-G) checkpoint."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax.config import internvl_preset, vision_preset
 from internvl_jax.data import demo
+from internvl_jax.models import qllama
 from internvl_jax.models.internvl import init_params
 from internvl_jax.pretrained import Pretrained
 from tools import position_probe
@@ -44,8 +47,38 @@ def test_probe_table_has_the_query_outputs_of_internvl_g(tmp_path, capsys):
   position_probe.main([str(tmp_path / "g"), "--train", "60", "--test", "30"])
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].split() == ["from", "row", "column", "cell"]
-  rows = {line[:26].strip(): [float(v) for v in line[26:].split()] for line in lines[1:]}
+  rows = {line[:26].strip(): [float(v) for v in line[26:].split()] for line in lines[1:-1]}
   assert list(rows) == ["patches under the shape", "all patches", "query outputs"]
   for name, scores in rows.items():
     # Accuracies in percent of 30 test images, to one decimal.
     assert all(0 <= s <= 100 and abs(s * 0.3 - round(s * 0.3)) < 0.05 for s in scores), name
+  assert lines[-1].startswith("cross-attention (block 0): entropy ")
+
+
+def test_cross_attention_weights_are_the_ones_the_block_uses():
+  config = internvl_preset("tiny")
+  params = init_params(config, variant="G")
+  # Sharpen the attention (scaled query projection), so that wrong weights give other outputs.
+  layer_params = params["qllama"]["layers"]["layer_0"]
+  q_proj = layer_params["cross_attn"]["q_proj"]
+  q_proj["kernel"] = q_proj["kernel"] * 40.0
+  vision = np.random.default_rng(0).normal(size=(3, 17, config.vision.hidden_size))
+  weights = position_probe.cross_attention_weights(config, params, jnp.asarray(vision, jnp.float32))
+  assert weights.shape == (3, config.text.num_heads, config.num_queries, 17)
+  assert float(weights.max(-1).mean()) > 0.15  # far from uniform (1/17 = 0.06)
+
+  def outputs(layer, queries, vision):
+    mask, positions = qllama.attention_mask_and_positions(
+        "image", jnp.ones((len(queries), 0), bool), queries.shape[1])
+    x, _ = layer.attention_step(queries, mask, positions, None, None)
+    _, v = layer.cross_attn.keys_values(layer.cross_attn.norm2(vision))
+    from_weights = layer.cross_attn.o_proj(jnp.einsum("bhqk,bkhd->bqhd", weights, v))
+    return layer.cross_attn(x, vision), from_weights
+
+  qcfg = config.qllama
+  queries = jnp.broadcast_to(params["qllama"]["query_tokens"],
+                             (3,) + params["qllama"]["query_tokens"].shape[1:])
+  expected, from_weights = qllama.CrossAttentionDecoderLayer(qcfg.text, qcfg.num_queries).apply(
+      {"params": jax.tree.map(lambda a: a[0], layer_params)}, queries,
+      jnp.asarray(vision, jnp.float32), method=outputs)
+  np.testing.assert_allclose(from_weights, expected, rtol=1e-4, atol=1e-5)

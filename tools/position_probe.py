@@ -11,18 +11,22 @@ shape's row, column and cell of the 3x3 grid, from
   "all patches": the same tokens averaged over every patch, a pooling without positions of its own;
   "query outputs": QLLaMA's query outputs, flattened (InternVL-G only), what the captions and
       InternVL-G's image embedding are made from.
-Chance is 33% for the row and the column, 11% for the cell.
+Chance is 33% for the row and the column, 11% for the cell. For InternVL-G it also prints where
+the first cross-attention block looks (`cross_attention_weights`): the weights' entropy against
+a uniform attention's, and their mass on the CLS token and on the patches under the shape.
 """
 
 import argparse
 import functools
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 import internvl_jax
 from internvl_jax.data import demo
 from internvl_jax.evaluation import data as data_lib
+from internvl_jax.models import qllama
 from internvl_jax.models.internvl import InternVLG
 
 # A pixel belongs to the shape when its channels differ by more than this: the demo's shape
@@ -67,8 +71,46 @@ def _query_outputs(config, params, tokens):
   return InternVLG(config).apply({"params": params}, tokens, method=queries)
 
 
-def representations(model, pixels: np.ndarray, fractions: np.ndarray) -> dict[str, np.ndarray]:
-  """Name -> (images, features) array, for every representation the model has."""
+@functools.partial(jax.jit, static_argnames=("config",))
+def cross_attention_weights(config, params, tokens) -> jax.Array:
+  """(images, heads, queries, tokens) softmax weights of QLLaMA's first cross-attention block.
+
+  Its query inputs are the queries after layer 0's self-attention among themselves, the same for
+  every image (the queries have seen no image yet); later blocks' would need the layers between.
+  """
+  qllama_params = params["qllama"]
+  layer_params = jax.tree.map(lambda a: a[0], qllama_params["layers"]["layer_0"])
+  queries = jnp.broadcast_to(qllama_params["query_tokens"],
+                             (len(tokens),) + qllama_params["query_tokens"].shape[1:])
+
+  def weights(layer, queries, vision):
+    mask, positions = qllama.attention_mask_and_positions(
+        "image", jnp.ones((len(queries), 0), bool), queries.shape[1])
+    x, _ = layer.attention_step(queries, mask, positions, None, None)
+    attn = layer.cross_attn
+    q = attn.query(attn.norm1(x))
+    k, _ = attn.keys_values(attn.norm2(vision))
+    return jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1]**-0.5, axis=-1)
+
+  qcfg = config.qllama
+  layer = qllama.CrossAttentionDecoderLayer(qcfg.text, qcfg.num_queries)
+  return layer.apply({"params": layer_params}, queries, tokens, method=weights)
+
+
+def attention_focus(weights: np.ndarray, fractions: np.ndarray) -> str:
+  """One line on (images, heads, queries, 1 + patches) weights over [CLS; patches]."""
+  under_shape = fractions > 0.3  # patches at least 30% covered by the shape
+  entropy = -(weights * np.log(np.maximum(weights, 1e-12))).sum(-1).mean()
+  on_shape = (weights[..., 1:] * under_shape[:, None, None, :]).sum(-1).mean()
+  return (f"cross-attention (block 0): entropy {entropy:.2f} nats (uniform "
+          f"{np.log(weights.shape[-1]):.2f}); mass on CLS {100 * weights[..., 0].mean():.1f}%, on "
+          f"the patches under the shape {100 * on_shape:.1f}% (they are "
+          f"{100 * under_shape.mean():.1f}% of the patches)")
+
+
+def representations(model, pixels: np.ndarray, fractions: np.ndarray):
+  """(name -> (images, features) array for every representation the model has, InternViT's last
+  tokens)."""
   tokens = np.concatenate([np.asarray(model.vision_features(pixels[i:i + _BATCH]))
                            for i in range(0, len(pixels), _BATCH)])
   weights = fractions / np.maximum(fractions.sum(1, keepdims=True), 1e-6)
@@ -79,7 +121,7 @@ def representations(model, pixels: np.ndarray, fractions: np.ndarray) -> dict[st
                                                         tokens[i:i + _BATCH]))
                               for i in range(0, len(tokens), _BATCH)])
     features["query outputs"] = queries.reshape(len(queries), -1)
-  return features
+  return features, tokens
 
 
 def probe(path: str, train: int, test: int) -> str:
@@ -87,9 +129,9 @@ def probe(path: str, train: int, test: int) -> str:
   model = internvl_jax.load_pretrained(path)
   size, patch = model.config.vision.image_size, model.config.vision.patch_size
   pixels, train_cells, fractions = demo_split("train", train, size, patch)
-  train_features = representations(model, pixels, fractions)
+  train_features, _ = representations(model, pixels, fractions)
   pixels, test_cells, fractions = demo_split("test", test, size, patch)
-  test_features = representations(model, pixels, fractions)
+  test_features, test_tokens = representations(model, pixels, fractions)
   lines = [f"{'from':26s} {'row':>6s} {'column':>7s} {'cell':>6s}"]
   for name in train_features:
     scores = [100 * ridge_probe(train_features[name], target(train_cells), test_features[name],
@@ -97,6 +139,11 @@ def probe(path: str, train: int, test: int) -> str:
               for target, classes in ((lambda c: c // 3, 3), (lambda c: c % 3, 3),
                                       (lambda c: c, 9))]
     lines.append(f"{name:26s} {scores[0]:6.1f} {scores[1]:7.1f} {scores[2]:6.1f}")
+  if not model.is_internvl_c:
+    weights = np.concatenate([
+        np.asarray(cross_attention_weights(model.config, model.params, test_tokens[i:i + _BATCH]))
+        for i in range(0, len(test_tokens), _BATCH)])
+    lines.append(attention_focus(weights, fractions))
   return "\n".join(lines)
 
 
