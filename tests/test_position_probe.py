@@ -44,15 +44,37 @@ def test_ridge_probe_reads_a_linear_label_and_not_a_random_one():
 def test_probe_table_has_the_query_outputs_of_internvl_g(tmp_path, capsys):
   config = internvl_preset("tiny", vision=vision_preset("tiny", image_size=32))
   Pretrained(config, init_params(config, variant="G")).save(str(tmp_path / "g"))
-  position_probe.main([str(tmp_path / "g"), "--train", "60", "--test", "30"])
+  position_probe.main([str(tmp_path / "g"), "--train", "60", "--test", "30", "--block-steps", "4"])
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].split() == ["from", "row", "column", "cell"]
-  rows = {line[:26].strip(): [float(v) for v in line[26:].split()] for line in lines[1:-1]}
+  rows = {line[:26].strip(): [float(v) for v in line[26:].split()] for line in lines[1:-2]}
   assert list(rows) == ["patches under the shape", "all patches", "query outputs"]
   for name, scores in rows.items():
     # Accuracies in percent of 30 test images, to one decimal.
     assert all(0 <= s <= 100 and abs(s * 0.3 - round(s * 0.3)) < 0.05 for s in scores), name
-  assert lines[-1].startswith("cross-attention (block 0): entropy ")
+  assert lines[-2].startswith("cross-attention (block 0): entropy ")
+  assert lines[-1].startswith("cross-attention block trained on the cell, test %: ")
+  assert [part.split(" at step ")[1] for part in lines[-1].split(": ")[1].split(", ")] == [
+      "1", "2", "3", "4"]
+
+
+def test_the_cell_reader_learns_a_position_that_its_tokens_carry():
+  # Ten tokens per image, each with its own fixed position vector; the "shape" marks one of the
+  # first nine, and the label is which. Only attention to the marked token recovers it.
+  config = internvl_preset("tiny").qllama
+  rng = np.random.default_rng(0)
+  positions = rng.normal(size=(10, config.vision_width))
+  marker = 3.0 * rng.normal(size=config.vision_width)
+
+  def split(count):
+    cells = rng.integers(0, 9, count)
+    tokens = positions + 0.3 * rng.normal(size=(count, 10, config.vision_width))
+    tokens[np.arange(count), cells] += marker
+    return tokens.astype(np.float32), cells
+
+  history = position_probe.train_cell_reader(config, *split(2000), *split(300), steps=200)
+  assert [step for step, _ in history] == [50, 100, 150, 200]
+  assert history[-1][1] > 80, history  # chance: 11%
 
 
 def test_cross_attention_weights_are_the_ones_the_block_uses():
