@@ -102,7 +102,10 @@ def test_remat_policies_give_the_same_gradients(tiny, policy):
     return jax.jit(jax.grad(loss))(params)
 
   reference, rematerialized = grads(RMS_QKNORM), grads(RMS_QKNORM.replace(remat_policy=policy))
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), reference, rematerialized)
+  # Float32 rounding only: the two programs sum in other orders (up to 5e-6 apart on this CPU
+  # without LLVM optimization, tests/conftest.py); a wrong remat differs by far more.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), reference,
+               rematerialized)
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny):
