@@ -150,10 +150,11 @@ def train_cell_reader(config: QLlamaConfig, train_tokens, train_cells, test_toke
 
   accuracy = jax.jit(lambda p, tokens, cells: jnp.mean(reader.apply(p, tokens).argmax(-1) == cells))
   opt_state, rng, history = optimizer.init(params), np.random.default_rng(seed), []
+  evaluated_at = {max(1, steps * quarter // 4) for quarter in range(1, 5)}
   for i in range(1, steps + 1):
     rows = rng.integers(0, len(train_tokens), batch_size)
     params, opt_state = step(params, opt_state, train_tokens[rows], train_cells[rows])
-    if i % max(1, steps // 4) == 0 or i == steps:
+    if i in evaluated_at:
       history.append((i, 100 * float(accuracy(params, test_tokens, test_cells))))
   return history
 
