@@ -1,6 +1,6 @@
 """Test setup, before jax is imported: 8 host CPU devices for the sharding tests, and XLA's CPU
 backend without LLVM optimization. The suite's time is mostly compiling tiny models, which this
-cuts by about a third; the HLO, and so what the tests check, is the same."""
+cuts by about 40% (BUILD.md); the HLO, and so what the tests check, is the same."""
 
 import os
 
