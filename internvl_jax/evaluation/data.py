@@ -28,8 +28,8 @@ from internvl_jax.data import templates
 from internvl_jax.data import transforms
 
 _DEFAULT_SPLITS = ("validation", "val", "test")
-# The one demo question whose answer is not a function of the image: it is one of five random
-# caption templates, so no answer can be expected to match it exactly.
+# The one demo question whose answer is not a function of the image: its caption has one of the
+# demo's random templates, so no answer can be expected to match it exactly.
 _DEMO_FREE_FORM_QUESTIONS = ("Describe the image.",)
 # TFDS `imagenet2012` labels are WordNet ids ("n01440764"), which no text tower can read.
 _WORDNET_ID = re.compile(r"^n\d{8}$")
