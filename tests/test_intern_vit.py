@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from internvl_jax.config import vision_preset
-from internvl_jax.models.intern_vit import abstract_params, init_params
 from internvl_jax.models import interpolate
-from internvl_jax.models.intern_vit import InternViT, drop_path_rates, random_token_subset, select_layer
+from internvl_jax.models.intern_vit import (InternViT, abstract_params, drop_path_rates, init_params,
+                                            random_token_subset, select_layer)
 from vit_fixtures import RMS_QKNORM, random_params, random_pixels
 
 
