@@ -36,7 +36,7 @@ def test_summary_has_every_seed_and_the_median_min_max():
   assert row.split()[-6:] == ["80.0", "90.0", "70.0", "80.0", "70.0", "90.0"]
 
 
-def test_caption_ceilings_score_each_template_filled_in_right_and_with_a_random_position():
+def test_caption_ceilings_score_each_template_filled_in_right_and_with_a_random_attribute():
   rows = {line[:60].strip(): line[60:].split()
           for line in demo_quality.caption_ceilings(count=60).splitlines()[1:]}
   assert len(rows) == len(demo.CAPTION_TEMPLATES)
@@ -46,8 +46,10 @@ def test_caption_ceilings_score_each_template_filled_in_right_and_with_a_random_
       [prompts.with_articles(f"a {t['class_name']}") for t in texts],
       [t["captions"] for t in texts])["cider"]
   assert float(rows["a {colour} {shape}"][0]) == pytest.approx(baseline, abs=0.05)
-  for template, (true, random_position) in rows.items():
-    if "{position}" in template:
-      assert float(random_position) < float(true)
-    else:
-      assert random_position == true
+  for template, scores in rows.items():
+    true, random_position, random_background = map(float, scores)
+    for attribute, guessed in (("position", random_position), ("background", random_background)):
+      if "{" + attribute + "}" in template:
+        assert guessed < true
+      else:
+        assert guessed == true

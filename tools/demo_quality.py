@@ -11,8 +11,9 @@ max, and each run's wall time. Run again, a sweep resumes each workdir from its 
 (a finished stage only re-reads its metrics), so an interrupted sweep continues where it stopped.
 
 `--caption-ceilings` trains nothing: it scores, against the test split's references, each caption
-template filled in with every image's true attributes, and again with a random position, which
-is what a captioner that reads everything but the position could write with that template.
+template filled in with every image's true attributes, and again with a random position (what a
+captioner that reads everything but the position could write with that template), and with a
+random background.
 """
 
 import argparse
@@ -83,18 +84,19 @@ def summary(per_seed: dict[int, dict[str, dict]]) -> str:
 
 
 def caption_ceilings(count: int = 500, seed: int = 0) -> str:
-  """Per template: the CIDEr of the first `count` test images' captions with that template."""
+  """Per template: the CIDEr of the first `count` test images' captions with that template, filled
+  in with the true attributes, then with a random position, then with a random background."""
   texts = [demo.record_text(seed, "test", index) for index in range(count)]
   references = [text["captions"] for text in texts]
   rng = np.random.default_rng(seed)
-  lines = [f"{'template':60s} {'true':>7s} {'random position':>16s}"]
+  lines = [f"{'template':60s} {'true':>7s} {'random position':>16s} {'random background':>18s}"]
   for template in demo.CAPTION_TEMPLATES:
-    true = [demo.fill_caption(template, text["attrs"]) for text in texts]
-    guessed = [demo.fill_caption(template, dict(
-        text["attrs"], position=demo.POSITIONS[rng.integers(len(demo.POSITIONS))]))
-        for text in texts]
-    scores = [caption_metrics.caption_scores(c, references)["cider"] for c in (true, guessed)]
-    lines.append(f"{template:60s} {scores[0]:7.1f} {scores[1]:16.1f}")
+    guesses = [[demo.fill_caption(template, text["attrs"]) for text in texts]]
+    for attribute, values in (("position", demo.POSITIONS), ("background", demo.BACKGROUNDS)):
+      guesses.append([demo.fill_caption(template, dict(
+          text["attrs"], **{attribute: values[rng.integers(len(values))]})) for text in texts])
+    scores = [caption_metrics.caption_scores(c, references)["cider"] for c in guesses]
+    lines.append(f"{template:60s} {scores[0]:7.1f} {scores[1]:16.1f} {scores[2]:18.1f}")
   return "\n".join(lines)
 
 
@@ -104,7 +106,8 @@ def main(argv=None):
   parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
   parser.add_argument("--root", default="runs/demo-quality", help="workdirs: ROOT/seedN/STAGE")
   parser.add_argument("--caption-ceilings", action="store_true",
-                      help="print each caption template's CIDEr when filled in right, and exit")
+                      help="print each caption template's CIDEr when filled in right or with "
+                           "a random position or background, and exit")
   args = parser.parse_args(argv)
   if args.caption_ceilings:
     print(caption_ceilings())
