@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from internvl_jax.data import config as config_lib
+from internvl_jax.data import demo
 from internvl_jax.data import issues
 from internvl_jax.data import pipeline
 from internvl_jax.data import sources
@@ -179,9 +180,10 @@ def test_demo_command_builds_dataset_and_tokenizer(tmp_path):
   report = build_dataset.main(["demo", "--image-size", "8", "--train-size", "20",
                                "--eval-size", "4", "--vocab-size", "400",
                                "--data-dir", str(tmp_path)])
-  assert report["dataset"] == "internvl_demo_shapes/v5_8px_png_seed0_train20"
+  config = f"v{demo.VERSION}_8px_png_seed0_train20"
+  assert report["dataset"] == f"internvl_demo_shapes/{config}"
   assert tokenizer_lib.Tokenizer.load(report["tokenizer"]).vocab_size <= 400
   with pytest.raises(FileExistsError):
     sources.write_dataset("internvl_demo_shapes", {"train": lambda: iter(())},
                           sources.pair_features(), str(tmp_path),
-                          config="v5_8px_png_seed0_train20")
+                          config=config)
