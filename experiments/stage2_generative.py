@@ -31,7 +31,7 @@ def demo_config() -> train_config.ExperimentConfig:
       # backbone_itc: the demo trains the text tower (DEMO_LM_PARAMS), so InternVL-C's image
       # embedding, half of InternVL-G's, is kept aligned with the moving text features.
       stage=GenerativeStage(internvl_preset("demo"), text_len=32, backbone_itc=True),
-      # QLLaMA learns to caption from scratch here (see DEMO_LM_PARAMS): 2000 steps, about 8
+      # QLLaMA learns to caption from scratch here (see DEMO_LM_PARAMS): 2000 steps, 6 to 8
       # minutes on 2 cores. Seed 0's InternVL-G R@1 i2t / t2i: 23.2 / 16.4 after 1500 steps, 23.4
       # / 16.0 after 2000 (its InternVL-C: 23.2 / 18.2); CIDEr 387.5, then 398.5.
       optimizer=OptimizerConfig(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.05,
