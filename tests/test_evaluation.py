@@ -22,6 +22,7 @@ from internvl_jax.data import templates
 from internvl_jax.data.tokenizer import IMAGE_CONTEXT, IMAGE_TOKENS, Tokenizer
 from internvl_jax.evaluation import caption_metrics, check_task, evaluate, format_table, metrics
 from internvl_jax.evaluation import data as data_lib
+from internvl_jax.evaluation import tasks
 from internvl_jax.models import chat as chat_model
 from internvl_jax.models.internvl import InternVLC, init_params
 from internvl_jax.pretrained import Pretrained
@@ -62,8 +63,8 @@ def test_retrieval_recall_with_several_positives_per_image():
   similarity = np.asarray([[.9, .1, .0, .0, .0, .0],
                            [.85, .8, .7, .1, .0, .0],
                            [.6, .5, .4, .3, .2, .1]], np.float32)
-  recall = metrics.retrieval_recall(similarity, np.eye(6, dtype=np.float32), [0, 1, 2],
-                                    [0, 0, 1, 1, 2, 2], ks=(1, 5))
+  positives = np.repeat(np.eye(3, dtype=bool), 2, axis=1)  # two captions per image
+  recall = metrics.retrieval_recall(similarity, np.eye(6, dtype=np.float32), positives, ks=(1, 5))
   # i2t: image 0's best positive is first; image 1's (text 2) third; image 2's (text 4) fifth.
   # t2i: texts 1 and 3 have their image second or third; the other four first.
   scores = [recall["i2t_r1"], recall["i2t_r5"], recall["t2i_r1"], recall["t2i_r5"]]
@@ -71,17 +72,20 @@ def test_retrieval_recall_with_several_positives_per_image():
   assert recall["mean_recall"] == pytest.approx(np.mean(scores))
 
 
-def test_retrieval_recall_with_identical_captions_counts_every_image_of_the_caption():
-  # Images 0 and 1 share one caption string (group 0): text 0 retrieving image 1 first is a hit,
-  # and image 1 retrieving text 0 (image 0's copy of the caption) first is a hit.
+def test_retrieval_recall_counts_every_image_a_text_is_true_of():
+  # Texts 0 and 1 (one caption, two images' own) are true of images 0 and 1: text 0 retrieving
+  # image 1 first is a hit, and so is image 1 retrieving text 0 first.
   similarity = np.asarray([[.2, .9, .1], [.9, .1, .0], [.0, .0, .5]], np.float32)
-  recall = metrics.retrieval_recall(similarity, np.eye(3, dtype=np.float32), [0, 0, 1], [0, 0, 1],
-                                    ks=(1,))
+  shared = np.asarray([[1, 1, 0], [1, 1, 0], [0, 0, 1]], bool)
+  recall = metrics.retrieval_recall(similarity, np.eye(3, dtype=np.float32), shared, ks=(1,))
   assert recall["i2t_r1"] == 100.0 and recall["t2i_r1"] == 100.0
-  # With one group per image, the same scores miss: image 0's own text is second.
-  strict = metrics.retrieval_recall(similarity, np.eye(3, dtype=np.float32), [0, 1, 2], [0, 1, 2],
+  # With each text a positive of its own image only, the same scores miss: image 0's own text is
+  # second, and text 0's image second.
+  strict = metrics.retrieval_recall(similarity, np.eye(3, dtype=np.float32), np.eye(3, dtype=bool),
                                     ks=(1,))
-  assert strict["i2t_r1"] == pytest.approx(100 / 3)
+  assert strict["i2t_r1"] == pytest.approx(100 / 3) and strict["t2i_r1"] == pytest.approx(100 / 3)
+  with pytest.raises(ValueError, match="positives must be"):
+    metrics.retrieval_recall(similarity, np.eye(3, dtype=np.float32), shared[:2])
 
 
 def test_exact_match_normalizes_case_whitespace_and_one_trailing_period():
@@ -125,6 +129,26 @@ def test_demo_chat_questions_leave_out_the_free_form_description():
            for pair in data_lib.question_answers(record, True)]
   assert pairs and all(q != "Describe the image." and "<image>" not in q for q, _ in pairs)
   assert data_lib.class_names(data_lib.resolve("demo", "zero_shot", IMAGE_SIZE)) == demo.CLASS_NAMES
+
+
+def test_demo_retrieval_positives_are_the_images_a_caption_is_true_of():
+  texts = [demo.record_text(0, "test", index) for index in range(200)]
+  positives = tasks.retrieval_positives([set(text["captions"]) for text in texts],
+                                        [text["caption"] for text in texts], list(range(200)),
+                                        is_demo=True)
+  for j, text in enumerate(texts):
+    template = next(t for t in demo.CAPTION_TEMPLATES
+                    if demo.fill_caption(t, text["attrs"]) == text["caption"])
+    named = [name for name in text["attrs"] if "{" + name + "}" in template]
+    expected = [all(other["attrs"][name] == text["attrs"][name] for name in named)
+                for other in texts]
+    np.testing.assert_array_equal(positives[:, j], expected, err_msg=text["caption"])
+  assert positives.diagonal().all() and 2 < positives.sum(0).mean() < 200 / 2
+  # COCO-style data: each caption is a positive of its own image only, even if another image has
+  # the identical caption.
+  coco = tasks.retrieval_positives([{"a dog", "a cat"}, {"a dog"}], ["a dog", "a cat", "a dog"],
+                                   [0, 0, 1], is_demo=False)
+  np.testing.assert_array_equal(coco, [[1, 1, 0], [0, 0, 1]])
 
 
 def test_demo_caption_references_are_every_template_with_the_record_caption_first():

@@ -46,18 +46,18 @@ def _recall(similarity: np.ndarray, positives: np.ndarray, ks) -> dict[int, floa
 
 
 def retrieval_recall(image_embeddings: np.ndarray, text_embeddings: np.ndarray,
-                     image_groups, text_groups, ks=(1, 5, 10)) -> dict[str, float]:
+                     positives: np.ndarray, ks=(1, 5, 10)) -> dict[str, float]:
   """Recall@k image->text ("i2t_r{k}") and text->image ("t2i_r{k}") and their mean ("mean_recall").
 
-  Ground truth by group ids: a text is a positive of an image iff their groups are equal, so an
-  image may have several positive texts (COCO's five captions share the image's group) and a
-  text several positive images (identical captions share one group).
+  `positives` (images, texts) bool: True where the text is a correct match of the image. An image
+  may have several (COCO's five captions) and a text several (a demo caption is true of every
+  image with the attributes it names).
   """
-  image_groups, text_groups = np.asarray(image_groups), np.asarray(text_groups)
-  if image_groups.shape != (len(image_embeddings),) or text_groups.shape != (len(text_embeddings),):
-    raise ValueError("There must be one group id per image and per text.")
+  positives = np.asarray(positives, bool)
+  if positives.shape != (len(image_embeddings), len(text_embeddings)):
+    raise ValueError(f"positives must be (images, texts) = ({len(image_embeddings)}, "
+                     f"{len(text_embeddings)}); got {positives.shape}.")
   similarity = np.asarray(image_embeddings, np.float32) @ np.asarray(text_embeddings, np.float32).T
-  positives = image_groups[:, None] == text_groups[None, :]
   results = {}
   for direction, (sim, pos) in {"i2t": (similarity, positives),
                                 "t2i": (similarity.T, positives.T)}.items():
