@@ -32,8 +32,9 @@ def demo_config() -> train_config.ExperimentConfig:
       # embedding, half of InternVL-G's, is kept aligned with the moving text features.
       stage=GenerativeStage(internvl_preset("demo"), text_len=32, backbone_itc=True),
       # QLLaMA learns to caption from scratch here (see DEMO_LM_PARAMS): 2000 steps, 6 to 8
-      # minutes on 2 cores. Seed 0's InternVL-G R@1 i2t / t2i: 76.6 / 65.8 after 1500 steps, 76.0
-      # / 65.0 after 2000 (its InternVL-C: 72.8 / 62.4); CIDEr 387.5, then 398.5.
+      # minutes on 2 cores. Seed 0's InternVL-G R@1 i2t / t2i on one such machine: 76.6 / 65.8 after
+      # 1500 steps, 76.0 / 65.0 after 2000 (its InternVL-C: 72.8 / 62.4); CIDEr 387.5, then 398.5.
+      # Figures move a little with the host processor (README: 76.4 / 65.0, 397.3 on another).
       optimizer=OptimizerConfig(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.05,
                                 warmup_steps=100, total_steps=2000,
                                 trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
