@@ -1,4 +1,5 @@
-"""The public entry point: `load_pretrained(path)` for PyTorch directories and Orbax checkpoints."""
+"""The public entry point: `load_pretrained(path)` for PyTorch directories, Orbax checkpoints and
+training workdirs."""
 
 import dataclasses
 import functools
@@ -8,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import caption, generate
+from internvl_jax import caption, generate, loading
 from internvl_jax.config import ChatConfig, InternVLConfig, VisionConfig
 from internvl_jax.convert import orbax_io
-from internvl_jax.convert.pytorch import TOKENIZER_FILE, import_pytorch
+from internvl_jax.convert.pytorch import TOKENIZER_FILE
 from internvl_jax.data import chat as chat_data
 from internvl_jax.data import templates
 from internvl_jax.data import tokenizer as tokenizer_lib
@@ -19,7 +20,6 @@ from internvl_jax.data.tokenizer import Tokenizer
 from internvl_jax.models.intern_vit import InternViT, select_layer
 from internvl_jax.models.chat import ChatDecoder
 from internvl_jax.models.internvl import InternVLC, InternVLG
-from internvl_jax.train import workdir as workdir_lib
 
 TEXT_MAX_TOKENS = 80  # the reference's text length for contrastive use (spec 2.1)
 
@@ -186,26 +186,9 @@ class Pretrained:
         f.write(self.tokenizer.model_proto)
 
 
-def load_arrays(path: str, *, allow_missing: bool = False) -> tuple[object, dict, str | None]:
-  """(config, params as host numpy arrays, tokenizer path or None) of a PyTorch checkpoint
-  directory (InternViT in OpenGVLab's or transformers' layout, InternVL-14B in OpenGVLab's, LLaMA
-  in transformers'), an Orbax checkpoint, or the latest checkpoint of a training workdir."""
-  if os.path.isfile(os.path.join(path, "config.json")):
-    config, params = import_pytorch(path, allow_missing=allow_missing)
-  elif orbax_io.is_checkpoint(path):
-    config, params = orbax_io.load(path)
-  elif workdir_lib.is_workdir(path):
-    config, params, _ = workdir_lib.load_model(path)
-  else:
-    raise ValueError(
-        f"{path} is neither a PyTorch checkpoint directory (config.json + weights), an Orbax "
-        "checkpoint written by internvl_jax, nor a training workdir.")
-  tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-  return config, params, tokenizer_path if os.path.isfile(tokenizer_path) else None
-
-
 def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
-  """The model `load_arrays` reads, on the default device, with its tokenizer if it has one."""
-  config, params, tokenizer_path = load_arrays(path, allow_missing=allow_missing)
+  """The model `loading.load_arrays` reads, on the default device, with its tokenizer if it has
+  one."""
+  config, params, tokenizer_path = loading.load_arrays(path, allow_missing=allow_missing)
   tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
   return Pretrained(config, jax.tree.map(jnp.asarray, params), tokenizer)

@@ -8,13 +8,15 @@ import jax
 import numpy as np
 import pytest
 
+from internvl_jax import loading
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert import formats
 from internvl_jax.models import internvl, qllama
 from internvl_jax.stages.contrastive import ContrastiveStage
 from internvl_jax.stages.generative import GenerativeStage
 from internvl_jax.train import config as config_lib
-from internvl_jax.train import report, warm_start
+from internvl_jax.pretrained import load_pretrained
+from internvl_jax.train import loop, report
 from internvl_jax.train import workdir as workdir_lib
 from internvl_jax.train.metrics import METRICS_FILE
 
@@ -109,21 +111,17 @@ def test_warm_starts_from_models_of_another_size_or_kind_fail_by_name():
 
 
 def test_a_workdir_checkpoint_loads_as_its_model(tmp_path):
-  from internvl_jax.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
-  from internvl_jax.train import loop  # pylint: disable=import-outside-toplevel
   config = train_fixtures.tiny_config(steps=2)
   workdir = str(tmp_path)
   state = loop.train(config, train_fixtures.InMemoryPairs(), workdir)
   workdir_lib.write_model(workdir, config.stage.model)
-  with open(os.path.join(workdir, workdir_lib.MODEL_FILE)) as f:
+  with open(os.path.join(workdir, loading.MODEL_FILE)) as f:
     assert formats.config_from_json(json.load(f)) == config.stage.model
   model = load_pretrained(workdir)
   assert model.config == config.stage.model and model.is_internvl_c
   jax.tree.map(np.testing.assert_array_equal, model.params, jax.device_get(state.params))
-  source_config, source_params = warm_start.load_source(workdir)
-  assert source_config == config.stage.model
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    warm_start.load_source(os.path.join(workdir, "missing"))
+    loading.load_arrays(os.path.join(workdir, "missing"))
 
 
 def test_the_report_summarizes_and_plots_the_whole_history(tmp_path):

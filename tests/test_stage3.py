@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from internvl_jax import optim, sharding
+from internvl_jax import loading, optim, sharding
 from internvl_jax.config import (ChatConfig, chat_preset, internvl_preset, llama_preset,
                                  vision_preset)
 from internvl_jax.data.tokenizer import IGNORE_LABEL, Tokenizer
@@ -23,7 +23,6 @@ from internvl_jax.models import chat, internvl
 from internvl_jax.models.chat import InternVLChat
 from internvl_jax.pretrained import Pretrained
 from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, ChatStage
-from internvl_jax.train import workdir as workdir_lib
 from internvl_jax.train.config import TrainConfig
 from internvl_jax.train.loop import Trainer
 
@@ -217,11 +216,11 @@ def test_demo_experiment_trains_and_its_params_chat(tmp_path):
   workdir = str(tmp_path / "run")
   experiment.main(["--workdir", workdir, "--set", "train.steps=2", "--set", "init=()",
                    "--set", "eval.every=None", "--set", "train.global_batch_size=8"])
-  assert workdir_lib.checkpoint_steps(workdir) == [2]
+  assert loading.checkpoint_steps(workdir) == [2]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
   assert losses and all(np.isfinite(losses))
-  config, params, tokenizer = workdir_lib.load_model(workdir)
+  config, params, tokenizer = loading.load_workdir(workdir)
   assert config == experiment.get_config("demo").train.stage.model
   tiles = np.zeros((1, config.image_size, config.image_size, 3), np.float32)
   answer = Pretrained(config, params, Tokenizer.load(tokenizer)).chat(

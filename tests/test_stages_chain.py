@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
+from internvl_jax import loading
 from internvl_jax.train import report
-from internvl_jax.train import workdir as workdir_lib
 from internvl_jax.train.metrics import METRICS_FILE
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,9 +47,9 @@ def chain(tmp_path_factory):
 
 def test_each_stage_writes_checkpoints_metrics_model_and_report(chain):
   for workdir in chain.values():
-    assert workdir_lib.checkpoint_steps(workdir) == [1, 2]
+    assert loading.checkpoint_steps(workdir) == [1, 2]
     assert [r["step"] for r in records(workdir) if "loss" in r] == [1, 2]
-    assert os.path.isfile(os.path.join(workdir, workdir_lib.MODEL_FILE))
+    assert os.path.isfile(os.path.join(workdir, loading.MODEL_FILE))
     assert os.path.isfile(os.path.join(workdir, report.PLOT_FILE))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
@@ -62,7 +62,7 @@ def test_stage1_evaluated_during_the_run(chain):
 
 
 def test_each_stage_started_from_the_previous_one(chain):
-  vision = lambda workdir, step=None: workdir_lib.load_model(workdir, step)[1]["vision_model"]
+  vision = lambda workdir, step=None: loading.load_workdir(workdir, step)[1]["vision_model"]
   # Stage 2 took stage 1's vision tower and froze it; stage 3 took stage 2's and froze it.
   for tree in (vision(chain["stage2"], 1), vision(chain["stage2"]), vision(chain["stage3"], 1)):
     jax.tree.map(np.testing.assert_array_equal, tree, vision(chain["stage1"]))
@@ -72,7 +72,7 @@ def test_a_longer_run_on_a_workdir_resumes_at_its_checkpoint(chain):
   workdir = chain["stage3"]
   experiment("stage3_sft").main(
       ["--workdir", workdir, *QUICK, "--set", "train.steps=3", "--set", "eval.every=None"])
-  assert workdir_lib.checkpoint_steps(workdir) == [1, 2, 3]
+  assert loading.checkpoint_steps(workdir) == [1, 2, 3]
   assert [r["step"] for r in records(workdir) if "loss" in r] == [1, 2, 3]
 
 
