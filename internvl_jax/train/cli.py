@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from internvl_jax import loading, sharding
+from internvl_jax import evaluation, loading, sharding
 from internvl_jax.data.tokenizer import Tokenizer
 from internvl_jax.pretrained import Pretrained
 from internvl_jax.train import config as config_lib
@@ -82,8 +82,6 @@ def run(config: config_lib.ExperimentConfig, data, workdir: str, title: str = ""
 
 
 def _evaluate(config: config_lib.ExperimentConfig, tokenizer: Tokenizer, params) -> dict:
-  # Imported here: evaluation pulls in the scorers, which plain training does not need.
-  from internvl_jax import evaluation  # pylint: disable=import-outside-toplevel
   model = Pretrained(config.train.stage.model, params, tokenizer)
   results = {}
   for task in config.eval.tasks:
