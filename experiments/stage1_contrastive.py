@@ -29,7 +29,7 @@ from internvl_jax.train import config as train_config
 
 def demo_config() -> train_config.ExperimentConfig:
   train = train_config.TrainConfig(
-      stage=ContrastiveStage(internvl_preset("demo"), text_len=32),
+      stage=ContrastiveStage(internvl_preset("demo", variant="C"), text_len=32),
       optimizer=OptimizerConfig(
           learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3),
                                          ("text", TEXT_PARAMS, 1e-3)),
@@ -49,7 +49,7 @@ def demo_config() -> train_config.ExperimentConfig:
 def gpu_config() -> train_config.ExperimentConfig:
   """One GPU: InternViT-300M at 224 px + a TinyLlama-1.1B-shaped text tower, bfloat16."""
   model = internvl_preset(
-      "14b-224",
+      "14b-224", variant="C",
       vision=vision_preset("300m-448", image_size=224, dtype="bfloat16", remat_policy="full"),
       text=llama_preset("tinyllama-1.1b", dtype="bfloat16", remat_policy="full"))
   train = train_config.TrainConfig(
@@ -73,7 +73,7 @@ _PAPER_DATA = train_config.DataConfig(sources=tuple(
 
 def paper_config() -> train_config.ExperimentConfig:
   model = internvl_preset(
-      "14b-224",
+      "14b-224", variant="C",
       vision=vision_preset("6b-224", dtype="bfloat16", remat_policy="full", drop_path_rate=0.2,
                            drop_path_schedule="uniform"),
       text=llama_preset("llama-7b", dtype="bfloat16", remat_policy="full"))

@@ -30,21 +30,16 @@ def _vision_features(config: VisionConfig, params, pixels, layer: int):
   return select_layer(output, layer)
 
 
-def _is_internvl_c(params) -> bool:
-  """Stage 1 trains InternVL-C, whose text tower is `text_model`; InternVL-G's is `qllama`."""
-  return "text_model" in params
-
-
 @functools.partial(jax.jit, static_argnames=("config", "mode"))
 def _encode_image(config: InternVLConfig, params, pixels, mode: str):
-  if _is_internvl_c(params):
+  if config.variant == "C":
     return InternVLC(config).apply({"params": params}, pixels, method=InternVLC.encode_image)
   return InternVLG(config).apply({"params": params}, pixels, mode=mode, method=InternVLG.encode_image)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _encode_text(config: InternVLConfig, params, input_ids, attention_mask):
-  model = InternVLC if _is_internvl_c(params) else InternVLG
+  model = InternVLC if config.variant == "C" else InternVLG
   return model(config).apply({"params": params}, input_ids, attention_mask,
                              method=model.encode_text)
 
@@ -84,13 +79,13 @@ class Pretrained:
   @property
   def is_internvl_c(self) -> bool:
     """True for InternVL-C params (stage 1): no QLLaMA, so no mode "G" and no captions."""
-    return isinstance(self.config, InternVLConfig) and _is_internvl_c(self.params)
+    return isinstance(self.config, InternVLConfig) and self.config.variant == "C"
 
   def _internvl_g(self, what: str) -> InternVLConfig:
     config = self._internvl()
-    if _is_internvl_c(self.params):
-      raise ValueError(f"{what} needs InternVL-G (QLLaMA, stage 2); these are InternVL-C params "
-                       "(stage 1, a `text_model` text tower).")
+    if config.variant == "C":
+      raise ValueError(f"{what} needs InternVL-G (QLLaMA, stage 2); this is InternVL-C (stage 1, "
+                       "a `text_model` text tower).")
     return config
 
   def vision_features(self, pixels, layer: int = -1) -> jax.Array:

@@ -43,7 +43,7 @@ def test_ridge_probe_reads_a_linear_label_and_not_a_random_one():
 
 def test_probe_table_has_the_query_outputs_of_internvl_g(tmp_path, capsys):
   config = internvl_preset("tiny", vision=vision_preset("tiny", image_size=32))
-  Pretrained(config, init_params(config, variant="G")).save(str(tmp_path / "g"))
+  Pretrained(config, init_params(config)).save(str(tmp_path / "g"))
   position_probe.main([str(tmp_path / "g"), "--train", "60", "--test", "30", "--block-steps", "4"])
   lines = capsys.readouterr().out.splitlines()
   assert lines[0].split() == ["from", "row", "column", "cell"]
@@ -79,7 +79,7 @@ def test_the_cell_reader_learns_a_position_that_its_tokens_carry():
 
 def test_cross_attention_weights_are_the_ones_the_block_uses():
   config = internvl_preset("tiny")
-  params = init_params(config, variant="G")
+  params = init_params(config)
   # Sharpen the attention (scaled query projection), so that wrong weights give other outputs.
   layer_params = params["qllama"]["layers"]["layer_0"]
   q_proj = layer_params["cross_attn"]["q_proj"]

@@ -1,7 +1,6 @@
 """The three stages' demo presets through their real command lines, chained 1 -> 2 -> 3 by warm
 starts, with an evaluation in the run, and a resumed run continuing at the right step."""
 
-import importlib.util
 import json
 import os
 
@@ -13,18 +12,11 @@ from internvl_jax import loading
 from internvl_jax.train import report
 from internvl_jax.train.metrics import METRICS_FILE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_fixtures import load_experiment
+
 # A few steps of small batches; evaluation on a few examples.
 QUICK = ["--set", "train.steps=2", "--set", "train.global_batch_size=8", "--set",
          "train.log_every=1", "--set", "train.checkpoint_every=1"]
-
-
-def experiment(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def records(workdir: str) -> list[dict]:
@@ -36,11 +28,11 @@ def records(workdir: str) -> list[dict]:
 def chain(tmp_path_factory):
   root = tmp_path_factory.mktemp("chain")
   dirs = {stage: str(root / stage) for stage in ("stage1", "stage2", "stage3")}
-  experiment("stage1_contrastive").main(
+  load_experiment("stage1_contrastive").main(
       ["--workdir", dirs["stage1"], *QUICK, "--set", "eval.every=2", "--set", "eval.limit=8"])
-  experiment("stage2_generative").main(
+  load_experiment("stage2_generative").main(
       ["--workdir", dirs["stage2"], "--init", dirs["stage1"], *QUICK, "--set", "eval.every=None"])
-  experiment("stage3_sft").main(
+  load_experiment("stage3_sft").main(
       ["--workdir", dirs["stage3"], "--init", dirs["stage2"], *QUICK, "--set", "eval.every=None"])
   return dirs
 
@@ -70,7 +62,7 @@ def test_each_stage_started_from_the_previous_one(chain):
 
 def test_a_longer_run_on_a_workdir_resumes_at_its_checkpoint(chain):
   workdir = chain["stage3"]
-  experiment("stage3_sft").main(
+  load_experiment("stage3_sft").main(
       ["--workdir", workdir, *QUICK, "--set", "train.steps=3", "--set", "eval.every=None"])
   assert loading.checkpoint_steps(workdir) == [1, 2, 3]
   assert [r["step"] for r in records(workdir) if "loss" in r] == [1, 2, 3]
@@ -79,4 +71,4 @@ def test_a_longer_run_on_a_workdir_resumes_at_its_checkpoint(chain):
 def test_a_missing_previous_stage_names_the_command_to_run(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # no runs/stage1_contrastive here
   with pytest.raises(FileNotFoundError, match="run `python experiments/stage1_contrastive.py`"):
-    experiment("stage2_generative").main(["--workdir", str(tmp_path / "w"), *QUICK])
+    load_experiment("stage2_generative").main(["--workdir", str(tmp_path / "w"), *QUICK])
