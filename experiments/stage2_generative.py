@@ -26,6 +26,11 @@ from internvl_jax.train import cli, inputs
 from internvl_jax.train import config as train_config
 
 
+# The paper's AdamW, training only what stage 2 adds; presets set the lr and schedule.
+OPTIMIZER = OptimizerConfig(learning_rate=5e-5, b1=0.9, b2=0.98, weight_decay=0.05,
+                            trainable=(TRAINABLE_PARAMS,))
+
+
 def demo_config() -> train_config.ExperimentConfig:
   train = train_config.TrainConfig(
       # backbone_itc: the demo trains the text tower (DEMO_LM_PARAMS), so InternVL-C's image
@@ -35,9 +40,8 @@ def demo_config() -> train_config.ExperimentConfig:
       # minutes on 2 cores. Seed 0's InternVL-G R@1 i2t / t2i on one such machine: 76.6 / 65.8 after
       # 1500 steps, 76.0 / 65.0 after 2000 (its InternVL-C: 72.8 / 62.4); CIDEr 387.5, then 398.5.
       # Figures move a little with the host processor (README: 76.4 / 65.0, 397.3 on another).
-      optimizer=OptimizerConfig(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.05,
-                                warmup_steps=100, total_steps=2000,
-                                trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
+      optimizer=OPTIMIZER.replace(learning_rate=1e-3, warmup_steps=100, total_steps=2000,
+                                  trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=500)
   evaluation = train_config.EvalConfig(every=500, tasks=("retrieval", "caption"), mode="G")
@@ -57,9 +61,7 @@ def paper_config() -> train_config.ExperimentConfig:
       text=llama_preset("llama-7b", dtype="bfloat16", remat_policy="full"))
   train = train_config.TrainConfig(
       stage=GenerativeStage(model, text_len=80),
-      optimizer=OptimizerConfig(learning_rate=5e-5, b1=0.9, b2=0.98, weight_decay=0.05,
-                                warmup_steps=2000, total_steps=80_000,
-                                trainable=(TRAINABLE_PARAMS,)),
+      optimizer=OPTIMIZER.replace(warmup_steps=2000, total_steps=80_000),
       # 20,000 = 2^5 x 5^4: 32 chips (v5p:2x4x4) x 25 pairs per micro-batch x 25 micro-batches;
       # 24 GB per chip planned by tools/aot_plan.py (5 micro-batches of 125: 88 GB of 95). 64
       # chips would need 4-way tensor parallelism (a 4x4x4 torus cannot make a 2-wide mesh
