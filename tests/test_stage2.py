@@ -58,8 +58,7 @@ def make_batch(index: int = 0, batch_size: int = BATCH):
 
 
 def config(**changes) -> TrainConfig:
-  optimizer = GRADIENT_OPTIMIZER.replace(b2=0.98, weight_decay=0.05,
-                                                        trainable=(TRAINABLE_PARAMS,))
+  optimizer = GRADIENT_OPTIMIZER.replace(b2=0.98, weight_decay=0.05, trainable=(TRAINABLE_PARAMS,))
   return train_config(GenerativeStage(MODEL, text_len=TEXT_LEN), optimizer,
                       global_batch_size=BATCH, **changes)
 
