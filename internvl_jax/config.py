@@ -35,9 +35,6 @@ class VisionConfig:
   qkv_bias: bool = False
   qk_norm: bool = True
   layerscale_init: float = 0.1
-  # The position embedding's init: a normal truncated at 2 std, BEiT's 0.02 as every other weight
-  # (the paper's stage 1). Larger, the demo ViT's tokens carry their position (BENCHMARKS.md).
-  pos_embed_init_std: float = 0.02
   # Stochastic depth. "linear" ramps 0 -> rate over depth as the released code does; "uniform"
   # uses the rate in every block, as the paper's stage 1 says ("uniform 0.2").
   drop_path_rate: float = 0.0
@@ -58,9 +55,6 @@ class VisionConfig:
       raise ValueError(
           f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
           f"{self.patch_size}.")
-    if self.pos_embed_init_std < 0:
-      raise ValueError(
-          f"VisionConfig: pos_embed_init_std must be >= 0, got {self.pos_embed_init_std}.")
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f"VisionConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
 
