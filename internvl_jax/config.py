@@ -35,9 +35,6 @@ class VisionConfig:
   qkv_bias: bool = False
   qk_norm: bool = True
   layerscale_init: float = 0.1
-  # The position embedding's init: a normal truncated at 2 std, BEiT's 0.02 as every other weight
-  # (the paper's stage 1). Larger, the demo ViT's tokens carry their position (BENCHMARKS.md).
-  pos_embed_init_std: float = 0.02
   # Stochastic depth. "linear" ramps 0 -> rate over depth as the released code does; "uniform"
   # uses the rate in every block, as the paper's stage 1 says ("uniform 0.2").
   drop_path_rate: float = 0.0
@@ -58,9 +55,6 @@ class VisionConfig:
       raise ValueError(
           f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
           f"{self.patch_size}.")
-    if self.pos_embed_init_std < 0:
-      raise ValueError(
-          f"VisionConfig: pos_embed_init_std must be >= 0, got {self.pos_embed_init_std}.")
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f"VisionConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
 
@@ -248,9 +242,8 @@ INTERNVL_PRESETS = {
     "tiny": InternVLConfig(vision=VISION_PRESETS["tiny"], text=LLAMA_PRESETS["tiny"], embed_dim=32,
                            attn_pool_heads=4, num_queries=4),
     # The demo runs' model (experiments/*, on the demo data at 64 px with its 512-piece tokenizer).
-    # LayerScale starts at 1.0, as in InternViT-300M (the demo quality in README is measured so).
-    # A 64-wide embedding holds the background the captions name as well as colour and shape: stage
-    # 1's held-out top-1 over seeds 0-2 is 87.2 / 82.6 / 82.0, against 74.6 / 81.8 / 83.0 at 32 wide.
+    # LayerScale starts at 1.0, as in InternViT-300M. The embedding is 64 wide so that it holds the
+    # background the captions name as well as colour and shape; 32 wide lost held-out shapes.
     "demo": InternVLConfig(vision=VISION_PRESETS["tiny"].replace(image_size=64,
                                                                   layerscale_init=1.0),
                            text=LLAMA_PRESETS["tiny"].replace(vocab_size=512), embed_dim=64,
