@@ -1,4 +1,5 @@
-"""tools/build_dataset.py: each import format, with the skipped records counted by reason."""
+"""tools/build_dataset.py: each import format, with the skipped records counted by reason and
+the images stored in other modes than RGB counted by mode."""
 
 import importlib.util
 import io
@@ -73,13 +74,15 @@ def test_image_folder_with_captions_jsonl(tmp_path):
   report = build_dataset.main(["image-folder", "--images", str(images), "--captions",
                                str(tmp_path / "captions.jsonl"), "--name", "folder_pairs",
                                "--data-dir", data_dir])
-  assert report["written"] == {"train": 4}
+  assert report["written"] == {"train": 5}
   assert report["skipped_by_reason"] == {
-      issues.IMAGE_NOT_RGB: 1, issues.IMAGE_UNDECODABLE: 1, issues.IMAGE_MISSING: 1,
-      issues.CAPTION_EMPTY: 1, issues.ANNOTATION_UNREADABLE: 1}
-  assert report["skipped"] == 5
+      issues.IMAGE_UNDECODABLE: 1, issues.IMAGE_MISSING: 1, issues.CAPTION_EMPTY: 1,
+      issues.ANNOTATION_UNREADABLE: 1}
+  assert report["skipped"] == 4
+  assert report["converted_by_mode"] == {"L": 1}
   records = read_all("folder_pairs", "train", data_dir)
-  assert sorted(r["caption"] for r in records) == [f"picture {i}".encode() for i in range(4)]
+  assert sorted(r["caption"] for r in records) == [b"gray"] + [f"picture {i}".encode()
+                                                               for i in range(4)]
   assert all(Image.open(io.BytesIO(r["image"])).size == (12, 10) for r in records)
 
 
@@ -118,8 +121,9 @@ def test_webdataset_tar_shards(tmp_path):
 def test_internvl_chat_meta_and_its_pipeline(tmp_path):
   root = tmp_path / "images"
   root.mkdir()
-  for i in range(3):  # 20x10: a 2x1 grid of tiles plus the thumbnail
-    (root / f"{i}.jpg").write_bytes(encode(Image.fromarray(np.full((10, 20, 3), 9, np.uint8)), "JPEG"))
+  for i, mode in enumerate(["RGB", "L", "L"]):  # 20x10: a 2x1 grid of tiles plus the thumbnail
+    picture = Image.fromarray(np.full((10, 20, 3), 9, np.uint8)).convert(mode)
+    (root / f"{i}.jpg").write_bytes(encode(picture, "JPEG"))
 
   def turns(question, answer="A circle."):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
@@ -154,6 +158,7 @@ def test_internvl_chat_meta_and_its_pipeline(tmp_path):
       issues.CONVERSATION_MULTIPLE_IMAGE_PLACEHOLDERS: 1,
       issues.CONVERSATION_NO_ASSISTANT_TURN: 1, issues.IMAGE_MISSING: 1,
       issues.MULTIPLE_IMAGES: 1, issues.CONVERSATION_MALFORMED: 1}
+  assert report["converted_by_mode"] == {"L": 1}  # 2.jpg's records are all skipped
   assert report["mixture_weights"] == {"tiny_vqa": 4.0, "text_only": 1.0}
 
   tokenizer_path = train_tokenizer.main(["--dataset", "tiny_chat", "--split", "tiny_vqa",

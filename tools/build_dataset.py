@@ -5,9 +5,11 @@
   python tools/build_dataset.py internvl-chat --meta meta.json --name NAME
   python tools/build_dataset.py demo [--image-size 64] [--seed 0]
 
-Bad records are skipped; the report says how many records were written per split and how
-many were skipped, by reason. An InternVL-Chat meta file becomes one split per dataset, and the
-report gives the mixture weights (records x repeat_time) to read them with.
+Bad records are skipped; the report says how many records were written per split, how many
+were skipped, by reason, and how many images are stored in a mode other than RGB (grayscale,
+palette, CMYK, with alpha, ...), by mode: those are kept and read as RGB. An InternVL-Chat meta
+file becomes one split per dataset, and the report gives the mixture weights (records x
+repeat_time) to read them with.
 """
 
 import argparse
@@ -88,7 +90,8 @@ def _import(args: argparse.Namespace) -> dict:
   tfds_name = sources.write_dataset(args.name, splits, features, data_dir=args.data_dir,
                                     version=args.version)
   report = {"dataset": tfds_name, "written": written, "skipped": counter.skipped(),
-            "skipped_by_reason": dict(sorted(counter.items()))}
+            "skipped_by_reason": counter.skipped_by_reason(),
+            "converted_by_mode": counter.converted_by_mode()}
   if args.format == "internvl-chat":
     report["mixture_weights"] = {
         importers.split_name(name): written.get(importers.split_name(name), 0) *
