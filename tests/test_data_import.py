@@ -5,6 +5,8 @@ import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
@@ -84,6 +86,35 @@ def test_image_folder_with_captions_jsonl(tmp_path):
   assert sorted(r["caption"] for r in records) == [b"gray"] + [f"picture {i}".encode()
                                                                for i in range(4)]
   assert all(Image.open(io.BytesIO(r["image"])).size == (12, 10) for r in records)
+
+
+def test_command_line_imports_every_mode_and_writes_only_the_report_on_stdout(tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  stored = {"RGB": "PNG", "L": "PNG", "CMYK": "JPEG", "P": "PNG", "RGBA": "PNG"}
+  for i, (mode, fmt) in enumerate(stored.items()):
+    (images / f"{mode}.{fmt.lower()}").write_bytes(encode(image(i + 1, mode), fmt))
+  (images / "corrupt.png").write_bytes(encode(image(1))[:30])
+  write_jsonl(tmp_path / "captions.jsonl", [
+      *({"image": f"{mode}.{fmt.lower()}", "caption": mode} for mode, fmt in stored.items()),
+      {"image": "corrupt.png", "caption": "corrupt"},
+      {"image": "missing.png", "caption": "missing"},
+  ])
+  data_dir = str(tmp_path / "tfds")
+  env = {**os.environ,
+         "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "build_dataset.py"), "image-folder",
+       "--images", str(images), "--captions", str(tmp_path / "captions.jsonl"),
+       "--name", "every_mode", "--data-dir", data_dir],
+      capture_output=True, text=True, env=env, check=False)
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout)
+  assert report["written"] == {"train": 5}
+  assert report["skipped_by_reason"] == {issues.IMAGE_UNDECODABLE: 1, issues.IMAGE_MISSING: 1}
+  assert report["converted_by_mode"] == {"CMYK": 1, "L": 1, "P": 1, "RGBA": 1}
+  records = read_all("every_mode", "train", data_dir)
+  assert sorted(r["caption"].decode() for r in records) == sorted(stored)
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes):
