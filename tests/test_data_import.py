@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from internvl_jax.data import chat
 from internvl_jax.data import config as config_lib
 from internvl_jax.data import demo
 from internvl_jax.data import issues
@@ -210,6 +211,10 @@ def test_internvl_chat_meta_and_its_pipeline(tmp_path):
   answers = [tokenizer.decode([t for t in row if t >= 0 and t < tokenizer.vocab_size])
              for row in batch["labels"]]
   assert all(a in ("A circle.", "Hi.", "Bye.") for a in answers)
+  processor = chat.ChatProcessor(config, chat.load_chat_tokenizer(tokenizer_path, config.template))
+  reasons = [reason for record in read_all("tiny_chat", "tiny_vqa", data_dir)
+             for reason in processor.map(record).reasons]
+  assert reasons == [issues.converted_from("L")]  # what training counts for the gray 1.jpg
 
 
 def test_demo_command_builds_dataset_and_tokenizer(tmp_path):
