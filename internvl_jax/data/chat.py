@@ -55,20 +55,21 @@ class ChatProcessor(grain.transforms.Map):
   def map(self, record) -> issues.RecordOutcome:
     return issues.outcome_of(self._process, record)
 
-  def _tiles(self, image_bytes: bytes) -> list:
+  def _tiles(self, image_bytes: bytes) -> tuple[list, tuple[str, ...]]:
+    """The image's tiles and the reasons to count (its conversion to RGB, if any)."""
     config = self._config
-    image = transforms.decode_rgb(image_bytes, config.min_image_side)
+    image, conversions = transforms.decode_rgb(image_bytes, config.min_image_side)
     if not config.dynamic_tiling:
-      return [transforms.resize(image, config.tile_size)]
+      return [transforms.resize(image, config.tile_size)], conversions
     return tiling.tile_image(image, config.tile_size, config.min_tiles, config.max_tiles,
-                             config.use_thumbnail)
+                             config.use_thumbnail), conversions
 
   def _process(self, record) -> issues.RecordOutcome:
     config = self._config
     image_bytes = record["image"]
     conversation = templates.parse_conversation(decode_turns(record["conversations"]),
                                                 has_image=bool(image_bytes))
-    tiles = self._tiles(image_bytes) if image_bytes else []
+    tiles, conversions = self._tiles(image_bytes) if image_bytes else ([], ())
     segments = templates.render(config.template, conversation, config.system_message)
     image_ids = image_token_ids(self._tokenizer, len(tiles), config.image_tokens_per_tile,
                                 config.wrap_image_tokens) if tiles else []
@@ -84,5 +85,5 @@ class ChatProcessor(grain.transforms.Map):
         "labels": tokenized.labels,
         "token_mask": np.arange(config.max_len) < tokenized.length,
     }
-    reasons = (issues.CONVERSATION_TRUNCATED,) if tokenized.truncated else ()
-    return issues.RecordOutcome(example, reasons)
+    truncations = (issues.CONVERSATION_TRUNCATED,) if tokenized.truncated else ()
+    return issues.RecordOutcome(example, conversions + truncations)
