@@ -12,14 +12,14 @@ from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.data import transforms
 
 
-def load_chat_tokenizer(tokenizer_path: str, template: str) -> tokenizer_lib.Tokenizer:
-  """The tokenizer with the image tokens and the template's markers added (the chat model's
-  vocabulary size is this tokenizer's)."""
+def load_chat_tokenizer(tokenizer_path: str, template: str) -> tokenizer_lib.ChatTokenizer:
+  """The tokenizer (SentencePiece model or tokenizer.json) with the image tokens and the
+  template's markers added (the chat model's vocabulary size is this tokenizer's)."""
   special_tokens = tokenizer_lib.IMAGE_TOKENS + templates.TEMPLATES[template].special_tokens
-  return tokenizer_lib.Tokenizer.load(tokenizer_path, special_tokens)
+  return tokenizer_lib.load(tokenizer_path, special_tokens)
 
 
-def image_token_ids(tokenizer: tokenizer_lib.Tokenizer, num_tiles: int, tokens_per_tile: int,
+def image_token_ids(tokenizer: tokenizer_lib.ChatTokenizer, num_tiles: int, tokens_per_tile: int,
                     wrap: bool) -> list[int]:
   """<img> <IMG_CONTEXT> x (tokens_per_tile * num_tiles) </img>; without `wrap` only the
   context tokens (chat v1.0, where the image features simply take their places)."""
@@ -48,7 +48,7 @@ class ChatProcessor(grain.transforms.Map):
   (labels aligned with tokens, IGNORE_LABEL off the answers), "token_mask" bool [max_len].
   """
 
-  def __init__(self, config: config_lib.ChatDataConfig, tokenizer: tokenizer_lib.Tokenizer):
+  def __init__(self, config: config_lib.ChatDataConfig, tokenizer: tokenizer_lib.ChatTokenizer):
     self._config = config
     self._tokenizer = tokenizer
 
