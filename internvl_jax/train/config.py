@@ -80,7 +80,7 @@ class EvalConfig:
     return self.every is not None and bool(self.tasks)
 
 
-# A source or tokenizer is given as itself (a `Source`; a SentencePiece model's path), or as a
+# A source or tokenizer is given as itself (a `Source`; a tokenizer file's path), or as a
 # builder that makes it on first use and returns it (the demo's: `data.demo.DemoSource`,
 # `DemoTokenizer`), so that naming it in a preset builds nothing.
 SourceSpec = Source | Callable[[], Source]
