@@ -20,6 +20,7 @@ import dataclasses
 
 from internvl_jax import sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.data import demo
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, ContrastiveStage
@@ -28,8 +29,9 @@ from internvl_jax.train import config as train_config
 
 
 def demo_config() -> train_config.ExperimentConfig:
+  model = internvl_preset("demo")
   train = train_config.TrainConfig(
-      stage=ContrastiveStage(internvl_preset("demo"), text_len=32),
+      stage=ContrastiveStage(model, text_len=32),
       optimizer=OptimizerConfig(
           learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3),
                                          ("text", TEXT_PARAMS, 1e-3)),
@@ -38,10 +40,13 @@ def demo_config() -> train_config.ExperimentConfig:
       checkpoint_every=250)
   # Zero-shot: the 6 held-out colour-shape pairs, classified among all 36 class names. 1000 steps,
   # because a longer run fits the seen pairs' colour-shape correlation and loses held-out accuracy.
-  evaluation = train_config.EvalConfig(every=250, tasks=("zero_shot", "retrieval"))
+  evaluation = train_config.EvalConfig(every=250, tasks=("zero_shot", "retrieval"), data="demo")
+  # The shapes rendered at the model's size and a tokenizer of its vocabulary, made on first use.
   # No random crops: the captions name where the shape is.
-  return train_config.ExperimentConfig(train=train, data=train_config.DataConfig(augment=False),
-                                       eval=evaluation)
+  data = train_config.DataConfig(sources=(demo.DemoSource(image_size=model.vision.image_size),),
+                                 tokenizer=demo.DemoTokenizer(vocab_size=model.text.vocab_size),
+                                 augment=False)
+  return train_config.ExperimentConfig(train=train, data=data, eval=evaluation)
 
 
 def gpu_config() -> train_config.ExperimentConfig:
@@ -108,7 +113,7 @@ def get_config(preset: str) -> train_config.ExperimentConfig:
 
 
 def data(config: train_config.ExperimentConfig):
-  """This process's batches of `config.data`: the demo shapes, or the TFDS sources."""
+  """This process's image-text batches of `config.data`."""
   return inputs.pair_batches(config)
 
 

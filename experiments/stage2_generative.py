@@ -19,6 +19,7 @@ path, bfloat16 compute, on the spec's data mixture.
 
 from internvl_jax import sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.data import demo
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
@@ -27,10 +28,11 @@ from internvl_jax.train import config as train_config
 
 
 def demo_config() -> train_config.ExperimentConfig:
+  model = internvl_preset("demo")
   train = train_config.TrainConfig(
       # backbone_itc: the demo trains the text tower (DEMO_LM_PARAMS), so InternVL-C's image
       # embedding, half of InternVL-G's, is kept aligned with the moving text features.
-      stage=GenerativeStage(internvl_preset("demo"), text_len=32, backbone_itc=True),
+      stage=GenerativeStage(model, text_len=32, backbone_itc=True),
       # 2000 steps, twice stage 1's, because QLLaMA learns to caption from scratch here (see
       # DEMO_LM_PARAMS) and CIDEr still rises in the last quarter.
       optimizer=OptimizerConfig(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.05,
@@ -38,9 +40,15 @@ def demo_config() -> train_config.ExperimentConfig:
                                 trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=500)
-  evaluation = train_config.EvalConfig(every=500, tasks=("retrieval", "caption"), mode="G")
-  return train_config.ExperimentConfig(train=train, data=train_config.DataConfig(augment=False),
-                                       eval=evaluation, init="runs/stage1_contrastive")
+  evaluation = train_config.EvalConfig(every=500, tasks=("retrieval", "caption"), data="demo",
+                                       mode="G")
+  # Stage 1's demo data (no random crops: the captions name where the shape is), with in-batch
+  # ITM negatives and the ITG inputs.
+  data = train_config.DataConfig(sources=(demo.DemoSource(image_size=model.vision.image_size),),
+                                 tokenizer=demo.DemoTokenizer(vocab_size=model.text.vocab_size),
+                                 augment=False, itm_negatives="batch", itg=True)
+  return train_config.ExperimentConfig(train=train, data=data, eval=evaluation,
+                                       init="runs/stage1_contrastive")
 
 
 # The paper's LLaMA-7B arrives as a trained language model; the demo's stage-1 text tower was
@@ -68,7 +76,8 @@ def paper_config() -> train_config.ExperimentConfig:
   data = train_config.DataConfig(sources=tuple(
       Source(name, weight=millions) for name, millions in (
           ("laion_en", 91), ("laion_coco", 550), ("coyo", 200), ("cc12m", 11.1), ("cc3m", 2.6),
-          ("sbu", 1.0), ("wukong", 69.4), ("laion_multi", 100))), worker_count=8)
+          ("sbu", 1.0), ("wukong", 69.4), ("laion_multi", 100))), worker_count=8,
+      itm_negatives="batch", itg=True)
   return train_config.ExperimentConfig(train=train, data=data,
                                        init="runs/stage1_contrastive-paper-224")
 
@@ -81,8 +90,8 @@ def get_config(preset: str) -> train_config.ExperimentConfig:
 
 
 def data(config: train_config.ExperimentConfig):
-  """This process's batches of `config.data` with in-batch ITM negatives and the ITG inputs."""
-  return inputs.pair_batches(config, itm_negatives="batch", itg=True)
+  """This process's image-text batches of `config.data` (with ITM negatives and ITG inputs)."""
+  return inputs.pair_batches(config)
 
 
 def main(argv=None):
