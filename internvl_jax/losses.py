@@ -5,6 +5,10 @@ arrays and are written as the plain single-device maths; under `jit` XLA partiti
 (batch, batch) logits are constrained to rows over the batch mesh axes ("act_batch") and columns
 whole, so each device scores its own rows against every column (the reference's gather of the
 other side), and the gradient of that gather comes back to each row's owner.
+
+The next-token loss takes logits (`lm_example_losses`), or, in training, the final hidden states
+and the LM head (`chunked_lm_example_losses`): the same sums, with the (tokens, vocab) logits
+never materialized.
 """
 
 import functools
