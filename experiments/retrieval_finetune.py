@@ -22,6 +22,7 @@ test set with one record per image holding its "captions" (retrieval groups by r
 
 from internvl_jax import sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.data import demo
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.retrieval import NO_WEIGHT_DECAY, RetrievalStage, layer_decay
@@ -47,9 +48,15 @@ def demo_config() -> train_config.ExperimentConfig:
       optimizer=OPTIMIZER.replace(learning_rate=1e-4, warmup_steps=10, total_steps=200,
                                   layer_decay=layer_decay(model, 0.9)),
       global_batch_size=32, mesh=sharding.MeshConfig(data=-1), log_every=10, checkpoint_every=100)
+  # A random negative caption per row and image ids; no flips, as the captions name positions
+  # (left, right).
+  data = train_config.DataConfig(sources=(demo.DemoSource(image_size=model.vision.image_size),),
+                                 tokenizer=demo.DemoTokenizer(vocab_size=model.text.vocab_size),
+                                 itm_negatives="batch", image_id="image_hash")
   return train_config.ExperimentConfig(
-      train=train, init="runs/stage2_generative",
-      eval=train_config.EvalConfig(every=100, tasks=("retrieval",), limit=200, mode="G"))
+      train=train, data=data, init="runs/stage2_generative",
+      eval=train_config.EvalConfig(every=100, tasks=("retrieval",), data="demo", limit=200,
+                                   mode="G"))
 
 
 def paper_config() -> train_config.ExperimentConfig:
@@ -68,7 +75,8 @@ def paper_config() -> train_config.ExperimentConfig:
       log_every=10, checkpoint_every=200)
   return train_config.ExperimentConfig(
       train=train,
-      data=train_config.DataConfig(sources=(Source("flickr30k_train"),), tokenizer=None),
+      data=train_config.DataConfig(sources=(Source("flickr30k_train"),), flip=True,
+                                   itm_negatives="batch", image_id="image_hash"),
       init="InternVL-14B-224px")
 
 
@@ -80,10 +88,8 @@ def get_config(preset: str) -> train_config.ExperimentConfig:
 
 
 def data(config: train_config.ExperimentConfig):
-  """This process's batches with a random negative caption per row and image ids. No flips on
-  the demo data, whose captions name positions (left, right)."""
-  return inputs.pair_batches(config, itm_negatives="batch", image_id="image_hash",
-                             flip=not config.data.is_demo)
+  """This process's image-text batches of `config.data` (with ITM negatives and image ids)."""
+  return inputs.pair_batches(config)
 
 
 def main(argv=None):

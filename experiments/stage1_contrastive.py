@@ -20,6 +20,7 @@ import dataclasses
 
 from internvl_jax import sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.data import demo
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, ContrastiveStage
@@ -35,22 +36,24 @@ OPTIMIZER = OptimizerConfig(
 
 
 def demo_config() -> train_config.ExperimentConfig:
+  model = internvl_preset("demo", variant="C")
   train = train_config.TrainConfig(
-      stage=ContrastiveStage(internvl_preset("demo", variant="C"), text_len=32),
+      stage=ContrastiveStage(model, text_len=32),
       # The demo's text tower starts from random params (the paper's from LLaMA-7B): 1e-3 too.
       optimizer=OPTIMIZER.replace(
           lr_groups=(("vision", VISION_PARAMS, 1e-3), ("text", TEXT_PARAMS, 1e-3)),
           warmup_steps=100, total_steps=1000),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=250)
-  # Zero-shot: the 6 held-out colour-shape pairs, classified among all 36 class names. Colour is
-  # right from the first evaluation, shape comes later; a longer run fits the seen pairs' colour-
-  # shape correlation and loses held-out accuracy (seed 1, with a diamond where the ring is now:
-  # 87.6% after 1000 steps; 89.6% at step 1000 of a 2000-step run, 71.6% at its end).
-  evaluation = train_config.EvalConfig(every=250, tasks=("zero_shot", "retrieval"))
+  # Zero-shot: the 6 held-out colour-shape pairs, classified among all 36 class names. 1000 steps,
+  # because a longer run fits the seen pairs' colour-shape correlation and loses held-out accuracy.
+  evaluation = train_config.EvalConfig(every=250, tasks=("zero_shot", "retrieval"), data="demo")
+  # The shapes rendered at the model's size and a tokenizer of its vocabulary, made on first use.
   # No random crops: the captions name where the shape is.
-  return train_config.ExperimentConfig(train=train, data=train_config.DataConfig(augment=False),
-                                       eval=evaluation)
+  data = train_config.DataConfig(sources=(demo.DemoSource(image_size=model.vision.image_size),),
+                                 tokenizer=demo.DemoTokenizer(vocab_size=model.text.vocab_size),
+                                 augment=False)
+  return train_config.ExperimentConfig(train=train, data=data, eval=evaluation)
 
 
 def gpu_config() -> train_config.ExperimentConfig:
@@ -84,8 +87,8 @@ def paper_config() -> train_config.ExperimentConfig:
   train = train_config.TrainConfig(
       stage=ContrastiveStage(model, image_size=196, text_len=80, keep_fraction=0.5),
       optimizer=OPTIMIZER.replace(warmup_steps=5000, total_steps=175_000),
-      # 64 chips (v5p:4x4x4) x 256 pairs per micro-batch x 10 micro-batches = 163,840 pairs;
-      # 19 GB per chip planned by tools/aot_plan.py (BENCHMARKS.md).
+      # 64 chips (v5p:4x4x4) x 256 pairs per micro-batch x 10 micro-batches = 163,840 pairs, a
+      # micro-batch that tools/aot_plan.py plans well inside a v5p chip's memory.
       global_batch_size=163_840, accum_steps=10, mesh=sharding.MeshConfig(data=1, fsdp=-1),
       log_every=10, checkpoint_every=1000)
   return train_config.ExperimentConfig(train=train, data=_PAPER_DATA)
@@ -110,7 +113,7 @@ def get_config(preset: str) -> train_config.ExperimentConfig:
 
 
 def data(config: train_config.ExperimentConfig):
-  """This process's batches of `config.data`: the demo shapes, or the TFDS sources."""
+  """This process's image-text batches of `config.data`."""
   return inputs.pair_batches(config)
 
 

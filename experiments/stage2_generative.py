@@ -19,6 +19,7 @@ path, bfloat16 compute, on the spec's data mixture.
 
 from internvl_jax import sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.data import demo
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
@@ -32,21 +33,26 @@ OPTIMIZER = OptimizerConfig(learning_rate=5e-5, b1=0.9, b2=0.98, weight_decay=0.
 
 
 def demo_config() -> train_config.ExperimentConfig:
+  model = internvl_preset("demo")
   train = train_config.TrainConfig(
       # backbone_itc: the demo trains the text tower (DEMO_LM_PARAMS), so InternVL-C's image
       # embedding, half of InternVL-G's, is kept aligned with the moving text features.
-      stage=GenerativeStage(internvl_preset("demo"), text_len=32, backbone_itc=True),
-      # QLLaMA learns to caption from scratch here (see DEMO_LM_PARAMS): 2000 steps, 6 to 8
-      # minutes on 2 cores. Seed 0's InternVL-G R@1 i2t / t2i on one such machine: 76.6 / 65.8 after
-      # 1500 steps, 76.0 / 65.0 after 2000 (its InternVL-C: 72.8 / 62.4); CIDEr 387.5, then 398.5.
-      # Figures move a little with the host processor (README: 76.4 / 65.0, 397.3 on another).
+      stage=GenerativeStage(model, text_len=32, backbone_itc=True),
+      # 2000 steps, twice stage 1's, because QLLaMA learns to caption from scratch here (see
+      # DEMO_LM_PARAMS) and CIDEr still rises in the last quarter.
       optimizer=OPTIMIZER.replace(learning_rate=1e-3, warmup_steps=100, total_steps=2000,
                                   trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=500)
-  evaluation = train_config.EvalConfig(every=500, tasks=("retrieval", "caption"), mode="G")
-  return train_config.ExperimentConfig(train=train, data=train_config.DataConfig(augment=False),
-                                       eval=evaluation, init="runs/stage1_contrastive")
+  evaluation = train_config.EvalConfig(every=500, tasks=("retrieval", "caption"), data="demo",
+                                       mode="G")
+  # Stage 1's demo data (no random crops: the captions name where the shape is), with in-batch
+  # ITM negatives and the ITG inputs.
+  data = train_config.DataConfig(sources=(demo.DemoSource(image_size=model.vision.image_size),),
+                                 tokenizer=demo.DemoTokenizer(vocab_size=model.text.vocab_size),
+                                 augment=False, itm_negatives="batch", itg=True)
+  return train_config.ExperimentConfig(train=train, data=data, eval=evaluation,
+                                       init="runs/stage1_contrastive")
 
 
 # The paper's LLaMA-7B arrives as a trained language model; the demo's stage-1 text tower was
@@ -63,16 +69,17 @@ def paper_config() -> train_config.ExperimentConfig:
       stage=GenerativeStage(model, text_len=80),
       optimizer=OPTIMIZER.replace(warmup_steps=2000, total_steps=80_000),
       # 20,000 = 2^5 x 5^4: 32 chips (v5p:2x4x4) x 25 pairs per micro-batch x 25 micro-batches;
-      # 24 GB per chip planned by tools/aot_plan.py (5 micro-batches of 125: 88 GB of 95). 64
-      # chips would need 4-way tensor parallelism (a 4x4x4 torus cannot make a 2-wide mesh
-      # axis), which the 49,954-token vocabulary does not divide.
+      # small micro-batches, because tools/aot_plan.py plans 5 of 125 too close to a v5p chip's
+      # memory. 64 chips would need 4-way tensor parallelism (a 4x4x4 torus cannot make a 2-wide
+      # mesh axis), which the 49,954-token vocabulary does not divide.
       global_batch_size=20_000, accum_steps=25, mesh=sharding.MeshConfig(data=1, fsdp=-1),
       log_every=10, checkpoint_every=1000)
   # Spec 4.2's 1.03B-pair mixture (millions), as TFDS datasets from tools/build_dataset.py.
   data = train_config.DataConfig(sources=tuple(
       Source(name, weight=millions) for name, millions in (
           ("laion_en", 91), ("laion_coco", 550), ("coyo", 200), ("cc12m", 11.1), ("cc3m", 2.6),
-          ("sbu", 1.0), ("wukong", 69.4), ("laion_multi", 100))), worker_count=8)
+          ("sbu", 1.0), ("wukong", 69.4), ("laion_multi", 100))), worker_count=8,
+      itm_negatives="batch", itg=True)
   return train_config.ExperimentConfig(train=train, data=data,
                                        init="runs/stage1_contrastive-paper-224")
 
@@ -85,8 +92,8 @@ def get_config(preset: str) -> train_config.ExperimentConfig:
 
 
 def data(config: train_config.ExperimentConfig):
-  """This process's batches of `config.data` with in-batch ITM negatives and the ITG inputs."""
-  return inputs.pair_batches(config, itm_negatives="batch", itg=True)
+  """This process's image-text batches of `config.data` (with ITM negatives and ITG inputs)."""
+  return inputs.pair_batches(config)
 
 
 def main(argv=None):

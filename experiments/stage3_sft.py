@@ -27,6 +27,7 @@ import math
 from internvl_jax import sharding
 from internvl_jax.config import (ChatConfig, chat_preset, internvl_preset, llama_preset,
                                  vision_preset)
+from internvl_jax.data import demo
 from internvl_jax.data.config import Source
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, PROJECTOR_PARAMS, ChatStage
@@ -34,7 +35,8 @@ from internvl_jax.train import cli, inputs
 from internvl_jax.train import config as train_config
 
 # The demo tokenizer's 512 pieces and <img>, </img>, <IMG_CONTEXT> (vicuna_v1 adds no markers).
-_DEMO_VOCAB = 512 + 3
+_DEMO_TOKENIZER = demo.DemoTokenizer(vocab_size=512)
+_DEMO_VOCAB = _DEMO_TOKENIZER.vocab_size + 3
 
 
 # LLaVA-1.5's AdamW, without weight decay; presets set the lr, schedule and what trains.
@@ -58,8 +60,10 @@ def demo_config() -> train_config.ExperimentConfig:
       checkpoint_every=100)
   # 125 test images, one question each: about 100 with one right answer (what shape / colour /
   # where / which background; "Describe the image." has several).
-  evaluation = train_config.EvalConfig(every=steps, tasks=("chat",), limit=125)
-  return train_config.ExperimentConfig(train=train, eval=evaluation,
+  evaluation = train_config.EvalConfig(every=steps, tasks=("chat",), data="demo", limit=125)
+  data = train_config.DataConfig(sources=(demo.DemoSource(image_size=model.image_size),),
+                                 tokenizer=_DEMO_TOKENIZER)
+  return train_config.ExperimentConfig(train=train, data=data, eval=evaluation,
                                        init=("runs/stage2_generative",))
 
 
@@ -128,7 +132,7 @@ def get_config(preset: str) -> train_config.ExperimentConfig:
 
 
 def data(config: train_config.ExperimentConfig):
-  """This process's batches: the demo's conversations, or the TFDS conversation sources."""
+  """This process's conversation batches of `config.data`."""
   return inputs.chat_batches(config)
 
 

@@ -5,7 +5,13 @@ arrays and are written as the plain single-device maths; under `jit` XLA partiti
 (batch, batch) logits are constrained to rows over the batch mesh axes ("act_batch") and columns
 whole, so each device scores its own rows against every column (the reference's gather of the
 other side), and the gradient of that gather comes back to each row's owner.
+
+The next-token loss takes logits (`lm_example_losses`), or, in training, the final hidden states
+and the LM head (`chunked_lm_example_losses`): the same sums, with the (tokens, vocab) logits
+never materialized.
 """
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -20,15 +26,21 @@ def _masked_mean(values: jax.Array, mask: jax.Array | None) -> jax.Array:
   return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """-log softmax(logits)[target] over the last axis, in float32.
+def _normalizer_and_target(logits: jax.Array, targets: jax.Array):
+  """(logsumexp, target logit) over the last axis, in float32.
 
   The target logit is picked with a one-hot product rather than a gather, so that logits split
   over the vocabulary (tensor parallel) are reduced in place instead of gathered whole.
   """
   logits = logits.astype(jnp.float32)
   picked = jnp.sum(logits * jax.nn.one_hot(targets, logits.shape[-1], dtype=logits.dtype), axis=-1)
-  return jax.nn.logsumexp(logits, axis=-1) - picked
+  return jax.nn.logsumexp(logits, axis=-1), picked
+
+
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """-log softmax(logits)[target] over the last axis, in float32."""
+  normalizer, picked = _normalizer_and_target(logits, targets)
+  return normalizer - picked
 
 
 def _pair_logits(image_emb, text_emb, logit_scale, max_logit_scale):
@@ -113,6 +125,16 @@ def itm_loss(logits: jax.Array, labels: jax.Array, valid: jax.Array | None = Non
   return _masked_mean(nll, valid), {"itm_accuracy": _masked_mean(accuracy, valid)}
 
 
+def _next_token_targets(labels: jax.Array, ignore_index: int, valid: jax.Array | None):
+  """(targets, counted), both (batch, length - 1): labels[t + 1] at position t, and whether it
+  counts (not `ignore_index`, in a row where `valid` is True); targets are 0 where it does not."""
+  targets = labels[:, 1:]
+  counted = targets != ignore_index
+  if valid is not None:
+    counted &= valid[:, None]
+  return jnp.where(counted, targets, 0), counted
+
+
 def lm_example_losses(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100,
                       valid: jax.Array | None = None):
   """Next-token cross-entropy per row: (summed over the row's counted tokens, their number).
@@ -121,12 +143,107 @@ def lm_example_losses(logits: jax.Array, labels: jax.Array, *, ignore_index: int
   feature-cached accumulation (stage 2's ITG, chat SFT). Alignment and `ignore_index` as in
   `lm_loss`; rows where `valid` (batch,) is False (batch padding) count no token.
   """
-  logits, targets = logits[:, :-1], labels[:, 1:]
-  counted = targets != ignore_index
-  if valid is not None:
-    counted &= valid[:, None]
-  nll = _cross_entropy(logits, jnp.where(counted, targets, 0))
+  targets, counted = _next_token_targets(labels, ignore_index, valid)
+  nll = _cross_entropy(logits[:, :-1], targets)
   return jnp.sum(jnp.where(counted, nll, 0.0), axis=1), jnp.sum(counted, axis=1)
+
+
+def chunked_lm_example_losses(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
+                              block_size: int, ignore_index: int = -100,
+                              valid: jax.Array | None = None):
+  """`lm_example_losses` of the logits `hidden @ head`, computed `block_size` vocabulary columns at
+  a time so that no (batch, length, vocab) array exists, in the forward or the backward pass.
+
+  `hidden` (batch, length, width): the LLM's final-normed states, in its compute dtype; `head`
+  (width, vocab): the LM head's kernel, or the transposed embedding when tied
+  (`llama.head_kernel`). Each block's logits are the matmul in `hidden`'s dtype accumulated in
+  float32 (the model's head rounds its logits to the compute dtype, so under bfloat16 the two
+  differ by that rounding); a running log-sum-exp and the target logit carry over the blocks. The
+  backward pass (a custom VJP) recomputes each block's logits, so a training step projects onto
+  the vocabulary once more than with the logits kept. A block's logits are (batch, length,
+  block_size) float32.
+
+  Blocks split the vocabulary, as Levanter's blockwise loss does, rather than the tokens: each
+  block's slice of the head gradient is then reduced over the data-parallel rows once, where
+  token blocks would all-reduce the whole head gradient once per block. A vocabulary not
+  divisible by the block ends with a block shifted back to stay inside the head, its columns
+  that the block before scored masked out, so the head is never padded (copied). Under a
+  tensor-parallel vocabulary ("vocab" over a mesh axis) XLA gathers the head to slice it.
+  """
+  if block_size < 1:
+    raise ValueError(f"chunked_lm_example_losses: block_size must be at least 1, got {block_size}.")
+  targets, counted = _next_token_targets(labels, ignore_index, valid)
+  nll = _blocked_nll(hidden[:, :-1], head, targets, counted, min(block_size, head.shape[1]))
+  return nll, jnp.sum(counted, axis=1)
+
+
+def _vocab_block(hidden, head, targets, index, block_size):
+  """Block `index`'s (float32 logits, targets within the block or -1, head columns): columns
+  [start, start + block_size) with start = min(index * block_size, vocab - block_size); those
+  below index * block_size belong to the block before, and their logits are float32's minimum."""
+  first = index * block_size
+  start = jnp.minimum(first, head.shape[1] - block_size)
+  columns = jax.lax.dynamic_slice_in_dim(head, start, block_size, axis=1)
+  logits = jnp.einsum("blw,wv->blv", hidden, columns, preferred_element_type=jnp.float32)
+  logits = jnp.where(start + jnp.arange(block_size) >= first, logits, jnp.finfo(jnp.float32).min)
+  return logits, jnp.where(targets >= first, targets - start, -1), columns, start
+
+
+def _num_blocks(head, block_size) -> int:
+  return -(-head.shape[1] // block_size)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked_nll(hidden, head, targets, counted, block_size):
+  """Per-row sums of -log softmax(hidden @ head)[target] over the counted positions."""
+  return _blocked_nll_forward(hidden, head, targets, counted, block_size)[0]
+
+
+def _blocked_nll_forward(hidden, head, targets, counted, block_size):
+  """The sums, and as residuals the inputs and each position's log-sum-exp."""
+  compute_head = head.astype(hidden.dtype)
+
+  def block(carry, index):
+    normalizer, picked = carry
+    logits, block_targets, _, _ = _vocab_block(hidden, compute_head, targets, index, block_size)
+    block_normalizer, block_picked = _normalizer_and_target(logits, block_targets)
+    return (jnp.logaddexp(normalizer, block_normalizer), picked + block_picked), None
+
+  empty = jnp.full(targets.shape, -jnp.inf, jnp.float32)
+  (normalizer, picked), _ = jax.lax.scan(block, (empty, jnp.zeros(targets.shape, jnp.float32)),
+                                         jnp.arange(_num_blocks(head, block_size)))
+  nll = jnp.sum(jnp.where(counted, normalizer - picked, 0.0), axis=1)
+  return nll, (hidden, head, targets, counted, normalizer)
+
+
+def _blocked_nll_backward(block_size, residuals, d_nll):
+  """Recomputes each block's logits: d logits = (softmax - one_hot(target)) * d_nll[row] at the
+  counted positions; d hidden accumulates over the blocks, d head is written block by block."""
+  hidden, head, targets, counted, normalizer = residuals
+  compute_head = head.astype(hidden.dtype)
+  weight = jnp.where(counted, d_nll[:, None], 0.0)[..., None]
+
+  def block(carry, index):
+    d_hidden, d_head = carry
+    logits, block_targets, columns, start = _vocab_block(hidden, compute_head, targets, index,
+                                                         block_size)
+    d_logits = (jnp.exp(logits - normalizer[..., None]) -
+                jax.nn.one_hot(block_targets, block_size, dtype=logits.dtype))
+    d_logits = (d_logits * weight).astype(hidden.dtype)
+    d_hidden += jnp.einsum("blv,wv->blw", d_logits, columns, preferred_element_type=jnp.float32)
+    # A shifted last block adds zeros to the columns of the block before (their d_logits are 0).
+    d_columns = jnp.einsum("blw,blv->wv", hidden, d_logits, preferred_element_type=jnp.float32)
+    d_head = jax.lax.dynamic_update_slice_in_dim(
+        d_head, jax.lax.dynamic_slice_in_dim(d_head, start, block_size, axis=1) + d_columns,
+        start, axis=1)
+    return (d_hidden, d_head), None
+
+  zeros = (jnp.zeros(hidden.shape, jnp.float32), jnp.zeros(head.shape, jnp.float32))
+  (d_hidden, d_head), _ = jax.lax.scan(block, zeros, jnp.arange(_num_blocks(head, block_size)))
+  return d_hidden.astype(hidden.dtype), d_head.astype(head.dtype), None, None
+
+
+_blocked_nll.defvjp(_blocked_nll_forward, _blocked_nll_backward)
 
 
 def lm_loss(logits: jax.Array, labels: jax.Array, *, ignore_index: int = -100):

@@ -3,6 +3,7 @@ pycocoevalcap, and tools/evaluate.py on tiny InternVL-C, InternVL-G and chat che
 the demo data."""
 
 import importlib.util
+import io
 import json
 import os
 
@@ -13,16 +14,17 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from PIL import Image
 
 from internvl_jax import pretrained
 from internvl_jax.config import chat_preset, internvl_preset, llama_preset, vision_preset
 from internvl_jax.data import demo
+from internvl_jax.data import issues
 from internvl_jax.data import sources
 from internvl_jax.data import templates
 from internvl_jax.data.tokenizer import IMAGE_CONTEXT, IMAGE_TOKENS, Tokenizer
 from internvl_jax.evaluation import caption_metrics, check_task, evaluate, format_table, metrics
 from internvl_jax.evaluation import data as data_lib
-from internvl_jax.evaluation import tasks
 from internvl_jax.models import chat as chat_model
 from internvl_jax.models.internvl import InternVLC, init_params
 from internvl_jax.pretrained import Pretrained
@@ -126,16 +128,16 @@ def test_format_table_shows_counts_as_integers():
 def test_demo_chat_questions_leave_out_the_free_form_description():
   eval_data = data_lib.resolve("demo", "chat", IMAGE_SIZE)
   pairs = [pair for record in data_lib.records(eval_data, 30)
-           for pair in data_lib.question_answers(record, True)]
+           for pair in eval_data.question_answers(record)]
   assert pairs and all(q != "Describe the image." and "<image>" not in q for q, _ in pairs)
-  assert data_lib.class_names(data_lib.resolve("demo", "zero_shot", IMAGE_SIZE)) == demo.CLASS_NAMES
+  assert data_lib.resolve("demo", "zero_shot", IMAGE_SIZE).class_names() == demo.CLASS_NAMES
 
 
 def test_demo_retrieval_positives_are_the_images_a_caption_is_true_of():
   texts = [demo.record_text(0, "test", index) for index in range(200)]
-  positives = tasks.retrieval_positives([set(text["captions"]) for text in texts],
-                                        [text["caption"] for text in texts], list(range(200)),
-                                        is_demo=True)
+  demo_data = data_lib.resolve("demo", "retrieval", IMAGE_SIZE)
+  positives = demo_data.retrieval_positives([set(text["captions"]) for text in texts],
+                                            [text["caption"] for text in texts], list(range(200)))
   for j, text in enumerate(texts):
     template = next(t for t in demo.CAPTION_TEMPLATES
                     if demo.fill_caption(t, text["attrs"]) == text["caption"])
@@ -146,8 +148,8 @@ def test_demo_retrieval_positives_are_the_images_a_caption_is_true_of():
   assert positives.diagonal().all() and 2 < positives.sum(0).mean() < 200 / 2
   # COCO-style data: each caption is a positive of its own image only, even if another image has
   # the identical caption.
-  coco = tasks.retrieval_positives([{"a dog", "a cat"}, {"a dog"}], ["a dog", "a cat", "a dog"],
-                                   [0, 0, 1], is_demo=False)
+  coco = data_lib.EvalData("coco_captions", "test", None).retrieval_positives(
+      [{"a dog", "a cat"}, {"a dog"}], ["a dog", "a cat", "a dog"], [0, 0, 1])
   np.testing.assert_array_equal(coco, [[1, 1, 0], [0, 0, 1]])
 
 
@@ -181,14 +183,37 @@ def coco_like(tmp_path_factory):
 
 def test_a_local_tfds_dataset_reads_captions_labels_and_decoded_images(coco_like):
   eval_data = data_lib.resolve("tfds:coco_like", "retrieval", IMAGE_SIZE, coco_like)
-  assert eval_data.split == "validation" and not eval_data.is_demo
-  assert data_lib.class_names(eval_data) == ("red circle", "blue square", "green star")
+  assert eval_data.split == "validation" and type(eval_data) is data_lib.EvalData
+  assert eval_data.class_names() == ("red circle", "blue square", "green star")
   record = next(data_lib.records(eval_data, 1))
   assert len(data_lib.captions(record)) == 2
-  pixels = data_lib.pixels(data_lib.decode_image(record["image"]), IMAGE_SIZE, crop=True)
+  image, conversions = data_lib.decode_image(record["image"])
+  pixels = data_lib.pixels(image, IMAGE_SIZE, crop=True)
   assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and pixels.dtype == np.float32
+  assert conversions == ()
   with pytest.raises(ValueError, match="has splits"):
     data_lib.resolve("tfds:coco_like:test", "retrieval", IMAGE_SIZE, coco_like)
+
+
+@pytest.mark.parametrize("shape, mode", [
+    ((6, 5), "L"), ((6, 5, 1), "L"), ((6, 5, 2), "LA"), ((6, 5, 4), "RGBA")])
+def test_decode_image_converts_arrays_of_every_channel_count_as_pil_does(shape, mode):
+  array = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  image, conversions = data_lib.decode_image(array)
+  expected = Image.fromarray(array.reshape(shape[:2]) if mode == "L" else array).convert("RGB")
+  np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+  assert conversions == (issues.converted_from(mode),)
+
+
+def test_decode_image_converts_encoded_modes_and_skips_unusable_arrays():
+  buffer = io.BytesIO()
+  Image.new("CMYK", (5, 4), (0, 255, 0, 0)).save(buffer, "JPEG")
+  image, conversions = data_lib.decode_image(buffer.getvalue())
+  assert image.mode == "RGB" and conversions == (issues.converted_from("CMYK"),)
+  for array in (np.zeros((6, 5, 5), np.uint8), np.zeros((6, 5, 3), np.float32)):
+    with pytest.raises(issues.SkipRecord) as error:
+      data_lib.decode_image(array)
+    assert error.value.reason == issues.IMAGE_UNDECODABLE
 
 
 # --- checkpoints and tools/evaluate.py -----------------------------------------------------------
@@ -256,8 +281,8 @@ def test_tool_runs_zero_shot_retrieval_and_caption_on_internvl_g(internvl_g_dir,
 
 
 def test_evaluate_runs_zero_shot_and_retrieval_on_internvl_c(internvl_c, coco_like):
-  results = {**evaluate(internvl_c, "zero_shot", limit=5, batch_size=4),
-             **evaluate(internvl_c, "retrieval", limit=5, batch_size=4)}
+  results = {**evaluate(internvl_c, "zero_shot", "demo", limit=5, batch_size=4),
+             **evaluate(internvl_c, "retrieval", "demo", limit=5, batch_size=4)}
   assert set(results) >= {"zero_shot/top1", "zero_shot/top5", "retrieval/i2t_r1",
                           "retrieval/i2t_r5", "retrieval/t2i_r1", "retrieval/t2i_r5"}
   # COCO-like: five images with two captions each; three classes, so top-5 is every class.
@@ -301,7 +326,7 @@ def test_internvl_c_refuses_what_needs_internvl_g_or_chat(task, mode, message, i
 def test_captioning_without_a_tokenizer_is_refused(internvl_g_dir):
   model = pretrained.load_pretrained(internvl_g_dir)
   with pytest.raises(ValueError, match="tokenizer"):
-    evaluate(Pretrained(model.config, model.params), "caption", limit=2)
+    evaluate(Pretrained(model.config, model.params), "caption", "demo", limit=2)
 
 
 # --- Pretrained on InternVL-C params, and evaluation during training -----------------------------
@@ -322,10 +347,13 @@ def test_evaluate_on_sharded_params_compiles_once_and_matches(internvl_c, tokeni
   config, params = internvl_c.config, internvl_c.params
   mesh = Mesh(np.asarray(jax.devices()), ("data",))
   sharded = jax.device_put(params, NamedSharding(mesh, PartitionSpec()))
-  host = evaluate(Pretrained(config, params, tokenizer), "retrieval", limit=7, batch_size=4)
+  host = evaluate(Pretrained(config, params, tokenizer), "retrieval", "demo", limit=7,
+                  batch_size=4)
   cache_size = pretrained._encode_image._cache_size()
-  live = evaluate(Pretrained(config, sharded, tokenizer), "retrieval", limit=5, batch_size=4)
-  again = evaluate(Pretrained(config, sharded, tokenizer), "retrieval", limit=7, batch_size=4)
+  live = evaluate(Pretrained(config, sharded, tokenizer), "retrieval", "demo", limit=5,
+                  batch_size=4)
+  again = evaluate(Pretrained(config, sharded, tokenizer), "retrieval", "demo", limit=7,
+                   batch_size=4)
   assert again == pytest.approx(host, abs=1e-4) and live["retrieval/num_images"] == 5
   # Padded batches: the sharded params add at most one compilation, the limits none.
   assert pretrained._encode_image._cache_size() <= cache_size + 1

@@ -11,6 +11,7 @@ import pytest
 from internvl_jax import loading
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert import formats
+from internvl_jax.data.config import Source
 from internvl_jax.models import internvl, llama, qllama
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.pretrained import load_pretrained
@@ -18,8 +19,8 @@ from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, Contrast
 from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
 from internvl_jax.stages.retrieval import NO_WEIGHT_DECAY, RetrievalStage, layer_decay
 from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, PROJECTOR_PARAMS
+from internvl_jax.train import cli, inputs, loop, report
 from internvl_jax.train import config as config_lib
-from internvl_jax.train import loop, report
 from internvl_jax.train import workdir as workdir_lib
 from internvl_jax.train.metrics import METRICS_FILE
 
@@ -31,7 +32,9 @@ STAGE1_MODEL = MODEL.replace(variant="C")
 
 
 def experiment():
-  return config_lib.ExperimentConfig(train=train_fixtures.tiny_config())
+  return config_lib.ExperimentConfig(
+      train=train_fixtures.tiny_config(),
+      data=config_lib.DataConfig(sources=(Source("pairs"),), tokenizer="tokenizer.model"))
 
 
 def test_settings_parse_literals_and_bare_strings():
@@ -45,9 +48,10 @@ def test_settings_parse_literals_and_bare_strings():
 def test_overrides_reach_nested_fields_and_keep_types():
   changes = config_lib.parse_settings(
       ["train.steps=200", "train.checkpoint_every=50", "train.optimizer.learning_rate=1",
-       "eval.tasks=['zero_shot', 'retrieval']", "init=/ckpt"])
+       "eval.tasks=['zero_shot', 'retrieval']", "init=/ckpt", "data.itm_negatives=batch_hard"])
   config = config_lib.override(experiment(), changes)
   assert (config.train.steps, config.train.checkpoint_every) == (200, 50)
+  assert config.data.itm_negatives == "batch_hard"
   assert config.train.optimizer.learning_rate == 1  # an int is a fine float
   assert config.eval.tasks == ("zero_shot", "retrieval")  # a list becomes the field's tuple
   assert config.init == ("/ckpt",)  # one path is a tuple of one
@@ -60,10 +64,70 @@ def test_overrides_reach_nested_fields_and_keep_types():
     ("train.async_checkpoints=1", "takes bool"),
     ("train.steps=0", "steps must be at least 1"),
     ("eval.mode='X'", "mode must be 'C' or 'G'"),
+    ("data.itm_negatives=hard", "itm_negatives='hard' is not one of"),
+    ("data.itg=1", "takes bool"),
 ])
 def test_bad_overrides_name_the_key_and_what_it_takes(setting, message):
   with pytest.raises(ValueError, match=message):
     config_lib.override(experiment(), config_lib.parse_settings([setting]))
+
+
+def test_training_data_must_be_named():
+  with pytest.raises(ValueError, match="sources is empty; name the training data"):
+    config_lib.DataConfig(sources=())
+  with pytest.raises(TypeError):
+    config_lib.DataConfig()  # pylint: disable=no-value-for-parameter
+
+
+def test_the_pipeline_makes_every_source_and_tokenizer_given_as_a_builder(tmp_path):
+  built = []
+
+  def source():
+    built.append("source")
+    return Source("made", data_dir=str(tmp_path))
+
+  def tokenizer():
+    built.append("tokenizer")
+    return str(tmp_path / "made.model")
+
+  config = experiment().replace(data=config_lib.DataConfig(
+      sources=(source, Source("given", weight=2.0)), tokenizer=tokenizer))
+  assert not built  # naming a builder in a config builds nothing
+  loader, tokenizer_path = inputs.loader(config)
+  assert loader.sources == (Source("made", data_dir=str(tmp_path)), Source("given", weight=2.0))
+  assert tokenizer_path == str(tmp_path / "made.model") and built == ["source", "tokenizer"]
+  with pytest.raises(ValueError, match="data.tokenizer is not set"):
+    inputs.loader(config.replace(data=config_lib.DataConfig(sources=(Source("given"),))))
+
+
+def test_a_data_option_set_on_the_command_line_reaches_the_pipeline(monkeypatch):
+  made = []
+  monkeypatch.setattr(inputs.pipeline, "pair_pipeline", made.append)
+  monkeypatch.setattr(cli, "run", lambda *args, **kwargs: None)
+  load_experiment("stage2_generative").main(["--set", "data.itm_negatives=batch_hard",
+                                             "--set", "data.itm_pool_size=64"])
+  (pairs,) = made
+  assert (pairs.itm_negatives, pairs.itm_pool_size, pairs.itg) == ("batch_hard", 64, True)
+  assert not pairs.train_augment and pairs.image_size == 64 and pairs.max_text_len == 32
+
+
+@pytest.mark.parametrize("name, settings, message", [
+    ("stage2_generative", ["data.itg=False"],
+     r"GenerativeStage trains on \['itg_labels', 'itg_text'\].*e.g. --set data.itg=True"),
+    ("stage2_generative", ["data.itm_negatives=none"], "--set data.itm_negatives=batch"),
+    ("stage1_contrastive", ["data.itg=True"], "data.itg=True makes .* ContrastiveStage does not"),
+    ("retrieval_finetune", ["train.stage.multi_positive=False"],
+     "data.image_id='image_hash' makes .*; set it to 'none'"),
+    ("stage3_sft", ["data.itm_negatives=batch"], "ChatStage does not train on"),
+    ("stage1_contrastive", ["eval.data=None"], "have no data: set eval.data"),
+])
+def test_data_options_the_stage_does_not_match_fail_before_anything_is_built(name, settings,
+                                                                              message):
+  config = load_experiment(name).get_config("demo")
+  config_lib.check_experiment(config)
+  config = config_lib.override(config, config_lib.parse_settings(settings))
+  with pytest.raises(ValueError, match=message):
+    config_lib.check_experiment(config)
 
 
 def _random_params(abstract, seed: int) -> dict:

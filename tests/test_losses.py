@@ -7,6 +7,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
 from internvl_jax import losses, sharding
+from internvl_jax.config import llama_preset
+from internvl_jax.models import llama
 
 BATCH, DIM = 16, 8
 
@@ -153,3 +155,88 @@ def test_lm_loss_with_every_label_ignored_is_zero_not_nan():
       lambda x: losses.lm_loss(x, labels), has_aux=True)(logits)
   assert loss == 0.0 and num_tokens == 0
   assert np.all(np.isfinite(grads)) and np.all(np.asarray(grads) == 0.0)
+
+
+def lm_rows(seed, batch=3, length=11, width=8, vocab=37):
+  """Hidden states, a head and labels with ignored positions, the last row invalid."""
+  rng = np.random.default_rng(seed)
+  hidden = rng.normal(size=(batch, length, width)).astype(np.float32)
+  head = (0.5 * rng.normal(size=(width, vocab))).astype(np.float32)
+  labels = rng.integers(0, vocab, size=(batch, length)).astype(np.int32)
+  labels[0, :4] = labels[1, -3:] = -100
+  return hidden, head, labels, np.arange(batch) != batch - 1
+
+
+def weighted(example_losses):
+  """A scalar that weighs each row differently, so that gradients reach the right rows."""
+  nll, counts = example_losses
+  return jnp.sum(nll * jnp.arange(1.0, nll.shape[0] + 1)), (nll, counts)
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 37, 64])  # 8: 37 is no multiple, the last shifts
+def test_chunked_lm_losses_and_gradients_match_the_full_logits(block_size):
+  hidden, head, labels, valid = lm_rows(3)
+  full = lambda h, w: weighted(losses.lm_example_losses(
+      jnp.einsum("blw,wv->blv", h, w), labels, valid=valid))
+  chunked = lambda h, w: weighted(losses.chunked_lm_example_losses(
+      h, w, labels, block_size=block_size, valid=valid))
+  (_, (nll, counts)), grads = jax.value_and_grad(full, (0, 1), has_aux=True)(hidden, head)
+  (_, (chunked_nll, chunked_counts)), chunked_grads = jax.jit(
+      jax.value_and_grad(chunked, (0, 1), has_aux=True))(hidden, head)
+  assert counts.tolist() == [7, 7, 0]
+  np.testing.assert_array_equal(chunked_counts, counts)
+  np.testing.assert_allclose(chunked_nll, nll, rtol=1e-5)
+  assert chunked_nll[2] == 0.0 and np.all(chunked_grads[0][2] == 0.0)
+  for grad, ref in zip(chunked_grads, grads):
+    np.testing.assert_allclose(grad, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("tie_embeddings", [False, True])
+def test_chunked_lm_losses_with_the_models_head_match_its_logits(tie_embeddings):
+  config = llama_preset("tiny", num_layers=1, vocab_size=53, tie_embeddings=tie_embeddings)
+  params = llama.init_params(config)
+  _, _, labels, valid = lm_rows(4, vocab=config.vocab_size)
+  tokens = np.maximum(labels, 0)
+  model = llama.Llama(config)
+  full = lambda p: weighted(losses.lm_example_losses(
+      model.apply({"params": p}, tokens).logits, labels, valid=valid))
+  chunked = lambda p: weighted(losses.chunked_lm_example_losses(
+      model.apply({"params": p}, tokens, return_logits=False).hidden_state,
+      llama.head_kernel(config, p), labels, block_size=16, valid=valid))
+  (loss, _), grads = jax.jit(jax.value_and_grad(full, has_aux=True))(params)
+  (chunked_loss, _), chunked_grads = jax.jit(jax.value_and_grad(chunked, has_aux=True))(params)
+  assert ("lm_head" in grads) != tie_embeddings
+  np.testing.assert_allclose(chunked_loss, loss, rtol=1e-5)
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, atol=1e-5), chunked_grads, grads)
+
+
+def vocabulary_wide_arrays(fn, *args, tokens, vocab):
+  """Shapes in `fn`'s jaxpr, nested ones included, that hold `tokens` x `vocab` or more entries
+  and have a `vocab`-long axis."""
+  found = []
+
+  def visit(jaxpr):
+    for eqn in jaxpr.eqns:
+      for var in eqn.outvars:
+        shape = getattr(var.aval, "shape", ())
+        if vocab in shape and np.prod(shape) >= tokens * vocab:
+          found.append(shape)
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (tuple, list)) else (param,):
+          sub = getattr(sub, "jaxpr", sub)
+          if hasattr(sub, "eqns"):
+            visit(sub)
+
+  visit(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def test_chunked_lm_losses_never_hold_the_tokens_by_vocabulary_logits():
+  hidden, head, labels, valid = lm_rows(5, batch=4, length=9, width=4, vocab=101)
+  tokens = 4 * 8  # the scored positions; the head is (4, 101), smaller
+  step = lambda loss: jax.value_and_grad(lambda h, w: weighted(loss(h, w)), (0, 1), has_aux=True)
+  full = step(lambda h, w: losses.lm_example_losses(h @ w, labels, valid=valid))
+  chunked = step(lambda h, w: losses.chunked_lm_example_losses(h, w, labels, block_size=32,
+                                                               valid=valid))
+  assert (4, 8, 101) in vocabulary_wide_arrays(full, hidden, head, tokens=tokens, vocab=101)
+  assert vocabulary_wide_arrays(chunked, hidden, head, tokens=tokens, vocab=101) == []

@@ -59,7 +59,8 @@ def make_batch(index: int = 0, batch_size: int = BATCH):
 
 def config(**changes) -> TrainConfig:
   optimizer = GRADIENT_OPTIMIZER.replace(b2=0.98, weight_decay=0.05, trainable=(TRAINABLE_PARAMS,))
-  return train_config(GenerativeStage(MODEL, text_len=TEXT_LEN), optimizer,
+  # Vocabulary blocks of 48 of the 128 tokens, so that ITG's loss loops, sharded or not.
+  return train_config(GenerativeStage(MODEL, text_len=TEXT_LEN, loss_block_size=48), optimizer,
                       global_batch_size=BATCH, **changes)
 
 
@@ -130,6 +131,22 @@ def test_backbone_itc_scores_internvl_cs_embedding_over_the_whole_accumulated_ba
                                          max_logit_scale=stage.max_logit_scale,
                                          valid=batch["valid"])
   np.testing.assert_allclose(metrics["backbone_itc_loss"], expected, rtol=2e-5)
+
+
+def test_itg_loss_is_the_next_token_loss_of_the_lm_logits():
+  stage = GenerativeStage(MODEL, text_len=TEXT_LEN, loss_block_size=48)
+  params = nn.meta.unbox(jax.jit(stage.init)(jax.random.key(0)))
+  batch = make_batch()
+  batch["itg_labels"][-1] = batch["itg_labels"][0]  # a padding row's labels must not count
+  features = jax.jit(lambda b: stage.encode(params, b, jax.random.key(1), train=False))(batch)
+  # ITG rows see only their queries, so the other two text batches do not change their logits.
+  tokens = np.stack([batch["text"], batch["text"], batch["itg_text"]])
+  logits = InternVLG(MODEL).apply({"params": params}, batch["image"], tokens, tokens > 0).lm_logits
+  nll, counts = losses.lm_example_losses(logits, batch["itg_labels"], ignore_index=IGNORE_LABEL,
+                                         valid=batch["valid"])
+  assert counts[-1] == 0 and np.sum(counts) > 0
+  np.testing.assert_array_equal(features["itg_tokens"], counts)
+  np.testing.assert_allclose(features["itg_nll"], nll, rtol=1e-5)
 
 
 def test_itm_rows_use_their_own_caption_where_labelled_positive():

@@ -63,6 +63,15 @@ def boxed_params():
   return jax.jit(ChatStage(MODEL, max_len=MAX_LEN).init)(jax.random.key(0))
 
 
+@pytest.mark.parametrize("template, appended", [
+    ("Hermes-2", 5), ("phi3-chat", 7), ("internvl2_5", 5), ("plain", 3)])
+def test_stage_takes_the_released_checkpoints_templates(template, appended):
+  # The chat tokenizer appends the image tokens and the template's markers, all new to the demo's.
+  assert ChatStage(MODEL, max_len=MAX_LEN, template=template).appended_tokens == appended
+  with pytest.raises(ValueError, match="unknown template 'chatml'"):
+    ChatStage(MODEL, max_len=MAX_LEN, template="chatml")
+
+
 def test_init_is_the_chat_models_init_boxed_with_axis_names(boxed_params):
   assert isinstance(boxed_params["language_model"]["embed_tokens"]["embedding"], nn.Partitioned)
   jax.tree.map(np.testing.assert_array_equal,
@@ -70,7 +79,8 @@ def test_init_is_the_chat_models_init_boxed_with_axis_names(boxed_params):
 
 
 def test_the_loss_is_the_mean_nll_over_the_answer_tokens(boxed_params):
-  stage = ChatStage(MODEL, max_len=MAX_LEN)
+  # Vocabulary blocks of 48 of the 128 tokens: the last block is shifted back.
+  stage = ChatStage(MODEL, max_len=MAX_LEN, loss_block_size=48)
   params = nn.meta.unbox(boxed_params)
   batch = make_batch()
   batch["labels"][-1] = batch["labels"][0]  # a padding row's labels must not count

@@ -8,6 +8,10 @@
       Peak memory of the converters on a synthetic checkpoint (see tools/benchmark_convert.py).
   python tools/benchmark.py data --stage 1
       The input pipeline (see tools/benchmark_data.py).
+  python tools/benchmark.py loss --vocab 151674 --tokens 8192 --width 64 --block 8192
+      The next-token loss's forward+backward from the final hidden states: XLA's temporary memory
+      with the full (tokens, vocab) logits and with `chunked_lm_example_losses`, and their times
+      (--steps 0: memory only, compiled without running).
 """
 
 import argparse
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from internvl_jax import losses
 from internvl_jax.config import DTYPES, vision_preset
 from internvl_jax.convert.intern_vit_layouts import TRANSFORMERS, config_json
 from internvl_jax.models.intern_vit import init_params
@@ -113,8 +118,41 @@ def benchmark_vit(argv):
     print(f"jax / transformers throughput ratio: {ratio:.2f}x")
 
 
+def benchmark_loss(argv):
+  parser = argparse.ArgumentParser(prog="benchmark.py loss")
+  parser.add_argument("--vocab", type=int, default=151674)  # Qwen2's
+  parser.add_argument("--tokens", type=int, default=8192)
+  parser.add_argument("--width", type=int, default=64)
+  parser.add_argument("--block", type=int, default=8192)
+  parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+  parser.add_argument("--steps", type=int, default=3)
+  args = parser.parse_args(argv)
+  rng = np.random.default_rng(0)
+  hidden = jnp.asarray(rng.normal(size=(1, args.tokens + 1, args.width)), DTYPES[args.dtype])
+  head = jnp.asarray(0.02 * rng.normal(size=(args.width, args.vocab)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, args.vocab, size=(1, args.tokens + 1)), jnp.int32)
+  full = lambda h, w: losses.lm_example_losses(
+      jnp.einsum("blw,wv->blv", h, w.astype(h.dtype), preferred_element_type=jnp.float32),
+      labels)[0][0]
+  chunked = lambda h, w: losses.chunked_lm_example_losses(h, w, labels,
+                                                          block_size=args.block)[0][0]
+  print(f"{args.tokens} tokens, vocabulary {args.vocab}, width {args.width}, {args.dtype}, "
+        f"block {args.block}, on {jax.devices()[0].device_kind}")
+  print(f"{'loss':<10}{'temp GiB':>10}{'median s':>10}")
+  for name, fn in (("full", full), ("chunked", chunked)):
+    step = jax.jit(jax.value_and_grad(fn, argnums=(0, 1))).lower(hidden, head).compile()
+    temp = step.memory_analysis().temp_size_in_bytes / 2**30
+    seconds = float("nan")
+    if args.steps:
+      jax.block_until_ready(step(hidden, head))
+      seconds = statistics.median(
+          _timed(lambda: jax.block_until_ready(step(hidden, head))) for _ in range(args.steps))
+    print(f"{name:<10}{temp:>10.3f}{seconds:>10.4f}")
+
+
 def main():
-  commands = {"vit": benchmark_vit, "convert": benchmark_convert.main, "data": benchmark_data.main}
+  commands = {"vit": benchmark_vit, "convert": benchmark_convert.main, "data": benchmark_data.main,
+              "loss": benchmark_loss}
   if len(sys.argv) < 2 or sys.argv[1] not in commands:
     print(__doc__)
     sys.exit(2)

@@ -6,9 +6,11 @@ per colour and per shape) never appear in "train" or "test" and make the "zero_s
 Every record has a caption, every caption template filled in (captioning references), the
 class label and name, and a conversation of one question and its answer.
 Everything is a function of (seed, split, index): built once into the TFDS data directory on
-first use and reused after.
+first use and reused after. `DemoSource` and `DemoTokenizer` are how a preset names them without
+building them.
 """
 
+import dataclasses
 import io
 import os
 import re
@@ -19,7 +21,6 @@ import tensorflow_datasets as tfds
 from PIL import Image, ImageDraw
 
 from internvl_jax.data import config as config_lib
-from internvl_jax.data import pipeline
 from internvl_jax.data import sources
 from internvl_jax.data import templates
 from internvl_jax.data import tokenizer as tokenizer_lib
@@ -48,17 +49,15 @@ SPLITS = {"train": 0, "test": 1, "zero_shot": 2}
 
 # The two templates of 8 tokens or more (the captioner's minimum, spec 3.4) name the background,
 # which the demo's captioner reads, not the position, which its one cross-attention block does not
-# learn to find in stage 2's 2000 steps (BENCHMARKS.md); with one of them naming the position (v5),
-# beam search named a position, at chance, in 40% of captions.
+# learn to find in stage 2's 2000 steps and would name at chance.
 CAPTION_TEMPLATES = (
     "a {colour} {shape} in the {position}",
     "a {colour} {shape}",
     "a photo of a {colour} {shape} on a {background} background",
     "there is a {colour} {shape} on a {background} background",
     "a {shape} coloured {colour}, {position}",
-    # Three without the colour: in-batch negatives of any colour, told apart only by their shape.
-    # Stage 1's held-out errors are another shape of the same colour; with one such template
-    # instead of three they were more common (README, BENCHMARKS).
+    # Three without the colour, so that in-batch negatives are told apart by their shape alone:
+    # stage 1's held-out errors are another shape of the same colour.
     "a {shape} on a {background} background",
     "a {shape}",
     "a {shape} in the {position}",
@@ -100,8 +99,8 @@ def _sample_text(rng: np.random.Generator, class_names: tuple[str, ...]) -> dict
               for i in (chosen, *(i for i in range(len(CAPTION_TEMPLATES)) if i != chosen))]
   caption = captions[0]
   # One question per conversation, so every answer sits at the same distance from the image
-  # tokens. With 1-3 (or 5) turns per conversation, the demo's 2-layer LLM trained from scratch
-  # learnt the shape's row in 600 steps but read its column at chance; with one turn, both.
+  # tokens: with several turns the demo's 2-layer LLM, trained from scratch, does not learn to
+  # read the shape's column in stage 3's 600 steps.
   question, answer = _QUESTIONS[rng.integers(len(_QUESTIONS))]
   conversation = [
       {"from": templates.HUMAN,
@@ -227,6 +226,11 @@ def features() -> tfds.features.FeaturesDict:
   })
 
 
+def _check_image_size(image_size: int):
+  if image_size < 8:
+    raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+
+
 def config_name(image_size: int, image_format: str, seed: int, train_size: int) -> str:
   return f"v{VERSION}_{image_size}px_{image_format}_seed{seed}_train{train_size}"
 
@@ -238,8 +242,7 @@ def ensure_dataset(image_size: int = 64, seed: int = 0, train_size: int = 20_000
   (splits "train", "test" with the seen classes, "zero_shot" with the held-out ones)."""
   if image_format not in ("png", "jpeg"):
     raise ValueError(f"image_format must be 'png' or 'jpeg', got {image_format!r}.")
-  if image_size < 8:
-    raise ValueError(f"image_size must be at least 8 pixels, got {image_size}.")
+  _check_image_size(image_size)
   config = config_name(image_size, image_format, seed, train_size)
   if not sources.is_written(NAME, config, data_dir):
     sizes = {"train": train_size, "test": eval_size, "zero_shot": eval_size}
@@ -278,13 +281,41 @@ def ensure_tokenizer(seed: int = 0, train_size: int = 20_000, vocab_size: int = 
   return path
 
 
-def pair_pipeline(image_size: int, vocab_size: int, max_text_len: int, global_batch_size: int,
-                  seed: int, **options):
-  """Image-text pairs of the demo data (stages 1 and 2), built on first use; `options` are further
-  `PairDataConfig` fields (e.g. ITM negatives and ITG inputs for stage 2)."""
-  return pipeline.pair_pipeline(config_lib.PairDataConfig(
-      loader=config_lib.LoaderConfig(
-          sources=(config_lib.Source(ensure_dataset(image_size=image_size)),),
-          global_batch_size=global_batch_size, seed=seed),
-      tokenizer_path=ensure_tokenizer(vocab_size=vocab_size), image_size=image_size,
-      max_text_len=max_text_len, **options))
+@dataclasses.dataclass(frozen=True)
+class DemoSource:
+  """A split of the demo dataset as a training or evaluation source, rendered at `image_size`.
+
+  Naming one builds nothing, so presets and ahead-of-time plans stay cheap; calling it builds the
+  dataset unless `data_dir` has it and returns the `Source` to read.
+  """
+
+  image_size: int
+  split: str = "train"
+  weight: float = 1.0
+  seed: int = 0
+  train_size: int = 20_000
+  data_dir: str | None = None  # None: $TFDS_DATA_DIR or ~/tensorflow_datasets
+
+  def __post_init__(self):
+    _check_image_size(self.image_size)
+    if self.split not in SPLITS:
+      raise ValueError(f"The demo data has splits {tuple(SPLITS)}, not {self.split!r}.")
+
+  def __call__(self) -> config_lib.Source:
+    name = ensure_dataset(image_size=self.image_size, seed=self.seed, train_size=self.train_size,
+                          data_dir=self.data_dir)
+    return config_lib.Source(name, self.split, self.weight, self.data_dir)
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoTokenizer:
+  """The demo's SentencePiece model of `vocab_size` pieces as a tokenizer: calling it trains the
+  model unless it is cached (`ensure_tokenizer`) and returns its path."""
+
+  vocab_size: int
+  seed: int = 0
+  train_size: int = 20_000
+  data_dir: str | None = None
+
+  def __call__(self) -> str:
+    return ensure_tokenizer(self.seed, self.train_size, self.vocab_size, self.data_dir)

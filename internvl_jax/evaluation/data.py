@@ -1,12 +1,15 @@
-"""Evaluation data: which TFDS split a task reads, its records, and the paper's eval preprocessing.
+"""Evaluation data: which TFDS split a task reads, how its tasks are scored, its records, and the
+paper's eval preprocessing.
 
 `data` names the dataset:
-  "demo" / "demo:SPLIT"      the built-in demo shapes (`internvl_jax.data.demo`), built on first
-                             use at the model's image size; by default zero-shot reads the
-                             "zero_shot" split (held-out classes), the other tasks "test".
   "tfds:NAME[:SPLIT]"        a TFDS dataset prepared locally (ArrayRecord), e.g.
                              "tfds:imagenet2012:validation", "tfds:coco_captions:test"; by default
-                             the first of "validation", "val", "test" it has.
+                             the first of "validation", "val", "test" it has. Scored by the
+                             standard protocols (`EvalData`).
+  "demo" / "demo:SPLIT"      the built-in demo shapes (`internvl_jax.data.demo`), built on first
+                             use at the model's image size; by default zero-shot reads the
+                             "zero_shot" split (held-out classes), the other tasks "test". Scored
+                             by its own (`DemoEvalData`).
 Records are read with `tfds.data_source` (no TensorFlow), in order, the first `limit` of them.
 """
 
@@ -26,37 +29,120 @@ from internvl_jax.data import issues
 from internvl_jax.data import sources
 from internvl_jax.data import templates
 from internvl_jax.data import transforms
+from internvl_jax.evaluation import prompts
 
 _DEFAULT_SPLITS = ("validation", "val", "test")
-# The one demo question whose answer is not a function of the image: its caption has one of the
-# demo's random templates, so no answer can be expected to match it exactly.
-_DEMO_FREE_FORM_QUESTIONS = ("Describe the image.",)
 # TFDS `imagenet2012` labels are WordNet ids ("n01440764"), which no text tower can read.
 _WORDNET_ID = re.compile(r"^n\d{8}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class EvalData:
-  """One TFDS split to evaluate on; `is_demo` for the built-in demo shapes."""
+  """One TFDS split to evaluate on, and how its tasks are scored: here the standard protocols
+  (ImageNet, COCO, Flickr30K); a dataset with protocols of its own overrides them."""
 
   name: str
   split: str
   data_dir: str | None
-  is_demo: bool
+
+  # Zero-shot prompts: OpenAI CLIP's ImageNet ensemble, as released ("a origami {}").
+  prompt_templates = prompts.IMAGENET_TEMPLATES
+  fix_articles = False
+  # Questions whose answers are free text, left out of chat's exact match.
+  free_form_questions = ()
 
   def source(self):
     return sources.open_source(config_lib.Source(self.name, self.split, data_dir=self.data_dir))
+
+  def class_names(self) -> tuple[str, ...]:
+    """Zero-shot class names in label order: the "label" feature's, underscores as spaces."""
+    feature = _info(self.name, self.data_dir).features
+    if "label" not in feature or not hasattr(feature["label"], "names"):
+      raise ValueError(f"{self.name} has no 'label' ClassLabel feature to take class names from.")
+    names = tuple(name.replace("_", " ") for name in feature["label"].names)
+    if all(_WORDNET_ID.match(name) for name in names):
+      raise ValueError(f"{self.name}'s labels are WordNet ids ({names[0]}, ...); pass readable "
+                       "class names (one per line, in label order) with --class-names.")
+    return names
+
+  def baseline_class_names(self) -> tuple[str, ...] | None:
+    """The class names of captioning's "a {class name}" baseline: none unless given."""
+    return None
+
+  def class_prompts(self, class_name: str) -> list[str]:
+    return prompts.class_prompts(class_name, self.prompt_templates, self.fix_articles)
+
+  def retrieval_texts(self, references: list[str]) -> list[str]:
+    """The texts an image brings to retrieval: its reference captions."""
+    return references
+
+  def retrieval_positives(self, image_references: list[set[str]], texts: list[str],
+                          text_images: list[int]) -> np.ndarray:
+    """(images, texts) bool: where a text is a correct match of an image; here an image's own
+    captions (the standard protocol), even where another image has an identical one."""
+    del texts
+    return np.arange(len(image_references))[:, None] == np.asarray(text_images)[None, :]
+
+  def question_answers(self, record: dict) -> list[tuple[str, str]]:
+    """(question, reference answer) pairs of the record's conversation, each to be asked on its
+    own as a one-turn question; free-form questions are left out."""
+    turns = chat_data.decode_turns(record["conversations"])
+    pairs = []
+    for (role, question), (next_role, answer) in zip(turns, turns[1:]):
+      if role != templates.HUMAN or next_role != templates.ASSISTANT:
+        continue
+      question = question.replace(templates.IMAGE_PLACEHOLDER, "").strip()
+      if question not in self.free_form_questions:
+        pairs.append((question, answer))
+    return pairs
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoEvalData(EvalData):
+  """A split of the demo shapes, scored by the demo's own protocols."""
+
+  # The demo captions' own phrasings, with "an" before a vowel as the captions have it.
+  prompt_templates = prompts.DEMO_TEMPLATES
+  fix_articles = True
+  # Its caption has one of the demo's random templates, so no answer can match it exactly.
+  free_form_questions = ("Describe the image.",)
+
+  def class_names(self) -> tuple[str, ...]:
+    """All 36 classes: the held-out split is classified among every class, not only its 6."""
+    return demo.CLASS_NAMES
+
+  def baseline_class_names(self) -> tuple[str, ...]:
+    return demo.CLASS_NAMES
+
+  def retrieval_texts(self, references: list[str]) -> list[str]:
+    """An image's own caption (the first reference); the others are every caption template
+    filled in with its attributes."""
+    return references[:1]
+
+  def retrieval_positives(self, image_references: list[set[str]], texts: list[str],
+                          text_images: list[int]) -> np.ndarray:
+    """Every image a text is true of: the images whose references hold it (the same colour,
+    shape, position or background, as far as its template names them), 16 test images on
+    average. Counting only the images with the identical caption string (2.7) would score which
+    of the 16 ranks first, which the text cannot tell."""
+    del text_images
+    columns = {}  # text -> the columns holding it: a pass over each image's 8 references, not N^2
+    for column, text in enumerate(texts):
+      columns.setdefault(text, []).append(column)
+    positives = np.zeros((len(image_references), len(texts)), bool)
+    for row, references in enumerate(image_references):
+      for reference in references:
+        positives[row, columns.get(reference, [])] = True
+    return positives
 
 
 def resolve(data: str, task: str, image_size: int, data_dir: str | None = None) -> EvalData:
   """The split `data` names for `task` (see the module docstring)."""
   kind, _, rest = data.partition(":")
   if kind == "demo":
-    name = demo.ensure_dataset(image_size=image_size, data_dir=data_dir)
     split = rest or ("zero_shot" if task == "zero_shot" else "test")
-    if split not in demo.SPLITS:
-      raise ValueError(f"The demo data has splits {tuple(demo.SPLITS)}, not {split!r}.")
-    return EvalData(name, split, data_dir, is_demo=True)
+    source = demo.DemoSource(image_size, split, data_dir=data_dir)()
+    return DemoEvalData(source.name, source.split, data_dir)
   if kind == "tfds" and rest:
     name, _, split = rest.partition(":")
     available = list(_info(name, data_dir).splits)
@@ -67,7 +153,7 @@ def resolve(data: str, task: str, image_size: int, data_dir: str | None = None) 
                          f"name one: tfds:{name}:SPLIT.")
     elif split.split("[")[0] not in available:  # "validation[:1000]" slices are allowed
       raise ValueError(f"tfds:{name} has splits {sorted(available)}, not {split!r}.")
-    return EvalData(name, split, data_dir, is_demo=False)
+    return EvalData(name, split, data_dir)
   raise ValueError(f"data must be 'demo', 'demo:SPLIT' or 'tfds:NAME[:SPLIT]', got {data!r}.")
 
 
@@ -90,19 +176,20 @@ def records(data: EvalData, limit: int | None) -> Iterator[dict]:
     yield source[index]
 
 
-def decode_image(value) -> Image.Image:
+def decode_image(value) -> tuple[Image.Image, tuple[str, ...]]:
   """An RGB image from encoded bytes (datasets written by internvl_jax) or a decoded uint8
-  array (TFDS `Image` features); raises `issues.SkipRecord` for an unusable one."""
+  array (TFDS `Image` features: 1 to 4 channels), converted by `transforms.to_rgb` (alpha
+  dropped), and the reasons to count; raises `issues.SkipRecord` for an unusable one."""
   if isinstance(value, (bytes, np.bytes_)):
     return transforms.decode_rgb(bytes(value), min_side=1)
   array = np.asarray(value)
   if array.ndim == 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if array.ndim == 2:  # grayscale photos (a few in ImageNet and COCO) are evaluated as RGB
-    array = np.stack([array] * 3, axis=-1)
-  if array.ndim != 3 or array.shape[-1] != 3:
-    raise issues.SkipRecord(issues.IMAGE_NOT_RGB, f"image array of shape {array.shape}")
-  return Image.fromarray(array.astype(np.uint8), "RGB")
+    array = array[..., 0]  # PIL reads uint8 arrays of 2 dimensions, or 2, 3, 4 channels
+  channels = array.shape[-1] if array.ndim == 3 else 1
+  if array.dtype != np.uint8 or array.ndim not in (2, 3) or channels not in (1, 2, 3, 4):
+    raise issues.SkipRecord(issues.IMAGE_UNDECODABLE,
+                            f"image array of shape {array.shape} and dtype {array.dtype}")
+  return transforms.to_rgb(Image.fromarray(array))
 
 
 def pixels(image: Image.Image, size: int, crop: bool) -> np.ndarray:
@@ -133,50 +220,21 @@ def label(record: dict) -> int:
   return int(record["label"])
 
 
-def class_names(data: EvalData, override: tuple[str, ...] | None = None) -> tuple[str, ...]:
-  """The names the classifier is built from: `override`, else all 36 demo classes (the held-out
-  split is classified among every class, not only its 6), else the TFDS label names with
-  underscores as spaces."""
-  if override is not None:
-    return tuple(override)
-  if data.is_demo:
-    return demo.CLASS_NAMES
-  feature = _info(data.name, data.data_dir).features
-  if "label" not in feature or not hasattr(feature["label"], "names"):
-    raise ValueError(f"{data.name} has no 'label' ClassLabel feature to take class names from.")
-  names = tuple(name.replace("_", " ") for name in feature["label"].names)
-  if all(_WORDNET_ID.match(name) for name in names):
-    raise ValueError(f"{data.name}'s labels are WordNet ids ({names[0]}, ...); pass readable "
-                     "class names (one per line, in label order) with --class-names.")
-  return names
-
-
-def question_answers(record: dict, is_demo: bool) -> list[tuple[str, str]]:
-  """(question, reference answer) pairs of the record's conversation, each to be asked on its
-  own as a one-turn question; the demo's free-form "Describe the image." is left out."""
-  turns = chat_data.decode_turns(record["conversations"])
-  pairs = []
-  for (role, question), (next_role, answer) in zip(turns, turns[1:]):
-    if role != templates.HUMAN or next_role != templates.ASSISTANT:
-      continue
-    question = question.replace(templates.IMAGE_PLACEHOLDER, "").strip()
-    if is_demo and question in _DEMO_FREE_FORM_QUESTIONS:
-      continue
-    pairs.append((question, answer))
-  return pairs
-
-
 def with_images(items: Iterator[dict], task: str) -> Iterator[tuple[dict, Image.Image]]:
   """(record, decoded image) of the records whose image decodes; the others are logged and
-  counted, not scored."""
-  skipped = 0
+  counted, not scored. Images converted to RGB are counted by their mode."""
+  counter = issues.IssueCounter()
   for record in items:
     try:
-      image = decode_image(record["image"])
+      image, conversions = decode_image(record["image"])
     except issues.SkipRecord as e:
-      skipped += 1
+      counter[e.reason] += 1
       logging.warning("%s: skipping a record: %s", task, e)
       continue
+    counter.update(conversions)
     yield record, image
-  if skipped:
-    logging.warning("%s: %d records skipped for unusable images.", task, skipped)
+  if counter.skipped():
+    logging.warning("%s: %d records skipped for unusable images: %s", task, counter.skipped(),
+                    counter.skipped_by_reason())
+  if counter.converted_by_mode():
+    logging.info("%s: images converted to RGB, by mode: %s", task, counter.converted_by_mode())

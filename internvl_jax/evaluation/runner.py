@@ -53,7 +53,7 @@ def input_size(model) -> int:
   return model.config.vision.image_size
 
 
-def evaluate(model, task: str, data: str = "demo", *, limit: int | None = None,
+def evaluate(model, task: str, data: str, *, limit: int | None = None,
              batch_size: int = 32, mode: str = "C", data_dir: str | None = None,
              class_names: tuple[str, ...] | None = None,
              chat_template: str = "vicuna_v1") -> dict[str, float]:
@@ -62,7 +62,7 @@ def evaluate(model, task: str, data: str = "demo", *, limit: int | None = None,
   Args:
     model: an `internvl_jax.Pretrained` (its params may be sharded device arrays, as in training).
     task: "zero_shot", "retrieval", "caption" (InternVL-G) or "chat" (InternVL-Chat).
-    data: "demo", "demo:SPLIT" or "tfds:NAME[:SPLIT]" (see `internvl_jax.evaluation.data`).
+    data: "tfds:NAME[:SPLIT]", "demo" or "demo:SPLIT" (see `internvl_jax.evaluation.data`).
     limit: evaluate the first `limit` records only.
     batch_size: images (and texts) per model call; the last batch is padded, so each model
       function compiles once.

@@ -27,15 +27,13 @@ def _none_left(task: str, data: data_lib.EvalData) -> ValueError:
 
 def zero_shot(model, data: data_lib.EvalData, *, size: int, limit: int | None, batch_size: int,
               mode: str, class_names: tuple[str, ...] | None = None) -> dict[str, float]:
-  """Top-1 / top-5 accuracy against a classifier of prompt-ensemble text embeddings."""
-  names = data_lib.class_names(data, class_names)
-  if data.is_demo:
-    templates, fix_articles = prompts.DEMO_TEMPLATES, True
-  else:
-    templates, fix_articles = prompts.IMAGENET_TEMPLATES, False
-  texts = [text for name in names for text in prompts.class_prompts(name, templates, fix_articles)]
+  """Top-1 / top-5 accuracy against a classifier of prompt-ensemble text embeddings; the class
+  names are `class_names`, else the dataset's."""
+  names = data.class_names() if class_names is None else tuple(class_names)
+  texts = [text for name in names for text in data.class_prompts(name)]
   text_embeddings = batching.encode_texts(model, texts, batch_size)
-  classifier = metrics.zero_shot_classifier(text_embeddings.reshape(len(names), len(templates), -1))
+  classifier = metrics.zero_shot_classifier(
+      text_embeddings.reshape(len(names), len(data.prompt_templates), -1))
   encode = lambda pixels: model.encode_image(pixels, mode=mode)
   image_embeddings, labels = [], []
   for records, pixels in _image_batches(data, "zero_shot", limit, batch_size, size, crop=True):
@@ -54,8 +52,8 @@ def zero_shot(model, data: data_lib.EvalData, *, size: int, limit: int | None, b
 
 def retrieval(model, data: data_lib.EvalData, *, size: int, limit: int | None, batch_size: int,
               mode: str) -> dict[str, float]:
-  """Recall@1/5/10 in both directions: every image against every text (a COCO image's reference
-  captions, a demo image's own caption)."""
+  """Recall@1/5/10 in both directions: every image against every text (the texts and positives
+  the dataset gives: a COCO image's reference captions, a demo image's own caption)."""
   encode = lambda pixels: model.encode_image(pixels, mode=mode)
   image_embeddings, image_references, texts, text_images = [], [], [], []
   for records, pixels in _image_batches(data, "retrieval", limit, batch_size, size, crop=False):
@@ -63,39 +61,15 @@ def retrieval(model, data: data_lib.EvalData, *, size: int, limit: int | None, b
     for record in records:
       references = data_lib.captions(record)
       image_references.append(set(references))
-      # A demo image's references are every caption template filled in with its attributes; its
-      # own caption (the first) is its one text.
-      for text in references[:1] if data.is_demo else references:
+      for text in data.retrieval_texts(references):
         texts.append(text)
         text_images.append(len(image_references) - 1)
   if not texts:
     raise _none_left("retrieval", data)
-  positives = retrieval_positives(image_references, texts, text_images, data.is_demo)
+  positives = data.retrieval_positives(image_references, texts, text_images)
   text_embeddings = batching.encode_texts(model, texts, batch_size)
   results = metrics.retrieval_recall(np.concatenate(image_embeddings), text_embeddings, positives)
   return {**results, "num_images": len(image_references), "num_texts": len(texts)}
-
-
-def retrieval_positives(image_references: list[set[str]], texts: list[str], text_images: list[int],
-                        is_demo: bool) -> np.ndarray:
-  """(images, texts) bool: where a text is a correct match of an image.
-
-  COCO, Flickr30K: an image's own captions (the standard protocol). The demo: every image the text
-  is true of, the images whose references hold it (the same colour, shape, position or background,
-  as far as its template names them), 16 test images on average. Counting only the images with the
-  identical caption string (2.7) would score which of the 16 ranks first, which the text cannot
-  tell.
-  """
-  if not is_demo:
-    return np.arange(len(image_references))[:, None] == np.asarray(text_images)[None, :]
-  columns = {}  # text -> the columns holding it: a pass over each image's 8 references, not N^2
-  for column, text in enumerate(texts):
-    columns.setdefault(text, []).append(column)
-  positives = np.zeros((len(image_references), len(texts)), bool)
-  for row, references in enumerate(image_references):
-    for reference in references:
-      positives[row, columns.get(reference, [])] = True
-  return positives
 
 
 def _class_caption(name: str) -> str:
@@ -104,9 +78,10 @@ def _class_caption(name: str) -> str:
 
 def caption(model, data: data_lib.EvalData, *, size: int, limit: int | None, batch_size: int,
             class_names: tuple[str, ...] | None = None) -> dict[str, float]:
-  """CIDEr and BLEU-4 of beam-searched captions; with class names (the demo data, or given), also
-  of the "caption-the-class" baseline "a {class name}" ("baseline_cider", "baseline_bleu4")."""
-  names = data_lib.class_names(data, class_names) if data.is_demo or class_names else None
+  """CIDEr and BLEU-4 of beam-searched captions; with class names (`class_names`, else the
+  dataset's baseline ones), also of the "caption-the-class" baseline "a {class name}"
+  ("baseline_cider", "baseline_bleu4")."""
+  names = tuple(class_names) if class_names else data.baseline_class_names()
   predictions, references, baseline = [], [], []
   for records, pixels in _image_batches(data, "caption", limit, batch_size, size, crop=False):
     predictions += model.caption(batching.pad_rows(pixels, batch_size))[:len(records)]
@@ -129,7 +104,7 @@ def chat(model, data: data_lib.EvalData, *, size: int, limit: int | None,
   predictions, references = [], []
   for record, image in data_lib.with_images(data_lib.records(data, limit), "chat"):
     tiles = data_lib.pixels(image, size, crop=False)[None]
-    for question, answer in data_lib.question_answers(record, data.is_demo):
+    for question, answer in data.question_answers(record):
       predictions.append(model.chat(tiles, question, template=template))
       references.append(answer)
   if not predictions:

@@ -152,11 +152,17 @@ class InternVLChat(nn.Module):
     return splice(self.language_model.embed(tokens), tokens, self.config.image_context_id,
                   features, tile_count * per_tile)
 
+  def llm_output(self, tiles, tile_count, tokens, attention_mask=None, cache=None, *,
+                 return_logits: bool = True) -> llama.LlamaOutput:
+    """The LLM's output on the prompt with its images, appended to `cache` if given. Training
+    skips the logits: its loss projects the hidden state itself (`llama.head_kernel`)."""
+    check_inputs(self.config, tiles, tile_count, tokens, attention_mask)
+    return self.language_model(None, attention_mask, cache=cache, return_logits=return_logits,
+                               embeddings=self.embed(tiles, tile_count, tokens))
+
   def prefill(self, tiles, tile_count, tokens, attention_mask=None, cache=None):
     """(float32 logits, cache) of the prompt with its images, appended to `cache` if given."""
-    check_inputs(self.config, tiles, tile_count, tokens, attention_mask)
-    out = self.language_model(None, attention_mask, cache=cache,
-                              embeddings=self.embed(tiles, tile_count, tokens))
+    out = self.llm_output(tiles, tile_count, tokens, attention_mask, cache)
     return out.logits, out.cache
 
   def __call__(self, tiles: jax.Array, tile_count: jax.Array, tokens: jax.Array,

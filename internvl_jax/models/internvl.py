@@ -115,7 +115,8 @@ class Stage2Output:
   image_features: jax.Array  # (B, embed_dim) normalized: `clip_projector2` of the ITC queries
   backbone_features: jax.Array  # (B, embed_dim) normalized: InternVL-C's, `clip_projector`
   text_features: jax.Array  # (B, embed_dim) normalized: the ITC text at its last real token
-  lm_logits: jax.Array  # (B, length, vocab) float32 at the ITG text positions
+  itg_text: jax.Array  # (B, length, width) final-normed QLLaMA states at the ITG text positions
+  lm_logits: jax.Array | None  # (B, length, vocab) float32 of `itg_text`; None when not asked for
   logit_scale: jax.Array  # () the log scale
 
 
@@ -158,13 +159,15 @@ class InternVLG(_DualEncoder):
     unflatten = lambda x: x.reshape((count, batch) + x.shape[1:])
     return vision, unflatten(out.queries), unflatten(out.text)
 
-  def __call__(self, pixels, tokens, attention_mask, *, train: bool = False) -> Stage2Output:
+  def __call__(self, pixels, tokens, attention_mask, *, train: bool = False,
+               return_logits: bool = True) -> Stage2Output:
     """The stage-2 forward: `tokens` and `attention_mask` are (3, B, length), the ITM, ITC and ITG
     text batches in `STAGE2_MODES` order, each right-padded to the same length.
 
     ITM rows are the negative captions for the first B - B // 2 images and the positive ones for
     the rest; ITC rows "summarize:" + caption; ITG rows "English caption:" + caption. All 3B rows
     go through QLLaMA in one pass, each batch under its own mask, against the same image tokens.
+    Without `return_logits` the ITG loss projects `itg_text` itself (`llama.head_kernel`).
     """
     if tokens.ndim != 3 or tokens.shape[0] != len(STAGE2_MODES):
       raise ValueError(f"stage-2 tokens must be (3, batch, length) for {STAGE2_MODES}; got shape "
@@ -178,7 +181,8 @@ class InternVLG(_DualEncoder):
         image_features=l2_normalize(self.clip_projector2(queries[1])),
         backbone_features=l2_normalize(self.clip_projector(vision)),
         text_features=self.project_text(text[1], attention_mask[1]),
-        lm_logits=self.qllama.logits(text[2]),
+        itg_text=text[2],
+        lm_logits=self.qllama.logits(text[2]) if return_logits else None,
         logit_scale=self.logit_scale)
 
 

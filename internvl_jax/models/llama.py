@@ -142,6 +142,14 @@ def lm_logits(x: jax.Array, embed: nn.Embed, head: layers.Dense | None) -> jax.A
   return (embed.attend(x) if head is None else head(x)).astype(jnp.float32)
 
 
+def head_kernel(config: LlamaConfig, params: dict) -> jax.Array:
+  """The (width, vocab) head of a decoder's params: `lm_head`'s kernel, or the transposed
+  embedding when tied; what `losses.chunked_lm_example_losses` projects the hidden states with."""
+  if config.tie_embeddings:
+    return params["embed_tokens"]["embedding"].T
+  return params["lm_head"]["kernel"]
+
+
 def check_tokens(tokens, attention_mask):
   if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
     raise ValueError(f"tokens must be integer ids of shape (batch, length); got {tokens.dtype} "

@@ -29,7 +29,7 @@ import numpy as np
 from internvl_jax import flops, losses, sharding
 from internvl_jax.config import InternVLConfig
 from internvl_jax.data.tokenizer import IGNORE_LABEL
-from internvl_jax.models import internvl, qllama
+from internvl_jax.models import internvl, llama, qllama
 from internvl_jax.models.internvl import InternVLG
 from internvl_jax.train import warm_start
 
@@ -48,6 +48,8 @@ class GenerativeStage:
   text_len: int = 80  # tokens per text, BOS and EOS (and any prefix) included
   max_logit_scale: float | None = float(np.log(100.0))
   backbone_itc: bool = False  # also ITC of InternVL-C's image embedding (see above)
+  # ITG scores this many vocabulary columns at a time (`losses.chunked_lm_example_losses`).
+  loss_block_size: int = 8192
 
   rules = sharding.VISION_RULES
   subtree_rules = _SUBTREE_RULES
@@ -70,10 +72,11 @@ class GenerativeStage:
     itm_text = jnp.where(batch["itm_label"][:, None] == 1, batch["text"], batch["itm_text"])
     tokens = jnp.stack([itm_text, batch["text"], batch["itg_text"]])
     out = self._module.apply({"params": params}, batch["image"], tokens,
-                             tokens != self.model.text.pad_id, train=train,
+                             tokens != self.model.text.pad_id, train=train, return_logits=False,
                              rngs={"dropout": rng})
-    itg_nll, itg_tokens = losses.lm_example_losses(out.lm_logits, batch["itg_labels"],
-                                                   ignore_index=IGNORE_LABEL, valid=batch["valid"])
+    itg_nll, itg_tokens = losses.chunked_lm_example_losses(
+        out.itg_text, llama.head_kernel(self.model.text, params["qllama"]), batch["itg_labels"],
+        block_size=self.loss_block_size, ignore_index=IGNORE_LABEL, valid=batch["valid"])
     features = {"image": out.image_features, "text": out.text_features,
                 "itm_logits": out.itm_logits, "itg_nll": itg_nll,
                 "itg_tokens": itg_tokens.astype(jnp.float32)}

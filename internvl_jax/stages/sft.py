@@ -23,6 +23,7 @@ from internvl_jax import flops, losses, sharding
 from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
 from internvl_jax.data import templates
 from internvl_jax.data.tokenizer import IGNORE_LABEL, IMAGE_TOKENS
+from internvl_jax.models import llama
 from internvl_jax.models.chat import InternVLChat
 from internvl_jax.train import warm_start
 
@@ -37,13 +38,16 @@ PROJECTOR_AND_LLM_PARAMS = r"^(mlp[12]|language_model)/"
 @dataclasses.dataclass(frozen=True)
 class ChatStage:
   """`template` and `max_tiles` say how the data is rendered (`train.inputs.chat_batches`);
-  `train_llm` says whether the optimizer trains the LLM, for the FLOPs count only."""
+  `train_llm` says whether the optimizer trains the LLM, for the FLOPs count only;
+  `loss_block_size` how many vocabulary columns the loss scores at a time
+  (`losses.chunked_lm_example_losses`)."""
 
   model: ChatConfig
   max_len: int = 2048  # tokens per conversation, image tokens included
   template: str = "vicuna_v1"
   max_tiles: int = 1  # 1: each image resized to one tile; more: dynamic tiling + thumbnail
   train_llm: bool = True
+  loss_block_size: int = 8192  # (tokens, 8192) float32 logits at a time, not (tokens, vocab)
 
   rules = sharding.VISION_RULES
   subtree_rules = _SUBTREE_RULES
@@ -84,10 +88,13 @@ class ChatStage:
 
   def encode(self, params, batch, rng, train: bool = True):
     del rng, train  # InternVL-Chat has no dropout or drop path
-    logits = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
-                                batch["tokens"], batch["token_mask"])
-    nll, tokens = losses.lm_example_losses(logits, batch["labels"], ignore_index=IGNORE_LABEL,
-                                           valid=batch["valid"])
+    out = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
+                             batch["tokens"], batch["token_mask"], return_logits=False,
+                             method=InternVLChat.llm_output)
+    nll, tokens = losses.chunked_lm_example_losses(
+        out.hidden_state, llama.head_kernel(self.model.llm, params["language_model"]),
+        batch["labels"], block_size=self.loss_block_size, ignore_index=IGNORE_LABEL,
+        valid=batch["valid"])
     return {"nll": nll, "tokens": tokens.astype(jnp.float32)}
 
   def loss(self, params, features, batch):

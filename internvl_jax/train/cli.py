@@ -47,6 +47,7 @@ def main(description: str, name: str, presets: Mapping[str, Callable[[], object]
   config = config_lib.override(config, config_lib.parse_settings(args.set))
   if args.init:
     config = config.replace(init=tuple(args.init))
+  config_lib.check_experiment(config)
   sharding.maybe_initialize_distributed()
   run(config, data(config), args.workdir or default_workdir(name, args.preset),
       title=f"{name} ({args.preset})", previous=previous)

@@ -12,7 +12,7 @@ from typing import Any
 import jax
 
 from internvl_jax import sharding
-from internvl_jax.data.config import Source
+from internvl_jax.data.config import IMAGE_IDS, ITM_NEGATIVES, Source
 from internvl_jax.optim import OptimizerConfig, path_name
 
 
@@ -60,12 +60,12 @@ class TrainConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
-  """Evaluation during a run (`internvl_jax.evaluation.evaluate` of each task): every `every`
-  steps and at the end; no evaluation when `every` is None or there are no tasks."""
+  """Evaluation during a run (`internvl_jax.evaluation.evaluate` of each task on `data`): every
+  `every` steps and at the end; no evaluation when `every` is None or there are no tasks."""
 
   every: int | None = None
   tasks: tuple[str, ...] = ()  # "zero_shot", "retrieval", "caption", "chat"
-  data: str = "demo"  # "demo" or "tfds:NAME[:SPLIT]"
+  data: str | None = None  # "demo[:SPLIT]" or "tfds:NAME[:SPLIT]"; needed when enabled
   limit: int | None = None  # examples per task; None: the whole split
   mode: str = "C"  # image embeddings of InternVL-C or -G (zero-shot, retrieval)
 
@@ -80,19 +80,43 @@ class EvalConfig:
     return self.every is not None and bool(self.tasks)
 
 
+# A source or tokenizer is given as itself (a `Source`; a tokenizer file's path), or as a
+# builder that makes it on first use and returns it (the demo's: `data.demo.DemoSource`,
+# `DemoTokenizer`), so that naming it in a preset builds nothing.
+SourceSpec = Source | Callable[[], Source]
+TokenizerSpec = str | Callable[[], str]
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-  """An experiment's training data: TFDS sources mixed by weight (written by
-  tools/build_dataset.py), or, with no sources, the built-in demo data and its tokenizer."""
+  """An experiment's training data: its sources mixed by weight (TFDS datasets written by
+  tools/build_dataset.py, or the demo's), the text tower's tokenizer, and the options of the
+  image-text pipeline (`data.config.PairDataConfig`: augmentation, ITM negatives, ITG inputs,
+  image ids), each reachable with --set (`--set data.itm_negatives=batch_hard`)."""
 
-  sources: tuple[Source, ...] = ()
-  tokenizer: str | None = None  # the text tower's SentencePiece model; None: the demo's
+  sources: tuple[SourceSpec, ...]
+  tokenizer: TokenizerSpec | None = None  # None: to be given, e.g. --set data.tokenizer=PATH
   worker_count: int = 0  # grain worker processes (0: in the training process)
   augment: bool = True  # random resized crops of training images
+  flip: bool = False  # and random horizontal flips (with augment)
+  itm_negatives: str = "none"  # a negative caption per row: "batch", "batch_hard" or "pool"
+  itm_pool_size: int = 1024  # captions of the "pool" negatives
+  itg: bool = False  # image-grounded generation inputs: the prefix + caption, and its labels
+  itg_prefix: str = "English caption:"
+  image_id: str = "none"  # multi-positive ids: "feature" (the record's) or "image_hash"
 
-  @property
-  def is_demo(self) -> bool:
-    return not self.sources
+  def __post_init__(self):
+    if not self.sources:
+      raise ValueError(
+          "DataConfig: sources is empty; name the training data: TFDS datasets written by "
+          "tools/build_dataset.py (sources=(Source('cc3m'),), tokenizer=PATH) or the demo's "
+          "(sources=(demo.DemoSource(image_size=64),), "
+          "tokenizer=demo.DemoTokenizer(vocab_size=512)).")
+    for field, choices in (("itm_negatives", ITM_NEGATIVES), ("image_id", IMAGE_IDS)):
+      if getattr(self, field) not in choices:
+        raise ValueError(f"DataConfig: {field}={getattr(self, field)!r} is not one of {choices}.")
+    if self.itm_pool_size < 1:
+      raise ValueError(f"DataConfig: itm_pool_size must be at least 1, got {self.itm_pool_size}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +128,7 @@ class ExperimentConfig:
   the workdir has no checkpoint to resume from."""
 
   train: TrainConfig
-  data: DataConfig = DataConfig()
+  data: DataConfig
   eval: EvalConfig = EvalConfig()
   init: tuple[str, ...] = ()
 
@@ -114,6 +138,32 @@ class ExperimentConfig:
 
   def replace(self, **changes) -> "ExperimentConfig":
     return dataclasses.replace(self, **changes)
+
+
+# The batch arrays a data option adds (`data.pipeline.pair_pipeline`), its value that adds none,
+# and a value that adds them.
+_OPTION_ARRAYS = {"itm_negatives": (("itm_text", "itm_label"), "none", "batch"),
+                  "itg": (("itg_text", "itg_labels"), False, True),
+                  "image_id": (("image_id",), "none", "image_hash")}
+
+
+def check_experiment(config: ExperimentConfig):
+  """The checks across sections, run once every override is applied (overrides apply one at a
+  time: a check on construction would refuse two settings that agree only together): the stage
+  trains on the arrays of the data options that are on, and only those; evaluation has data."""
+  stage = config.train.stage
+  takes = set(stage.abstract_batch(1))
+  for option, (arrays, off, on) in _OPTION_ARRAYS.items():
+    value, needed = getattr(config.data, option), sorted(takes.intersection(arrays))
+    if needed and value == off:
+      raise ValueError(f"{type(stage).__name__} trains on {needed}, which data.{option}={value!r} "
+                       f"does not make; set data.{option}, e.g. --set data.{option}={on}.")
+    if not needed and value != off:
+      raise ValueError(f"data.{option}={value!r} makes {list(arrays)}, which "
+                       f"{type(stage).__name__} does not train on; set it to {off!r}.")
+  if config.eval.enabled and config.eval.data is None:
+    raise ValueError(f"eval.tasks {config.eval.tasks} have no data: set eval.data, e.g. "
+                     "--set eval.data=tfds:coco_captions:test (or 'demo').")
 
 
 def check_batch(config: TrainConfig, mesh_shape: Mapping[str, int]):
