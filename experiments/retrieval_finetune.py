@@ -34,15 +34,19 @@ PAPER_BATCH = 1024
 PAPER_STEPS = 10 * FLICKR30K_TRAIN_PAIRS // PAPER_BATCH  # 1,416
 
 
+# The reference's AdamW; presets set the lr, schedule and layer decay. Gradient clipping at
+# 1.0: transformers' Trainer default, which the reference runs with (the spec is silent on it).
+OPTIMIZER = OptimizerConfig(b1=0.9, b2=0.999, weight_decay=0.05, no_weight_decay=NO_WEIGHT_DECAY,
+                            grad_clip_norm=1.0)
+
+
 def demo_config() -> train_config.ExperimentConfig:
   # stage2_generative.py's demo model, so that its workdir warm-starts every param.
   model = internvl_preset("demo")
   train = train_config.TrainConfig(
       stage=RetrievalStage(model, text_len=32),
-      optimizer=OptimizerConfig(learning_rate=1e-4, b1=0.9, b2=0.999, weight_decay=0.05,
-                                no_weight_decay=NO_WEIGHT_DECAY, grad_clip_norm=1.0,
-                                warmup_steps=10, total_steps=200,
-                                layer_decay=layer_decay(model, 0.9)),
+      optimizer=OPTIMIZER.replace(learning_rate=1e-4, warmup_steps=10, total_steps=200,
+                                  layer_decay=layer_decay(model, 0.9)),
       global_batch_size=32, mesh=sharding.MeshConfig(data=-1), log_every=10, checkpoint_every=100)
   # A random negative caption per row and image ids; no flips, as the captions name positions
   # (left, right).
@@ -63,12 +67,8 @@ def paper_config() -> train_config.ExperimentConfig:
       text=llama_preset("llama-7b", dtype="bfloat16", remat_policy="full"))
   train = train_config.TrainConfig(
       stage=RetrievalStage(model, text_len=80),
-      # Gradient clipping at 1.0: transformers' Trainer default, which the reference runs with
-      # (the spec is silent on it).
-      optimizer=OptimizerConfig(learning_rate=1e-6, b1=0.9, b2=0.999, weight_decay=0.05,
-                                no_weight_decay=NO_WEIGHT_DECAY, grad_clip_norm=1.0,
-                                warmup_steps=100, total_steps=PAPER_STEPS,
-                                layer_decay=layer_decay(model, 0.9)),
+      optimizer=OPTIMIZER.replace(learning_rate=1e-6, warmup_steps=100, total_steps=PAPER_STEPS,
+                                  layer_decay=layer_decay(model, 0.9)),
       # Every param trains (14B params, Adam moments included): fully sharded; the reference
       # ran 32 GPUs x 32 images.
       global_batch_size=PAPER_BATCH, accum_steps=4, mesh=sharding.MeshConfig(data=1, fsdp=-1),

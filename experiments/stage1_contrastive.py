@@ -28,14 +28,21 @@ from internvl_jax.train import cli, inputs
 from internvl_jax.train import config as train_config
 
 
+# The paper's AdamW: peak lr 1e-3 for the image side, 1e-4 for the text side; presets set the
+# schedule.
+OPTIMIZER = OptimizerConfig(
+    learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3), ("text", TEXT_PARAMS, 1e-4)),
+    b1=0.9, b2=0.95, weight_decay=0.1)
+
+
 def demo_config() -> train_config.ExperimentConfig:
-  model = internvl_preset("demo")
+  model = internvl_preset("demo", variant="C")
   train = train_config.TrainConfig(
       stage=ContrastiveStage(model, text_len=32),
-      optimizer=OptimizerConfig(
-          learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3),
-                                         ("text", TEXT_PARAMS, 1e-3)),
-          b1=0.9, b2=0.95, weight_decay=0.1, warmup_steps=100, total_steps=1000),
+      # The demo's text tower starts from random params (the paper's from LLaMA-7B): 1e-3 too.
+      optimizer=OPTIMIZER.replace(
+          lr_groups=(("vision", VISION_PARAMS, 1e-3), ("text", TEXT_PARAMS, 1e-3)),
+          warmup_steps=100, total_steps=1000),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=250)
   # Zero-shot: the 6 held-out colour-shape pairs, classified among all 36 class names. 1000 steps,
@@ -52,15 +59,12 @@ def demo_config() -> train_config.ExperimentConfig:
 def gpu_config() -> train_config.ExperimentConfig:
   """One GPU: InternViT-300M at 224 px + a TinyLlama-1.1B-shaped text tower, bfloat16."""
   model = internvl_preset(
-      "14b-224",
+      "14b-224", variant="C",
       vision=vision_preset("300m-448", image_size=224, dtype="bfloat16", remat_policy="full"),
       text=llama_preset("tinyllama-1.1b", dtype="bfloat16", remat_policy="full"))
   train = train_config.TrainConfig(
       stage=ContrastiveStage(model, text_len=80),
-      optimizer=OptimizerConfig(
-          learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3),
-                                         ("text", TEXT_PARAMS, 1e-4)),
-          b1=0.9, b2=0.95, weight_decay=0.1, warmup_steps=2000, total_steps=50_000),
+      optimizer=OPTIMIZER.replace(warmup_steps=2000, total_steps=50_000),
       global_batch_size=1024, accum_steps=4, mesh=sharding.MeshConfig(data=-1), log_every=50,
       checkpoint_every=1000)
   return train_config.ExperimentConfig(train=train, data=_PAPER_DATA)
@@ -76,16 +80,13 @@ _PAPER_DATA = train_config.DataConfig(sources=tuple(
 
 def paper_config() -> train_config.ExperimentConfig:
   model = internvl_preset(
-      "14b-224",
+      "14b-224", variant="C",
       vision=vision_preset("6b-224", dtype="bfloat16", remat_policy="full", drop_path_rate=0.2,
                            drop_path_schedule="uniform"),
       text=llama_preset("llama-7b", dtype="bfloat16", remat_policy="full"))
   train = train_config.TrainConfig(
       stage=ContrastiveStage(model, image_size=196, text_len=80, keep_fraction=0.5),
-      optimizer=OptimizerConfig(
-          learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3),
-                                         ("text", TEXT_PARAMS, 1e-4)),
-          b1=0.9, b2=0.95, weight_decay=0.1, warmup_steps=5000, total_steps=175_000),
+      optimizer=OPTIMIZER.replace(warmup_steps=5000, total_steps=175_000),
       # 64 chips (v5p:4x4x4) x 256 pairs per micro-batch x 10 micro-batches = 163,840 pairs, a
       # micro-batch that tools/aot_plan.py plans well inside a v5p chip's memory.
       global_batch_size=163_840, accum_steps=10, mesh=sharding.MeshConfig(data=1, fsdp=-1),
@@ -99,8 +100,7 @@ def paper_224_config() -> train_config.ExperimentConfig:
   train = config.train
   # 0.5B samples / 163,840 per step; a short warm-up from the 196 px run's weights.
   train = train.replace(stage=dataclasses.replace(train.stage, image_size=224, keep_fraction=1.0),
-                        optimizer=dataclasses.replace(train.optimizer, warmup_steps=100,
-                                                      total_steps=3052))
+                        optimizer=train.optimizer.replace(warmup_steps=100, total_steps=3052))
   return config.replace(train=train, init="runs/stage1_contrastive-paper")
 
 

@@ -27,6 +27,11 @@ from internvl_jax.train import cli, inputs
 from internvl_jax.train import config as train_config
 
 
+# The paper's AdamW, training only what stage 2 adds; presets set the lr and schedule.
+OPTIMIZER = OptimizerConfig(learning_rate=5e-5, b1=0.9, b2=0.98, weight_decay=0.05,
+                            trainable=(TRAINABLE_PARAMS,))
+
+
 def demo_config() -> train_config.ExperimentConfig:
   model = internvl_preset("demo")
   train = train_config.TrainConfig(
@@ -35,9 +40,8 @@ def demo_config() -> train_config.ExperimentConfig:
       stage=GenerativeStage(model, text_len=32, backbone_itc=True),
       # 2000 steps, twice stage 1's, because QLLaMA learns to caption from scratch here (see
       # DEMO_LM_PARAMS) and CIDEr still rises in the last quarter.
-      optimizer=OptimizerConfig(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.05,
-                                warmup_steps=100, total_steps=2000,
-                                trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
+      optimizer=OPTIMIZER.replace(learning_rate=1e-3, warmup_steps=100, total_steps=2000,
+                                  trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=500)
   evaluation = train_config.EvalConfig(every=500, tasks=("retrieval", "caption"), data="demo",
@@ -63,9 +67,7 @@ def paper_config() -> train_config.ExperimentConfig:
       text=llama_preset("llama-7b", dtype="bfloat16", remat_policy="full"))
   train = train_config.TrainConfig(
       stage=GenerativeStage(model, text_len=80),
-      optimizer=OptimizerConfig(learning_rate=5e-5, b1=0.9, b2=0.98, weight_decay=0.05,
-                                warmup_steps=2000, total_steps=80_000,
-                                trainable=(TRAINABLE_PARAMS,)),
+      optimizer=OPTIMIZER.replace(warmup_steps=2000, total_steps=80_000),
       # 20,000 = 2^5 x 5^4: 32 chips (v5p:2x4x4) x 25 pairs per micro-batch x 25 micro-batches;
       # small micro-batches, because tools/aot_plan.py plans 5 of 125 too close to a v5p chip's
       # memory. 64 chips would need 4-way tensor parallelism (a 4x4x4 torus cannot make a 2-wide

@@ -39,6 +39,10 @@ _DEMO_TOKENIZER = demo.DemoTokenizer(vocab_size=512)
 _DEMO_VOCAB = _DEMO_TOKENIZER.vocab_size + 3
 
 
+# LLaVA-1.5's AdamW, without weight decay; presets set the lr, schedule and what trains.
+OPTIMIZER = OptimizerConfig(b1=0.9, b2=0.999, weight_decay=0.0)
+
+
 def demo_config() -> train_config.ExperimentConfig:
   llm = llama_preset("tiny", vocab_size=_DEMO_VOCAB, hidden_size=128, mlp_dim=352,
                      max_positions=256)
@@ -50,8 +54,8 @@ def demo_config() -> train_config.ExperimentConfig:
   train = train_config.TrainConfig(
       # 64 image tokens + the vicuna_v1 system prompt + one round: at most ~150 tokens.
       stage=ChatStage(model, max_len=160, template="vicuna_v1"),
-      optimizer=OptimizerConfig(learning_rate=2e-3, b1=0.9, b2=0.98, warmup_steps=20,
-                                total_steps=steps, trainable=(PROJECTOR_AND_LLM_PARAMS,)),
+      optimizer=OPTIMIZER.replace(learning_rate=2e-3, b2=0.98, warmup_steps=20, total_steps=steps,
+                                  trainable=(PROJECTOR_AND_LLM_PARAMS,)),
       global_batch_size=32, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=100)
   # 125 test images, one question each: about 100 with one right answer (what shape / colour /
@@ -69,12 +73,11 @@ _PRETRAIN_RECORDS, _SFT_RECORDS = 558_128, 665_298
 
 
 def _one_epoch(records: int, batch: int, learning_rate: float, trainable: str) -> OptimizerConfig:
-  """AdamW without weight decay, warm-up 3% of one epoch's steps, then cosine (HF Trainer's
-  step counts: partial final batch included, warm-up rounded up)."""
+  """Warm-up 3% of one epoch's steps, then cosine (HF Trainer's step counts: partial final
+  batch included, warm-up rounded up)."""
   steps = math.ceil(records / batch)
-  return OptimizerConfig(learning_rate=learning_rate, b1=0.9, b2=0.999, weight_decay=0.0,
-                         warmup_steps=math.ceil(0.03 * steps), total_steps=steps,
-                         trainable=(trainable,))
+  return OPTIMIZER.replace(learning_rate=learning_rate, warmup_steps=math.ceil(0.03 * steps),
+                           total_steps=steps, trainable=(trainable,))
 
 
 def gpu_config() -> train_config.ExperimentConfig:

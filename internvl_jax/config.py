@@ -14,6 +14,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 NORM_TYPES = ("rms_norm", "layer_norm")
 DROP_PATH_SCHEDULES = ("linear", "uniform")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch_saveable")
+INTERNVL_VARIANTS = ("C", "G")
 
 
 def _check_choice(field: str, value, choices):
@@ -210,9 +211,11 @@ class QLlamaConfig:
 class InternVLConfig:
   """InternVL-C / -G (spec 3): InternViT, the LLaMA text tower / QLLaMA base, and the heads.
 
-  One config serves both models, as one released checkpoint (InternVL-14B) holds both: InternVL-C
-  ignores the two QLLaMA fields. QLLaMA's own config is derived (`qllama`), so the vision width
-  it cross-attends to cannot disagree with the vision tower.
+  `variant` says which params the model has: "C" (stage 1: the LLaMA text tower `text_model`)
+  or "G" (stage 2: QLLaMA, whose LLaMA weights are that text tower; the released InternVL-14B,
+  which embeds as InternVL-C too). InternVL-C ignores the two QLLaMA fields. QLLaMA's own config
+  is derived (`qllama`), so the vision width it cross-attends to cannot disagree with the vision
+  tower.
   """
 
   vision: VisionConfig = _INTERN_VIT_6B
@@ -223,8 +226,10 @@ class InternVLConfig:
   logit_scale_init: float = 2.659260036932778  # log(1 / 0.07)
   num_queries: int = 96  # QLLaMA's learnable queries (InternVL-G)
   cross_attention_frequency: int = 2  # QLLaMA layers 0, f, 2f, ... cross-attend to the image
+  variant: str = "G"  # one of INTERNVL_VARIANTS
 
   def __post_init__(self):
+    _check_choice("variant", self.variant, INTERNVL_VARIANTS)
     for width, name in ((self.vision.hidden_size, "vision"), (self.text.hidden_size, "text")):
       if width % self.attn_pool_heads:
         raise ValueError(f"InternVLConfig: the {name} width {width} is not divisible by "
@@ -235,6 +240,12 @@ class InternVLConfig:
   def qllama(self) -> QLlamaConfig:
     return QLlamaConfig(self.text, self.vision.hidden_size, self.num_queries,
                         self.cross_attention_frequency)
+
+  def require_variant(self, variant: str, user: str):
+    """Refuses a model of the other variant for `user` (a stage), saying what to change."""
+    if self.variant != variant:
+      raise ValueError(f"{user} trains InternVL-{variant}; this model's variant is "
+                       f"{self.variant!r}: build it with variant={variant!r}.")
 
   def replace(self, **changes) -> "InternVLConfig":
     return dataclasses.replace(self, **changes)

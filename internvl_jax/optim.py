@@ -123,6 +123,9 @@ class OptimizerConfig:
       raise ValueError(
           f"OptimizerConfig: lr group names must be unique and not 'default': {names}.")
 
+  def replace(self, **changes) -> "OptimizerConfig":
+    return dataclasses.replace(self, **changes)
+
   def peak_lr(self, name: str) -> float:
     return next((lr for _, pattern, lr in self.lr_groups if re.search(pattern, name)),
                 self.learning_rate)

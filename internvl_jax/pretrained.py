@@ -1,4 +1,5 @@
-"""The public entry point: `load_pretrained(path)` for PyTorch directories and Orbax checkpoints."""
+"""The public entry point: `load_pretrained(path)` for PyTorch directories, Orbax checkpoints and
+training workdirs."""
 
 import dataclasses
 import functools
@@ -8,10 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import caption, generate
+from internvl_jax import caption, generate, loading
 from internvl_jax.config import ChatConfig, InternVLConfig, VisionConfig
 from internvl_jax.convert import orbax_io
-from internvl_jax.convert.pytorch import TOKENIZER_FILE, import_pytorch
+from internvl_jax.convert.pytorch import TOKENIZER_FILE
 from internvl_jax.data import chat as chat_data
 from internvl_jax.data import templates
 from internvl_jax.data import tokenizer as tokenizer_lib
@@ -19,7 +20,6 @@ from internvl_jax.data.tokenizer import Tokenizer
 from internvl_jax.models.intern_vit import InternViT, select_layer
 from internvl_jax.models.chat import ChatDecoder
 from internvl_jax.models.internvl import InternVLC, InternVLG
-from internvl_jax.train import workdir as workdir_lib
 
 TEXT_MAX_TOKENS = 80  # the reference's text length for contrastive use (spec 2.1)
 
@@ -30,21 +30,16 @@ def _vision_features(config: VisionConfig, params, pixels, layer: int):
   return select_layer(output, layer)
 
 
-def _is_internvl_c(params) -> bool:
-  """Stage 1 trains InternVL-C, whose text tower is `text_model`; InternVL-G's is `qllama`."""
-  return "text_model" in params
-
-
 @functools.partial(jax.jit, static_argnames=("config", "mode"))
 def _encode_image(config: InternVLConfig, params, pixels, mode: str):
-  if _is_internvl_c(params):
+  if config.variant == "C":
     return InternVLC(config).apply({"params": params}, pixels, method=InternVLC.encode_image)
   return InternVLG(config).apply({"params": params}, pixels, mode=mode, method=InternVLG.encode_image)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))
 def _encode_text(config: InternVLConfig, params, input_ids, attention_mask):
-  model = InternVLC if _is_internvl_c(params) else InternVLG
+  model = InternVLC if config.variant == "C" else InternVLG
   return model(config).apply({"params": params}, input_ids, attention_mask,
                              method=model.encode_text)
 
@@ -84,13 +79,13 @@ class Pretrained:
   @property
   def is_internvl_c(self) -> bool:
     """True for InternVL-C params (stage 1): no QLLaMA, so no mode "G" and no captions."""
-    return isinstance(self.config, InternVLConfig) and _is_internvl_c(self.params)
+    return isinstance(self.config, InternVLConfig) and self.config.variant == "C"
 
   def _internvl_g(self, what: str) -> InternVLConfig:
     config = self._internvl()
-    if _is_internvl_c(self.params):
-      raise ValueError(f"{what} needs InternVL-G (QLLaMA, stage 2); these are InternVL-C params "
-                       "(stage 1, a `text_model` text tower).")
+    if config.variant == "C":
+      raise ValueError(f"{what} needs InternVL-G (QLLaMA, stage 2); this is InternVL-C (stage 1, "
+                       "a `text_model` text tower).")
     return config
 
   def vision_features(self, pixels, layer: int = -1) -> jax.Array:
@@ -186,26 +181,9 @@ class Pretrained:
         f.write(self.tokenizer.model_proto)
 
 
-def load_arrays(path: str, *, allow_missing: bool = False) -> tuple[object, dict, str | None]:
-  """(config, params as host numpy arrays, tokenizer path or None) of a PyTorch checkpoint
-  directory (InternViT in OpenGVLab's or transformers' layout, InternVL-14B in OpenGVLab's, LLaMA
-  in transformers'), an Orbax checkpoint, or the latest checkpoint of a training workdir."""
-  if os.path.isfile(os.path.join(path, "config.json")):
-    config, params = import_pytorch(path, allow_missing=allow_missing)
-  elif orbax_io.is_checkpoint(path):
-    config, params = orbax_io.load(path)
-  elif workdir_lib.is_workdir(path):
-    config, params, _ = workdir_lib.load_model(path)
-  else:
-    raise ValueError(
-        f"{path} is neither a PyTorch checkpoint directory (config.json + weights), an Orbax "
-        "checkpoint written by internvl_jax, nor a training workdir.")
-  tokenizer_path = os.path.join(path, TOKENIZER_FILE)
-  return config, params, tokenizer_path if os.path.isfile(tokenizer_path) else None
-
-
 def load_pretrained(path: str, *, allow_missing: bool = False) -> Pretrained:
-  """The model `load_arrays` reads, on the default device, with its tokenizer if it has one."""
-  config, params, tokenizer_path = load_arrays(path, allow_missing=allow_missing)
+  """The model `loading.load_arrays` reads, on the default device, with its tokenizer if it has
+  one."""
+  config, params, tokenizer_path = loading.load_arrays(path, allow_missing=allow_missing)
   tokenizer = Tokenizer.load(tokenizer_path) if tokenizer_path else None
   return Pretrained(config, jax.tree.map(jnp.asarray, params), tokenizer)

@@ -154,7 +154,7 @@ INTERNVL = internvl_preset("tiny", vision=vision_preset("tiny", hidden_size=48, 
 
 @functools.cache
 def _internvl_params():
-  return _perturbed(init_params(INTERNVL, variant="G"))
+  return _perturbed(init_params(INTERNVL))
 
 
 def test_caption_runs_internvit_then_five_beams():

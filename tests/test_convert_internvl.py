@@ -30,7 +30,7 @@ def _import(directory):
 def exported(tmp_path_factory):
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: (a + rng.normal(0, 0.1, a.shape)).astype(np.float32),
-                        init_params(TINY, variant="G"))
+                        init_params(TINY))
   directory = tmp_path_factory.mktemp("internvl_g")
   _export(TINY, params, directory)
   return params, directory
@@ -79,7 +79,7 @@ def test_written_keys_are_spec_5_4s(exported):
 
 def test_internvl_14b_keys_and_shapes_are_the_released_ones():
   config = internvl_preset("14b-224")
-  plans = keymap.plan(internvl_layouts.official_layout(), abstract_params(config, variant="G"))
+  plans = keymap.plan(internvl_layouts.official_layout(), abstract_params(config))
   shapes = {tensor.key: tensor.torch_shape for tensor in plans}
   assert set(shapes) == _spec_keys(vision_layers=48, text_layers=32) and len(shapes) == 1048
   expected = {
@@ -109,7 +109,7 @@ def test_internvl_14b_keys_and_shapes_are_the_released_ones():
 
 def test_stacked_slices_map_to_every_fth_layer():
   config = TINY.replace(text=TINY.text.replace(num_layers=6), cross_attention_frequency=3)
-  plans = keymap.plan(internvl_layouts.official_layout(3), abstract_params(config, variant="G"))
+  plans = keymap.plan(internvl_layouts.official_layout(3), abstract_params(config))
   keys = [tensor.key for tensor in plans]
   assert len(keys) == len(set(keys))
   assert set(keys) == _spec_keys(vision_layers=2, text_layers=6, frequency=3)
@@ -150,7 +150,7 @@ def test_mismatched_checkpoints_are_named(exported):
   _, directory = exported
   config, _, source = _import(directory)
   layout = internvl_layouts.official_layout()
-  plans = keymap.plan(layout, abstract_params(config, variant="G"))
+  plans = keymap.plan(layout, abstract_params(config))
   keys = set(source.keys())
   # Rotary buffers that some transformers versions save are ignored.
   keymap.check_source(layout, plans, keys | {"qllama.model.layers.0.self_attn.rotary_emb.inv_freq"},

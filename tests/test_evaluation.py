@@ -233,15 +233,15 @@ def internvl_g_dir(tokenizer, tmp_path_factory):
   """A tiny InternVL-G checkpoint with the demo tokenizer."""
   config = _internvl_config(tokenizer)
   directory = str(tmp_path_factory.mktemp("internvl_g"))
-  Pretrained(config, init_params(config, variant="G"), tokenizer).save(directory)
+  Pretrained(config, init_params(config), tokenizer).save(directory)
   return directory
 
 
 @pytest.fixture(scope="module")
 def internvl_c(tokenizer):
   """Tiny InternVL-C params as stage 1 trains them (a `text_model` text tower)."""
-  config = _internvl_config(tokenizer)
-  return Pretrained(config, init_params(config, variant="C"), tokenizer)
+  config = _internvl_config(tokenizer).replace(variant="C")
+  return Pretrained(config, init_params(config), tokenizer)
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,6 @@
-"""Experiment configs: `--set` parsing and checking, warm starts between stages, the workdir's
-model record and the end-of-run report."""
+"""Experiment configs: `--set` parsing and checking, the presets' optimizers, warm starts between
+stages, the workdir's model record and the end-of-run report."""
 
-import importlib.util
 import json
 import os
 
@@ -9,35 +8,33 @@ import jax
 import numpy as np
 import pytest
 
+from internvl_jax import loading
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert import formats
 from internvl_jax.data.config import Source
-from internvl_jax.models import internvl, qllama
-from internvl_jax.stages.contrastive import ContrastiveStage
-from internvl_jax.stages.generative import GenerativeStage
-from internvl_jax.train import cli, inputs, report, warm_start
+from internvl_jax.models import internvl, llama, qllama
+from internvl_jax.optim import OptimizerConfig
+from internvl_jax.pretrained import load_pretrained
+from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, ContrastiveStage
+from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
+from internvl_jax.stages.retrieval import NO_WEIGHT_DECAY, RetrievalStage, layer_decay
+from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, PROJECTOR_PARAMS
+from internvl_jax.train import cli, inputs, loop, report
 from internvl_jax.train import config as config_lib
 from internvl_jax.train import workdir as workdir_lib
 from internvl_jax.train.metrics import METRICS_FILE
 
 import train_fixtures
+from train_fixtures import load_experiment
 
-MODEL = internvl_preset("tiny")
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL = internvl_preset("tiny")  # InternVL-G, as stage 2 trains it
+STAGE1_MODEL = MODEL.replace(variant="C")
 
 
 def experiment():
   return config_lib.ExperimentConfig(
       train=train_fixtures.tiny_config(),
       data=config_lib.DataConfig(sources=(Source("pairs"),), tokenizer="tokenizer.model"))
-
-
-def experiment_file(name: str):
-  path = os.path.join(REPO, "experiments", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def test_settings_parse_literals_and_bare_strings():
@@ -107,7 +104,7 @@ def test_a_data_option_set_on_the_command_line_reaches_the_pipeline(monkeypatch)
   made = []
   monkeypatch.setattr(inputs.pipeline, "pair_pipeline", made.append)
   monkeypatch.setattr(cli, "run", lambda *args, **kwargs: None)
-  experiment_file("stage2_generative").main(["--set", "data.itm_negatives=batch_hard",
+  load_experiment("stage2_generative").main(["--set", "data.itm_negatives=batch_hard",
                                              "--set", "data.itm_pool_size=64"])
   (pairs,) = made
   assert (pairs.itm_negatives, pairs.itm_pool_size, pairs.itg) == ("batch_hard", 64, True)
@@ -126,7 +123,7 @@ def test_a_data_option_set_on_the_command_line_reaches_the_pipeline(monkeypatch)
 ])
 def test_data_options_the_stage_does_not_match_fail_before_anything_is_built(name, settings,
                                                                               message):
-  config = experiment_file(name).get_config("demo")
+  config = load_experiment(name).get_config("demo")
   config_lib.check_experiment(config)
   config = config_lib.override(config, config_lib.parse_settings(settings))
   with pytest.raises(ValueError, match=message):
@@ -140,14 +137,14 @@ def _random_params(abstract, seed: int) -> dict:
   return jax.tree.map(lambda a: rng.standard_normal(a.shape).astype(a.dtype), abstract)
 
 
-def _internvl(config, variant, seed):
-  return _random_params(internvl.abstract_params(config, variant), seed)
+def _internvl(config, seed):
+  return _random_params(internvl.abstract_params(config), seed)
 
 
 def test_stage2_takes_the_towers_from_stage1_and_keeps_its_new_parts_fresh():
-  source = _internvl(MODEL, "C", 1)
-  fresh = _internvl(MODEL, "G", 2)
-  out = GenerativeStage(MODEL, text_len=8).warm_start(fresh, MODEL, source, "stage1")
+  source = _internvl(STAGE1_MODEL, 1)
+  fresh = _internvl(MODEL, 2)
+  out = GenerativeStage(MODEL, text_len=8).warm_start(fresh, STAGE1_MODEL, source, "stage1")
   for name in ("vision_model", "clip_projector", "text_projection", "logit_scale"):
     jax.tree.map(np.testing.assert_array_equal, out[name], source[name])
   text = qllama.llama_params(out["qllama"], MODEL.qllama)
@@ -162,19 +159,18 @@ def test_stage2_takes_the_towers_from_stage1_and_keeps_its_new_parts_fresh():
 
 
 def test_stage1_takes_a_pretrained_llama_as_its_text_tower():
-  from internvl_jax.models import llama  # pylint: disable=import-outside-toplevel
-  fresh = _internvl(MODEL, "C", 2)
+  fresh = _internvl(STAGE1_MODEL, 2)
   source = _random_params(llama.abstract_params(MODEL.text), 3)
-  out = ContrastiveStage(MODEL, text_len=8).warm_start(fresh, MODEL.text, source, "llama")
+  out = ContrastiveStage(STAGE1_MODEL, text_len=8).warm_start(fresh, MODEL.text, source, "llama")
   jax.tree.map(np.testing.assert_array_equal, out["text_model"],
                {k: source[k] for k in fresh["text_model"]})
   jax.tree.map(np.testing.assert_array_equal, out["vision_model"], fresh["vision_model"])
 
 
 def test_warm_starts_from_models_of_another_size_or_kind_fail_by_name():
-  wide = MODEL.replace(vision=vision_preset("tiny", hidden_size=32, mlp_dim=64))
-  source = _internvl(wide, "C", 1)
-  fresh = _internvl(MODEL, "G", 2)
+  wide = STAGE1_MODEL.replace(vision=vision_preset("tiny", hidden_size=32, mlp_dim=64))
+  source = _internvl(wide, 1)
+  fresh = _internvl(MODEL, 2)
   stage = GenerativeStage(MODEL, text_len=8)
   with pytest.raises(ValueError, match="has shape .* there and .* here: the models differ in size"):
     stage.warm_start(fresh, wide, source, "wide")
@@ -183,21 +179,87 @@ def test_warm_starts_from_models_of_another_size_or_kind_fail_by_name():
 
 
 def test_a_workdir_checkpoint_loads_as_its_model(tmp_path):
-  from internvl_jax.pretrained import load_pretrained  # pylint: disable=import-outside-toplevel
-  from internvl_jax.train import loop  # pylint: disable=import-outside-toplevel
   config = train_fixtures.tiny_config(steps=2)
   workdir = str(tmp_path)
   state = loop.train(config, train_fixtures.InMemoryPairs(), workdir)
   workdir_lib.write_model(workdir, config.stage.model)
-  with open(os.path.join(workdir, workdir_lib.MODEL_FILE)) as f:
-    assert formats.config_from_json(json.load(f)) == config.stage.model
+  with open(os.path.join(workdir, loading.MODEL_FILE)) as f:
+    record = json.load(f)
+  assert record["model"] == "internvl_c"
+  assert formats.config_from_json(record) == config.stage.model
   model = load_pretrained(workdir)
   assert model.config == config.stage.model and model.is_internvl_c
   jax.tree.map(np.testing.assert_array_equal, model.params, jax.device_get(state.params))
-  source_config, source_params = warm_start.load_source(workdir)
-  assert source_config == config.stage.model
   with pytest.raises(FileNotFoundError, match="does not exist"):
-    warm_start.load_source(os.path.join(workdir, "missing"))
+    loading.load_arrays(os.path.join(workdir, "missing"))
+
+
+def test_the_model_record_names_internvl_c_or_g_and_refuses_what_disagrees():
+  assert formats.config_to_json(MODEL)["model"] == "internvl_g"
+  record = formats.config_to_json(STAGE1_MODEL)
+  assert record["model"] == "internvl_c" and formats.config_from_json(record) == STAGE1_MODEL
+  with pytest.raises(ValueError, match="'internvl_g' and its config's variant 'C' disagree"):
+    formats.config_from_json({**record, "model": "internvl_g"})
+  # Files written before the variant: the kind alone names it.
+  config = {k: v for k, v in record["config"].items() if k != "variant"}
+  assert formats.config_from_json({"model": "internvl_c", "config": config}) == STAGE1_MODEL
+  with pytest.raises(ValueError, match='set it to "internvl_c" .* "internvl_g"'):
+    formats.config_from_json({"model": "internvl", "config": config})
+
+
+def test_stages_refuse_the_other_internvl_variant():
+  with pytest.raises(ValueError, match="ContrastiveStage trains InternVL-C; this model's variant "
+                     "is 'G': build it with variant='C'"):
+    ContrastiveStage(MODEL)
+  with pytest.raises(ValueError, match="GenerativeStage trains InternVL-G"):
+    GenerativeStage(STAGE1_MODEL)
+  with pytest.raises(ValueError, match="RetrievalStage trains InternVL-G"):
+    RetrievalStage(STAGE1_MODEL)
+
+
+def _stage1(text_lr: float, warmup_steps: int, total_steps: int) -> dict:
+  return dict(learning_rate=1e-3, b2=0.95, weight_decay=0.1, warmup_steps=warmup_steps,
+              total_steps=total_steps,
+              lr_groups=(("vision", VISION_PARAMS, 1e-3), ("text", TEXT_PARAMS, text_lr)))
+
+
+_STAGE2 = dict(b2=0.98, weight_decay=0.05)
+_RETRIEVAL = dict(weight_decay=0.05, no_weight_decay=NO_WEIGHT_DECAY, grad_clip_norm=1.0)
+_SFT = (PROJECTOR_AND_LLM_PARAMS,)
+# Each preset's optimizer spelled out (OptimizerConfig's defaults aside), so that deriving the
+# presets from their experiment's OPTIMIZER cannot change what a run trains with.
+PRESET_OPTIMIZERS = {
+    ("stage1_contrastive", "demo"): _stage1(1e-3, 100, 1000),
+    ("stage1_contrastive", "gpu"): _stage1(1e-4, 2000, 50_000),
+    ("stage1_contrastive", "paper"): _stage1(1e-4, 5000, 175_000),
+    ("stage1_contrastive", "paper-224"): _stage1(1e-4, 100, 3052),
+    ("stage2_generative", "demo"): dict(
+        _STAGE2, learning_rate=1e-3, warmup_steps=100, total_steps=2000,
+        trainable=(TRAINABLE_PARAMS, r"^qllama/(lm_head|layers|norm)/")),
+    ("stage2_generative", "paper"): dict(_STAGE2, learning_rate=5e-5, warmup_steps=2000,
+                                         total_steps=80_000, trainable=(TRAINABLE_PARAMS,)),
+    ("stage3_sft", "demo"): dict(learning_rate=2e-3, b2=0.98, warmup_steps=20, total_steps=600,
+                                 trainable=_SFT),
+    ("stage3_sft", "gpu"): dict(learning_rate=2e-5, warmup_steps=156, total_steps=5198,
+                                trainable=_SFT),
+    ("stage3_sft", "paper-pretrain"): dict(learning_rate=1e-3, warmup_steps=66, total_steps=2181,
+                                           trainable=(PROJECTOR_PARAMS,)),
+    ("stage3_sft", "paper"): dict(learning_rate=2e-5, warmup_steps=156, total_steps=5198,
+                                  trainable=_SFT),
+    ("retrieval_finetune", "demo"): dict(_RETRIEVAL, learning_rate=1e-4, warmup_steps=10,
+                                         total_steps=200),
+    ("retrieval_finetune", "paper"): dict(_RETRIEVAL, learning_rate=1e-6, warmup_steps=100,
+                                          total_steps=1416),
+}
+
+
+@pytest.mark.parametrize("name, preset", sorted(PRESET_OPTIMIZERS))
+def test_each_preset_trains_with_its_optimizer(name, preset):
+  config = load_experiment(name).get_config(preset)
+  expected = PRESET_OPTIMIZERS[name, preset]
+  if name == "retrieval_finetune":  # its layer decay follows the model's depth
+    expected = dict(expected, layer_decay=layer_decay(config.train.stage.model, 0.9))
+  assert config.train.optimizer == OptimizerConfig(**expected)
 
 
 def test_the_report_summarizes_and_plots_the_whole_history(tmp_path):

@@ -37,7 +37,7 @@ def test_attention_pooling_matches_the_reference():
 
 
 def test_internvl_c_sizes_are_the_released_ones():
-  params = abstract_params(internvl_preset("14b-224"))
+  params = abstract_params(internvl_preset("14b-224", variant="C"))
   count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
   assert count(params["clip_projector"]) == 33_207_168
   assert params["text_projection"].shape == (4096, 768)
@@ -45,7 +45,7 @@ def test_internvl_c_sizes_are_the_released_ones():
 
 
 def test_text_feature_is_the_last_real_token_and_embeddings_are_unit_norm():
-  config = internvl_preset("tiny")
+  config = internvl_preset("tiny", variant="C")
   params = init_params(config)
   model = InternVLC(config)
   tokens = jnp.asarray([[1, 5, 9, 2, 0, 0], [1, 7, 2, 0, 0, 0]])

@@ -24,7 +24,7 @@ PIXELS = np.random.default_rng(1).normal(size=(2, 32, 32, 3)).astype(np.float32)
 @functools.cache
 def _params():
   rng = np.random.default_rng(0)
-  params = init_params(CONFIG, variant="G")
+  params = init_params(CONFIG)
   return jax.tree.map(lambda a: (a + rng.normal(0, 0.1, a.shape)).astype(np.float32), params)
 
 
@@ -38,7 +38,7 @@ def _count(tree):
 
 
 def test_internvl_14b_sizes_are_the_released_ones():
-  params = abstract_params(internvl_preset("14b-224"), variant="G")
+  params = abstract_params(internvl_preset("14b-224"))
   assert _count(params) == 13_834_975_747  # InternViT-6B + QLLaMA (untied lm_head) + heads
   cross_attention = params["qllama"]["layers"]["layer_0"]["cross_attn"]
   assert _count(cross_attention) == 956_418_048  # 16 blocks
@@ -122,5 +122,5 @@ def test_stage2_inputs_are_checked():
     model.apply(variables, PIXELS, TOKENS, MASK)
   with pytest.raises(ValueError, match="attention_mask has shape"):
     model.apply(variables, PIXELS, np.stack([TOKENS] * 3), np.stack([MASK] * 2))
-  with pytest.raises(ValueError, match="Unknown InternVL variant 'D'"):
-    abstract_params(CONFIG, variant="D")
+  with pytest.raises(ValueError, match=r"variant='D' is not one of \('C', 'G'\)"):
+    CONFIG.replace(variant="D")

@@ -30,7 +30,7 @@ def checkpoint(tmp_path_factory):
   """An official-layout InternVLModel directory with random weights and a tokenizer.model."""
   rng = np.random.default_rng(0)
   params = jax.tree.map(lambda a: (a + rng.normal(0, 0.1, a.shape)).astype(np.float32),
-                        init_params(CONFIG, variant="G"))
+                        init_params(CONFIG))
   directory = tmp_path_factory.mktemp("internvl_14b_tiny")
   export_pytorch(CONFIG, params, str(directory), layout="official", strict=False)
   (directory / TOKENIZER_FILE).write_bytes(train_sentencepiece(CAPTIONS, vocab_size=400))

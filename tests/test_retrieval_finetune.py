@@ -2,7 +2,6 @@
 exact accumulation, the reference's layer-wise lr decay, warm starts, image ids from the data,
 and the experiment's demo preset end to end."""
 
-import importlib.util
 import io
 import json
 import os
@@ -23,20 +22,14 @@ from internvl_jax.stages.retrieval import NO_WEIGHT_DECAY, RetrievalStage, layer
 from internvl_jax.train.config import TrainConfig
 from internvl_jax.train.loop import Trainer
 
+from train_fixtures import GRADIENT_OPTIMIZER, load_experiment, one_step, train_config
+
 MODEL = internvl_preset("tiny")
 TEXT_LEN = 10
 BATCH = 8
 # Rows 0-1 and 3-5 are captions of one image each; the last row is padding (its id 0 must not
 # make it a positive of row 0).
 IMAGE_IDS = np.array([0, 0, 7, 3, 3, 3, 9, 0], np.int32)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_experiment(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def make_batch(seed: int = 0):
@@ -107,20 +100,11 @@ def test_loss_equals_the_reference_with_multi_positive_ids():
 
 
 def config(**changes) -> TrainConfig:
-  # An eps far above every gradient makes the update about -lr * grad / eps, so the params
-  # after one step compare the gradients.
-  optimizer = optim.OptimizerConfig(learning_rate=1.0, eps=10.0, weight_decay=0.05,
-                                    no_weight_decay=NO_WEIGHT_DECAY, warmup_steps=0,
-                                    total_steps=10, layer_decay=layer_decay(MODEL, 0.9))
-  return TrainConfig(stage=RetrievalStage(MODEL, text_len=TEXT_LEN), optimizer=optimizer,
-                     global_batch_size=BATCH, mesh=sharding.MeshConfig(data=-1),
-                     log_every=1).replace(**changes)
-
-
-def one_step(trainer: Trainer, batch):
-  state = trainer.factory.init(seed=0)
-  with trainer.context():
-    return trainer.step(state, trainer.global_batch(batch))
+  optimizer = GRADIENT_OPTIMIZER.replace(
+      weight_decay=0.05, no_weight_decay=NO_WEIGHT_DECAY, total_steps=10,
+      layer_decay=layer_decay(MODEL, 0.9))
+  return train_config(RetrievalStage(MODEL, text_len=TEXT_LEN), optimizer,
+                      global_batch_size=BATCH, **changes)
 
 
 def test_accumulated_step_equals_the_unaccumulated_step():
@@ -156,7 +140,7 @@ def reference_lr_scale(name: str, layer: int | None, model) -> float:
 
 def test_layer_decay_follows_the_reference_ids():
   model = internvl_preset("tiny", text=llama_preset("tiny", num_layers=4))
-  params = internvl.abstract_params(model, "G")
+  params = internvl.abstract_params(model)
   multipliers = optim.lr_multipliers(
       optim.OptimizerConfig(learning_rate=1e-6, layer_decay=layer_decay(model, 0.9)), params)
   frequency = model.cross_attention_frequency
@@ -177,16 +161,16 @@ def test_layer_decay_follows_the_reference_ids():
     optim.LayerDecay(0.9, 4, blocks="layers/", layers_per_block=2)
 
 
-def random_params(model, variant: str, seed: int):
+def random_params(model, seed: int):
   rng = np.random.default_rng(seed)
   return jax.tree.map(lambda x: rng.normal(size=x.shape).astype(x.dtype),
-                      internvl.abstract_params(model, variant))
+                      internvl.abstract_params(model))
 
 
 def test_warm_start_takes_every_param_and_resizes_the_position_embedding():
-  source = random_params(MODEL, "G", seed=1)
+  source = random_params(MODEL, seed=1)
   stage = RetrievalStage(MODEL.replace(vision=MODEL.vision.replace(image_size=48)))
-  fresh = random_params(stage.model, "G", seed=0)
+  fresh = random_params(stage.model, seed=0)
   params = stage.warm_start(fresh, MODEL, source, "stage2")
   resized = resize_pos_embed(source["vision_model"]["embeddings"]["pos_embed"], (6, 6))
   np.testing.assert_allclose(params["vision_model"]["embeddings"]["pos_embed"], resized)
@@ -195,7 +179,8 @@ def test_warm_start_takes_every_param_and_resizes_the_position_embedding():
   jax.tree.map(np.testing.assert_array_equal, params, source)
 
   with pytest.raises(ValueError, match="InternVL-C checkpoint"):
-    stage.warm_start(fresh, MODEL, random_params(MODEL, "C", seed=2), "stage1")
+    stage1 = MODEL.replace(variant="C")
+    stage.warm_start(fresh, stage1, random_params(stage1, seed=2), "stage1")
   with pytest.raises(ValueError, match="needs a InternVLConfig"):
     stage.warm_start(fresh, MODEL.vision, source["vision_model"], "vit")
 

@@ -21,6 +21,8 @@ from internvl_jax.stages.generative import TRAINABLE_PARAMS, GenerativeStage
 from internvl_jax.train.config import TrainConfig
 from internvl_jax.train.loop import Trainer
 
+from train_fixtures import GRADIENT_OPTIMIZER, one_step, train_config
+
 MODEL = internvl_preset("tiny")
 TEXT_LEN = 12
 BATCH = 16
@@ -56,29 +58,17 @@ def make_batch(index: int = 0, batch_size: int = BATCH):
 
 
 def config(**changes) -> TrainConfig:
-  # An eps far above every gradient makes the first update about -lr * grad / eps, so the
-  # params after one step compare the gradients (Adam's g / |g| would amplify float noise).
-  optimizer = optim.OptimizerConfig(learning_rate=1.0, b1=0.9, b2=0.98, eps=10.0,
-                                    weight_decay=0.05, warmup_steps=0, total_steps=12,
-                                    trainable=(TRAINABLE_PARAMS,))
+  optimizer = GRADIENT_OPTIMIZER.replace(b2=0.98, weight_decay=0.05, trainable=(TRAINABLE_PARAMS,))
   # Vocabulary blocks of 48 of the 128 tokens, so that ITG's loss loops, sharded or not.
-  return TrainConfig(stage=GenerativeStage(MODEL, text_len=TEXT_LEN, loss_block_size=48),
-                     optimizer=optimizer,
-                     global_batch_size=BATCH, mesh=sharding.MeshConfig(data=-1),
-                     log_every=1).replace(**changes)
-
-
-def one_step(trainer: Trainer, batch):
-  state = trainer.factory.init(seed=0)
-  with trainer.context():
-    return state, *trainer.step(state, trainer.global_batch(batch))
+  return train_config(GenerativeStage(MODEL, text_len=TEXT_LEN, loss_block_size=48), optimizer,
+                      global_batch_size=BATCH, **changes)
 
 
 @pytest.fixture(scope="module")
 def unaccumulated():
   trainer = Trainer(config())
   initial = jax.tree.map(np.asarray, trainer.factory.init(seed=0))
-  _, state, metrics = one_step(trainer, make_batch())
+  state, metrics = one_step(trainer, make_batch())
   return initial, state, metrics
 
 
@@ -92,7 +82,7 @@ def names(tree) -> set[str]:
 ])
 def test_accumulated_step_equals_the_unaccumulated_step(unaccumulated, mesh, accum_steps):
   _, state, metrics = unaccumulated
-  _, acc_state, acc_metrics = one_step(Trainer(config(mesh=mesh, accum_steps=accum_steps)),
+  acc_state, acc_metrics = one_step(Trainer(config(mesh=mesh, accum_steps=accum_steps)),
                                        make_batch())
   assert np.isfinite(metrics["loss"])
   # The whole-batch losses (not means of micro-batch losses) and their gradient; only the order
@@ -127,7 +117,7 @@ def test_backbone_itc_scores_internvl_cs_embedding_over_the_whole_accumulated_ba
   trainer = Trainer(base.replace(stage=stage, optimizer=optimizer, accum_steps=2))
   params = jax.tree.map(np.asarray, trainer.factory.init(seed=0).params)
   batch = make_batch()
-  _, _, metrics = one_step(trainer, batch)
+  _, metrics = one_step(trainer, batch)
   np.testing.assert_allclose(
       metrics["loss"], metrics["itc_loss"] + metrics["itm_loss"] + metrics["itg_loss"] +
       metrics["backbone_itc_loss"], rtol=1e-6)
@@ -180,6 +170,6 @@ def test_forward_flops_match_xla():
   pixels = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
   tokens = jax.ShapeDtypeStruct((3, 2, TEXT_LEN), jnp.int32)
   forward = jax.jit(lambda p, x, t: InternVLG(model).apply({"params": p}, x, t, t > 0))
-  compiled = forward.lower(abstract_params(model, "G"), pixels, tokens).compile()
+  compiled = forward.lower(abstract_params(model), pixels, tokens).compile()
   analytic = 2 * internvl_g_stage2_forward_flops(model, (32, 32), TEXT_LEN)
   assert analytic <= compiled.cost_analysis()["flops"] <= 1.1 * analytic

@@ -2,7 +2,6 @@
 the unaccumulated step, only the projector and LLM train, warm starts take the right parts, the
 analytic FLOPs agree with XLA's, and the demo experiment trains and its params chat."""
 
-import importlib.util
 import json
 import os
 import re
@@ -14,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from internvl_jax import optim, sharding
+from internvl_jax import loading, optim, sharding
 from internvl_jax.config import (ChatConfig, chat_preset, internvl_preset, llama_preset,
                                  vision_preset)
 from internvl_jax.data.tokenizer import IGNORE_LABEL, Tokenizer
@@ -23,14 +22,14 @@ from internvl_jax.models import chat, internvl
 from internvl_jax.models.chat import InternVLChat
 from internvl_jax.pretrained import Pretrained
 from internvl_jax.stages.sft import PROJECTOR_AND_LLM_PARAMS, ChatStage
-from internvl_jax.train import workdir as workdir_lib
 from internvl_jax.train.config import TrainConfig
 from internvl_jax.train.loop import Trainer
+
+from train_fixtures import GRADIENT_OPTIMIZER, load_experiment, one_step, train_config
 
 MODEL = chat_preset("tiny-v1.0")  # ViT width 64 at 48 px: 36 image tokens; LLM width 64
 MAX_LEN = 48
 BATCH = 16
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_batch(index: int = 0, batch_size: int = BATCH):
@@ -97,19 +96,9 @@ def test_the_loss_is_the_mean_nll_over_the_answer_tokens(boxed_params):
 
 
 def config(**changes) -> TrainConfig:
-  # An eps far above every gradient makes the first update about -lr * grad / eps, so the
-  # params after one step compare the gradients (Adam's g / |g| would amplify float noise).
-  optimizer = optim.OptimizerConfig(learning_rate=1.0, eps=10.0, warmup_steps=0, total_steps=12,
-                                    trainable=(PROJECTOR_AND_LLM_PARAMS,))
-  return TrainConfig(stage=ChatStage(MODEL, max_len=MAX_LEN), optimizer=optimizer,
-                     global_batch_size=BATCH, mesh=sharding.MeshConfig(data=-1),
-                     log_every=1).replace(**changes)
-
-
-def one_step(trainer: Trainer, batch):
-  state = trainer.factory.init(seed=0)
-  with trainer.context():
-    return state, *trainer.step(state, trainer.global_batch(batch))
+  optimizer = GRADIENT_OPTIMIZER.replace(trainable=(PROJECTOR_AND_LLM_PARAMS,))
+  return train_config(ChatStage(MODEL, max_len=MAX_LEN), optimizer, global_batch_size=BATCH,
+                      **changes)
 
 
 def names(tree) -> set[str]:
@@ -119,9 +108,9 @@ def names(tree) -> set[str]:
 def test_accumulated_step_equals_the_unaccumulated_step_and_the_vision_tower_is_frozen():
   trainer = Trainer(config())
   initial = jax.tree.map(np.asarray, trainer.factory.init(seed=0))
-  _, state, metrics = one_step(trainer, make_batch())
+  state, metrics = one_step(trainer, make_batch())
   # Params sharded, 4-way data parallel, 4 micro-batches.
-  _, acc_state, acc_metrics = one_step(
+  acc_state, acc_metrics = one_step(
       Trainer(config(mesh=sharding.MeshConfig(data=2, fsdp=2, tensor=2), accum_steps=4)),
       make_batch())
   assert np.isfinite(metrics["loss"])
@@ -149,14 +138,14 @@ def assert_same(a, b):
 
 @pytest.mark.parametrize("variant", ["C", "G"])
 def test_warm_start_from_internvl_takes_the_vision_tower_and_leaves_the_llm(variant):
-  source_config = internvl_preset("tiny")
+  source_config = internvl_preset("tiny", variant=variant)
   # The "qllama" variant on stage 2's QLLaMA: it takes that too.
   model = ChatConfig(vision=source_config.vision, llm=MODEL.llm, variant="qllama",
                      image_size=48, select_layer=-2, image_context_id=MODEL.image_context_id,
                      qllama=source_config.qllama)
   stage = ChatStage(model, max_len=MAX_LEN + 4)
   fresh = random_like(chat.abstract_params(model), 0)
-  source = random_like(internvl.abstract_params(source_config, variant), 1)
+  source = random_like(internvl.abstract_params(source_config), 1)
   out = stage.warm_start(fresh, source_config, source, "stage")
   assert_same(out["vision_model"], source["vision_model"])
   for name in ("language_model", "mlp1", "mlp2"):
@@ -220,18 +209,15 @@ def test_forward_flops_match_xla():
 
 
 def test_demo_experiment_trains_and_its_params_chat(tmp_path):
-  spec = importlib.util.spec_from_file_location(
-      "stage3_sft", os.path.join(REPO, "experiments", "stage3_sft.py"))
-  experiment = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(experiment)
+  experiment = load_experiment("stage3_sft")
   workdir = str(tmp_path / "run")
   experiment.main(["--workdir", workdir, "--set", "train.steps=2", "--set", "init=()",
                    "--set", "eval.every=None", "--set", "train.global_batch_size=8"])
-  assert workdir_lib.checkpoint_steps(workdir) == [2]
+  assert loading.checkpoint_steps(workdir) == [2]
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     losses = [json.loads(line)["loss"] for line in f if '"loss"' in line]
   assert losses and all(np.isfinite(losses))
-  config, params, tokenizer = workdir_lib.load_model(workdir)
+  config, params, tokenizer = loading.load_workdir(workdir)
   assert config == experiment.get_config("demo").train.stage.model
   tiles = np.zeros((1, config.image_size, config.image_size, 3), np.float32)
   answer = Pretrained(config, params, Tokenizer.load(tokenizer)).chat(

@@ -1,7 +1,6 @@
 """The three stages' demo presets through their real command lines, chained 1 -> 2 -> 3 by warm
 starts, with an evaluation in the run, and a resumed run continuing at the right step."""
 
-import importlib.util
 import json
 import os
 
@@ -9,22 +8,15 @@ import jax
 import numpy as np
 import pytest
 
+from internvl_jax import loading
 from internvl_jax.train import report
-from internvl_jax.train import workdir as workdir_lib
 from internvl_jax.train.metrics import METRICS_FILE
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from train_fixtures import load_experiment
+
 # A few steps of small batches; evaluation on a few examples.
 QUICK = ["--set", "train.steps=2", "--set", "train.global_batch_size=8", "--set",
          "train.log_every=1", "--set", "train.checkpoint_every=1"]
-
-
-def experiment(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def records(workdir: str) -> list[dict]:
@@ -36,20 +28,20 @@ def records(workdir: str) -> list[dict]:
 def chain(tmp_path_factory):
   root = tmp_path_factory.mktemp("chain")
   dirs = {stage: str(root / stage) for stage in ("stage1", "stage2", "stage3")}
-  experiment("stage1_contrastive").main(
+  load_experiment("stage1_contrastive").main(
       ["--workdir", dirs["stage1"], *QUICK, "--set", "eval.every=2", "--set", "eval.limit=8"])
-  experiment("stage2_generative").main(
+  load_experiment("stage2_generative").main(
       ["--workdir", dirs["stage2"], "--init", dirs["stage1"], *QUICK, "--set", "eval.every=None"])
-  experiment("stage3_sft").main(
+  load_experiment("stage3_sft").main(
       ["--workdir", dirs["stage3"], "--init", dirs["stage2"], *QUICK, "--set", "eval.every=None"])
   return dirs
 
 
 def test_each_stage_writes_checkpoints_metrics_model_and_report(chain):
   for workdir in chain.values():
-    assert workdir_lib.checkpoint_steps(workdir) == [1, 2]
+    assert loading.checkpoint_steps(workdir) == [1, 2]
     assert [r["step"] for r in records(workdir) if "loss" in r] == [1, 2]
-    assert os.path.isfile(os.path.join(workdir, workdir_lib.MODEL_FILE))
+    assert os.path.isfile(os.path.join(workdir, loading.MODEL_FILE))
     assert os.path.isfile(os.path.join(workdir, report.PLOT_FILE))
     assert os.listdir(os.path.join(workdir, "tensorboard"))
 
@@ -62,7 +54,7 @@ def test_stage1_evaluated_during_the_run(chain):
 
 
 def test_each_stage_started_from_the_previous_one(chain):
-  vision = lambda workdir, step=None: workdir_lib.load_model(workdir, step)[1]["vision_model"]
+  vision = lambda workdir, step=None: loading.load_workdir(workdir, step)[1]["vision_model"]
   # Stage 2 took stage 1's vision tower and froze it; stage 3 took stage 2's and froze it.
   for tree in (vision(chain["stage2"], 1), vision(chain["stage2"]), vision(chain["stage3"], 1)):
     jax.tree.map(np.testing.assert_array_equal, tree, vision(chain["stage1"]))
@@ -70,13 +62,13 @@ def test_each_stage_started_from_the_previous_one(chain):
 
 def test_a_longer_run_on_a_workdir_resumes_at_its_checkpoint(chain):
   workdir = chain["stage3"]
-  experiment("stage3_sft").main(
+  load_experiment("stage3_sft").main(
       ["--workdir", workdir, *QUICK, "--set", "train.steps=3", "--set", "eval.every=None"])
-  assert workdir_lib.checkpoint_steps(workdir) == [1, 2, 3]
+  assert loading.checkpoint_steps(workdir) == [1, 2, 3]
   assert [r["step"] for r in records(workdir) if "loss" in r] == [1, 2, 3]
 
 
 def test_a_missing_previous_stage_names_the_command_to_run(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)  # no runs/stage1_contrastive here
   with pytest.raises(FileNotFoundError, match="run `python experiments/stage1_contrastive.py`"):
-    experiment("stage2_generative").main(["--workdir", str(tmp_path / "w"), *QUICK])
+    load_experiment("stage2_generative").main(["--workdir", str(tmp_path / "w"), *QUICK])

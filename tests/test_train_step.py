@@ -11,15 +11,9 @@ import train_fixtures
 from internvl_jax import sharding
 from internvl_jax.train import config as config_lib
 from internvl_jax.train.loop import Trainer, trainer_for
-from train_fixtures import tiny_config
+from train_fixtures import one_step, tiny_config
 
 MESH = sharding.MeshConfig(data=2, fsdp=2, tensor=2)  # params sharded, 4-way data parallel
-
-
-def one_step(trainer: Trainer, batch):
-  state = trainer.factory.init(seed=0)
-  with trainer.context():
-    return trainer.step(state, trainer.global_batch(batch))
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,12 @@
-"""A tiny InternVL-C training config and a deterministic in-memory batch source for trainer tests.
+"""What the trainer tests share: a config of any stage, one step of a trainer, the experiment
+files as modules, and a tiny InternVL-C config with a deterministic in-memory batch source.
 
 The source stands in for the grain pipeline: batch n is a function of (seed, n) alone, and its
 state is the index of the next batch, so a restored source continues exactly where it was.
 """
+
+import importlib.util
+import os
 
 import numpy as np
 
@@ -10,8 +14,12 @@ from internvl_jax import optim, sharding
 from internvl_jax.config import internvl_preset
 from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, ContrastiveStage
 from internvl_jax.train.config import TrainConfig
+from internvl_jax.train.loop import Trainer
 
-MODEL = internvl_preset("tiny")  # ViT width 64, 2 layers, 32 px; LLaMA width 64, 2 layers
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# ViT width 64, 2 layers, 32 px; LLaMA width 64, 2 layers.
+MODEL = internvl_preset("tiny", variant="C")
 TEXT_LEN = 12
 BATCH = 16
 
@@ -62,9 +70,33 @@ OPTIMIZER = optim.OptimizerConfig(
     b1=0.9, b2=0.95, weight_decay=0.1, warmup_steps=2, total_steps=12)
 
 
+# An eps far above every gradient makes the first update about -lr * grad / eps, so the params
+# after one step compare the gradients (Adam's g / |g| would amplify float noise).
+GRADIENT_OPTIMIZER = optim.OptimizerConfig(learning_rate=1.0, eps=10.0, total_steps=12)
+
+
+def train_config(stage, optimizer: optim.OptimizerConfig, **changes) -> TrainConfig:
+  """`stage` trained on this process's devices, data parallel, logging every step."""
+  return TrainConfig(stage=stage, optimizer=optimizer, global_batch_size=BATCH,
+                     mesh=sharding.MeshConfig(data=-1), log_every=1).replace(**changes)
+
+
 def tiny_config(**changes) -> TrainConfig:
-  config = TrainConfig(
-      stage=ContrastiveStage(MODEL, text_len=TEXT_LEN), optimizer=OPTIMIZER,
-      global_batch_size=BATCH, mesh=sharding.MeshConfig(data=-1), log_every=1,
-      checkpoint_every=3, keep_checkpoints=2, peak_tflops_per_device=1.0)
-  return config.replace(**changes)
+  return train_config(ContrastiveStage(MODEL, text_len=TEXT_LEN), OPTIMIZER, checkpoint_every=3,
+                      keep_checkpoints=2, peak_tflops_per_device=1.0).replace(**changes)
+
+
+def one_step(trainer: Trainer, batch):
+  """(state, metrics) after one step from the seed-0 initial state."""
+  state = trainer.factory.init(seed=0)
+  with trainer.context():
+    return trainer.step(state, trainer.global_batch(batch))
+
+
+def load_experiment(name: str):
+  """experiments/NAME.py as a module (the experiments are scripts, not a package)."""
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module

@@ -21,16 +21,18 @@ class ModelKind:
   config_type: type
   abstract_params: Callable[[Any], dict]
   init_params: Callable[..., dict]
+  variant: str | None = None  # the InternVLConfig.variant of the kind, for InternVL-C and -G
 
 
 MODELS = {
     "intern_vit": ModelKind("intern_vit", VisionConfig, intern_vit.abstract_params,
                             intern_vit.init_params),
     "llama": ModelKind("llama", LlamaConfig, llama.abstract_params, llama.init_params),
+    "internvl_c": ModelKind("internvl_c", InternVLConfig, internvl.abstract_params,
+                            internvl.init_params, variant="C"),
     # InternVL-14B holds InternVL-C and -G in one set of params: the G variant's.
-    "internvl": ModelKind("internvl", InternVLConfig,
-                          functools.partial(internvl.abstract_params, variant="G"),
-                          functools.partial(internvl.init_params, variant="G")),
+    "internvl_g": ModelKind("internvl_g", InternVLConfig, internvl.abstract_params,
+                            internvl.init_params, variant="G"),
     "internvl_chat": ModelKind("internvl_chat", ChatConfig, chat.abstract_params, chat.init_params),
 }
 
@@ -65,7 +67,7 @@ FORMATS = (
              lambda config, strict, name=name: chat_layouts.config_json(config, name),
              functools.partial(chat_layouts.config_from_json, layout=name))
       for architecture, name in chat_layouts.ARCHITECTURES.items()),
-    Format("internvl", "official", "InternVLModel",
+    Format("internvl_g", "official", "InternVLModel",
            lambda config: internvl_layouts.official_layout(config.cross_attention_frequency),
            lambda config, strict: internvl_layouts.config_json(config, allow_unofficial_sizes=not strict),
            internvl_layouts.config_from_json),
@@ -94,7 +96,8 @@ def find(model: str, name: str) -> Format:
 
 def model_kind(config) -> ModelKind:
   for kind in MODELS.values():
-    if isinstance(config, kind.config_type):
+    if isinstance(config, kind.config_type) and (kind.variant is None or
+                                                 kind.variant == config.variant):
       return kind
   raise ValueError(f"No model kind takes a {type(config).__name__}.")
 
@@ -105,9 +108,22 @@ def config_to_json(config) -> dict:
 
 
 def config_from_json(data: dict):
-  if data.get("model") not in MODELS:
-    raise ValueError(f"Checkpoint holds a {data.get('model')!r} model; known: {sorted(MODELS)}.")
-  return _dataclass_from_dict(MODELS[data["model"]].config_type, data["config"])
+  """The config `config_to_json` wrote. An InternVL kind sets the config's variant: older files
+  hold no variant, and the user names their kind (see the error)."""
+  name = data.get("model")
+  if name == "internvl":
+    raise ValueError('The checkpoint says "model": "internvl", written before the kind named '
+                     'InternVL-C or -G: set it to "internvl_c" if the params have a `text_model` '
+                     'tower (stage 1), "internvl_g" if they have `qllama` (stage 2).')
+  if name not in MODELS:
+    raise ValueError(f"Checkpoint holds a {name!r} model; known: {sorted(MODELS)}.")
+  kind, values = MODELS[name], data["config"]
+  if kind.variant is not None:
+    if values.get("variant", kind.variant) != kind.variant:
+      raise ValueError(f"The checkpoint's kind {name!r} and its config's variant "
+                       f"{values['variant']!r} disagree.")
+    values = {**values, "variant": kind.variant}
+  return _dataclass_from_dict(kind.config_type, values)
 
 
 def _dataclass_from_dict(cls, values: dict):

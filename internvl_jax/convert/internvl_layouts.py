@@ -135,7 +135,7 @@ def config_from_json(data: dict) -> InternVLConfig:
         vision=vision, text=text, embed_dim=data.get("clip_embed_dim", 768),
         attn_pool_heads=data.get("attn_pool_num_heads", 16),
         num_queries=data.get("num_query_token", OFFICIAL_NUM_QUERIES),
-        cross_attention_frequency=data.get("cross_attention_frequency", 2))
+        cross_attention_frequency=data.get("cross_attention_frequency", 2), variant="G")
   except KeyError as missing:
     raise ValueError(
         f"config.json lacks the field {missing} that an InternVLModel config has.") from None

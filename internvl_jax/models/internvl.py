@@ -186,30 +186,25 @@ class InternVLG(_DualEncoder):
         logit_scale=self.logit_scale)
 
 
-VARIANTS = ("C", "G")
-
-
-def init_variables(config: InternVLConfig, variant: str, rng: jax.Array) -> dict:
-  """Freshly initialized variables of InternVL-C or -G, boxed with their logical axis names (what
-  a sharded init needs)."""
+def init_variables(config: InternVLConfig, rng: jax.Array) -> dict:
+  """Freshly initialized variables of InternVL-C or -G (`config.variant`), boxed with their
+  logical axis names (what a sharded init needs)."""
   size = config.vision.image_size
   pixels = jnp.zeros((1, size, size, config.vision.num_channels), jnp.float32)
   tokens = jnp.ones((1, 2), jnp.int32)
   mask = jnp.ones(tokens.shape, bool)
-  if variant == "C":
+  if config.variant == "C":
     return InternVLC(config).init(rng, pixels, tokens, mask)
-  if variant == "G":
-    stage2 = lambda model, p, t: model(p, jnp.stack([t] * 3), jnp.stack([mask] * 3))
-    return InternVLG(config).init(rng, pixels, tokens, method=stage2)
-  raise ValueError(f"Unknown InternVL variant {variant!r}; known: {VARIANTS}.")
+  stage2 = lambda model, p, t: model(p, jnp.stack([t] * 3), jnp.stack([mask] * 3))
+  return InternVLG(config).init(rng, pixels, tokens, method=stage2)
 
 
-def abstract_params(config: InternVLConfig, variant: str = "C") -> dict:
+def abstract_params(config: InternVLConfig) -> dict:
   """Param shapes and dtypes of InternVL-C or -G, with nothing allocated."""
-  variables = jax.eval_shape(lambda: init_variables(config, variant, jax.random.key(0)))
+  variables = jax.eval_shape(lambda: init_variables(config, jax.random.key(0)))
   return nn.meta.unbox(variables["params"])
 
 
-def init_params(config: InternVLConfig, seed: int = 0, variant: str = "C") -> dict:
-  variables = jax.jit(lambda key: init_variables(config, variant, key))(jax.random.key(seed))
+def init_params(config: InternVLConfig, seed: int = 0) -> dict:
+  variables = jax.jit(lambda key: init_variables(config, key))(jax.random.key(seed))
   return jax.tree.map(np.asarray, nn.meta.unbox(variables["params"]))

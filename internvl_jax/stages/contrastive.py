@@ -41,6 +41,7 @@ class ContrastiveStage:
   subtree_rules = _SUBTREE_RULES
 
   def __post_init__(self):
+    self.model.require_variant("C", "ContrastiveStage")
     patch = self.model.vision.patch_size
     if self.image_size is not None and self.image_size % patch:
       raise ValueError(f"ContrastiveStage: image_size {self.image_size} is not a multiple of the "
@@ -58,7 +59,7 @@ class ContrastiveStage:
     return InternVLC(self.model)
 
   def init(self, rng):
-    return internvl.init_variables(self.model, "C", rng)["params"]
+    return internvl.init_variables(self.model, rng)["params"]
 
   def encode(self, params, batch, rng, train: bool = True):
     masking, dropout = jax.random.split(rng)
@@ -98,7 +99,7 @@ class ContrastiveStage:
       text = {name: source_params[name] for name in params["text_model"]}
       return warm_start.graft(params, {"text_model": text}, source)
     parts = {name: source_params[name] for name in params if name in source_params}
-    if "qllama" in source_params:
+    if source_config.variant == "G":
       text = qllama.llama_params(source_params["qllama"], source_config.qllama)
       parts["text_model"] = {name: text[name] for name in params["text_model"]}
     return warm_start.graft(params, parts, source)

@@ -58,12 +58,15 @@ class GenerativeStage:
   def input_size(self) -> int:
     return self.model.vision.image_size
 
+  def __post_init__(self):
+    self.model.require_variant("G", "GenerativeStage")
+
   @property
   def _module(self) -> InternVLG:
     return InternVLG(self.model)
 
   def init(self, rng):
-    return internvl.init_variables(self.model, "G", rng)["params"]
+    return internvl.init_variables(self.model, rng)["params"]
 
   def encode(self, params, batch, rng, train: bool = True):
     itm_text = jnp.where(batch["itm_label"][:, None] == 1, batch["text"], batch["itm_text"])
@@ -123,7 +126,7 @@ class GenerativeStage:
     InternVL-G (every param, e.g. the released InternVL-14B)."""
     warm_start.require(source_config, (InternVLConfig,), source, "InternVL-G")
     parts = {name: source_params[name] for name in params if name in source_params}
-    if "text_model" in source_params:
+    if source_config.variant == "C":
       parts["qllama"] = qllama.with_llama_params(params["qllama"], source_params["text_model"],
                                                  self.model.qllama)
     return warm_start.graft(params, parts, source)

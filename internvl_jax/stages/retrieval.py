@@ -93,8 +93,11 @@ class RetrievalStage:
   def input_size(self) -> int:
     return self.model.vision.image_size
 
+  def __post_init__(self):
+    self.model.require_variant("G", "RetrievalStage")
+
   def init(self, rng):
-    return internvl.init_variables(self.model, "G", rng)["params"]
+    return internvl.init_variables(self.model, rng)["params"]
 
   def encode(self, params, batch, rng, train: bool = True):
     tokens = jnp.stack([batch["itm_text"], batch["text"], batch["text"]])
@@ -152,7 +155,7 @@ class RetrievalStage:
     missing = sorted(set(params) - set(source_params))
     if missing:
       hint = (" It is an InternVL-C checkpoint: train stage 2 (InternVL-G) from it first."
-              if "text_model" in source_params else "")
+              if source_config.variant == "C" else "")
       raise ValueError(f"Warm start from {source}: retrieval fine-tuning takes every param of "
                        f"InternVL-G; the source lacks {missing}.{hint}")
     parts = {name: source_params[name] for name in params}

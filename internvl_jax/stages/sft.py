@@ -134,7 +134,7 @@ class ChatStage:
       return warm_start.graft(
           params, {name: source_params[name] for name in params if name in source_params}, source)
     parts = {"vision_model": source_params["vision_model"]}
-    if "qllama" in params and "qllama" in source_params:
+    if "qllama" in params and source_config.variant == "G":
       # InternVL-G's QLLaMA also has the token embeddings and LM head the chat one lacks.
       parts["qllama"] = {name: source_params["qllama"][name] for name in params["qllama"]}
     return warm_start.graft(params, parts, source)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 
-from internvl_jax import sharding
+from internvl_jax import evaluation, loading, sharding
 from internvl_jax.data.tokenizer import Tokenizer
 from internvl_jax.pretrained import Pretrained
 from internvl_jax.train import config as config_lib
@@ -59,7 +59,7 @@ def run(config: config_lib.ExperimentConfig, data, workdir: str, title: str = ""
   summary table and writes the plot."""
   stage = config.train.stage
   init = None
-  if config.init and not workdir_lib.checkpoint_steps(workdir):
+  if config.init and not loading.checkpoint_steps(workdir):
     sources = []
     for path in config.init:
       if not os.path.exists(path):
@@ -67,7 +67,7 @@ def run(config: config_lib.ExperimentConfig, data, workdir: str, title: str = ""
         raise FileNotFoundError(
             f"The warm start {path} does not exist{hint} (or pass --init PATH, or --set init=() "
             "to start from random params).")
-      sources.append((path, *warm_start.load_source(path)))
+      sources.append((path, *loading.load_arrays(path)[:2]))
     init = lambda params: warm_start.apply(stage, params, sources)
   workdir_lib.write_model(workdir, stage.model, data.tokenizer_path)
   evaluate = None
@@ -83,8 +83,6 @@ def run(config: config_lib.ExperimentConfig, data, workdir: str, title: str = ""
 
 
 def _evaluate(config: config_lib.ExperimentConfig, tokenizer: Tokenizer, params) -> dict:
-  # Imported here: evaluation pulls in the scorers, which plain training does not need.
-  from internvl_jax import evaluation  # pylint: disable=import-outside-toplevel
   model = Pretrained(config.train.stage.model, params, tokenizer)
   results = {}
   for task in config.eval.tasks:

@@ -13,13 +13,13 @@ import jax
 import numpy as np
 
 from internvl_jax import optim, sharding
+from internvl_jax.loading import CHECKPOINT_DIR
 from internvl_jax.train import config as config_lib
 from internvl_jax.train import hardware
 from internvl_jax.train import metrics as metrics_lib
 from internvl_jax.train import step as step_lib
 from internvl_jax.train.checkpoint import Checkpoints
 from internvl_jax.train.state import StateFactory, TrainState
-from internvl_jax.train.workdir import CHECKPOINT_DIR
 
 
 class NonFiniteError(RuntimeError):

@@ -1,27 +1,17 @@
 """Warm starts: a stage's first params taken in part from another model (spec 4.2, 4.4).
 
 The source is a previous stage's workdir (its latest checkpoint), an internvl_jax Orbax model
-checkpoint or a PyTorch checkpoint directory (through the converters). Each stage says which of
-its params come from which part of the source (`Stage.warm_start`); the rest keep their fresh
-initialization. Only params are taken: optimizer state, step and data position start anew.
+checkpoint or a PyTorch checkpoint directory, read by `internvl_jax.loading` as host numpy arrays
+(kept on the host: the state is placed in its shards after the warm start). Each stage says
+which of its params come from which part of the source (`Stage.warm_start`); the rest keep their
+fresh initialization. Only params are taken: optimizer state, step and data position start anew.
 """
 
-import os
 from collections.abc import Mapping
 from typing import Any
 
 import jax
 import numpy as np
-
-
-def load_source(path: str) -> tuple[Any, dict]:
-  """(model config, params as host numpy arrays) of whatever `path` holds; kept on the host, as
-  `Stage.warm_start` reads them there before the state is placed in its shards."""
-  from internvl_jax import pretrained  # pylint: disable=import-outside-toplevel (import cycle)
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"Warm start: {path} does not exist.")
-  config, params, _ = pretrained.load_arrays(path)
-  return config, params
 
 
 def graft(params: dict, parts: Mapping[str, Any], source: str) -> dict:
