@@ -180,9 +180,9 @@ class DataIterator:
   """Host batches (dicts of numpy arrays, leading axis the host batch) with their state.
 
   `build(start)` gives this process's batches of `loader`'s records from global record `start`
-  on (`shard`, then `batched`). `issue_counts()` gives the skipped and truncated records so far, by reason; the counts are
-  part of `get_state()` and survive a restore. A final partial batch is padded to full size
-  with VALID False.
+  on (`shard`, then `batched`). `issue_counts()` gives the skipped and truncated records so far,
+  by reason; the counts are part of `get_state()` and survive a restore. A final partial batch
+  is padded to full size with VALID False.
   """
 
   def __init__(self, loader: config_lib.LoaderConfig, build: Callable[[int], grain.IterDataset],

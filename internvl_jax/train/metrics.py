@@ -1,6 +1,6 @@
 """Per-log-step metrics: throughput and MFU, written as JSON lines and TensorBoard events, and a
-progress bar with ETA. Counts every process has its own of are summed over processes; only the
-first process writes."""
+progress bar with ETA. Counts that each process keeps of its own rows are summed over processes;
+only the first process writes."""
 
 import json
 import math
