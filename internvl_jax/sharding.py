@@ -108,6 +108,11 @@ def is_multi_process_environment(env: Mapping[str, str] = os.environ) -> bool:
   return len(tpu_hosts.split(",")) > 1
 
 
+# Seconds without a heartbeat after which JAX's coordination service declares a process dead and
+# stops the others with a message naming it (JAX's default is 100).
+HEARTBEAT_TIMEOUT_ENV = "INTERNVL_HEARTBEAT_TIMEOUT_S"
+
+
 def maybe_initialize_distributed(enabled: bool | None = None,
                                  env: Mapping[str, str] = os.environ) -> bool:
   """Connects the processes of a multi-host run; a single process needs nothing.
@@ -117,6 +122,10 @@ def maybe_initialize_distributed(enabled: bool | None = None,
   MPI, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID). `enabled=None` decides
   from the environment; on a TPU pod whose environment names no other hosts, pass True. Must run
   before anything touches the devices. Returns whether the distributed runtime is up.
+
+  When a process dies, the coordination service misses its heartbeats and, after
+  $INTERNVL_HEARTBEAT_TIMEOUT_S seconds (default JAX's 100), terminates every other process with
+  a message that names the missing one, so that no process waits in a collective forever.
   """
   if jax.distributed.is_initialized():
     return True
@@ -125,9 +134,11 @@ def maybe_initialize_distributed(enabled: bool | None = None,
   if not enabled:
     return False
   num_processes, process_id = env.get("JAX_NUM_PROCESSES"), env.get("JAX_PROCESS_ID")
+  heartbeat = env.get(HEARTBEAT_TIMEOUT_ENV)
   jax.distributed.initialize(
       num_processes=int(num_processes) if num_processes else None,
-      process_id=int(process_id) if process_id else None)
+      process_id=int(process_id) if process_id else None,
+      **({"heartbeat_timeout_seconds": int(heartbeat)} if heartbeat else {}))
   return True
 
 

@@ -158,16 +158,60 @@ def test_restored_iterator_continues_with_the_next_batch(corrupted, data_dir, to
   restored.close()
 
 
-def test_process_shards_are_disjoint_and_cover_the_data(corrupted, data_dir, tokenizer_path):
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_process_shards_are_disjoint_and_cover_the_epoch(corrupted, data_dir, tokenizer_path,
+                                                         shuffle):
   tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
   seen = []
   for shard in range(2):
-    config = pair_config(corrupted, data_dir, tokenizer_path, num_epochs=1, shuffle=False,
+    config = pair_config(corrupted, data_dir, tokenizer_path, num_epochs=1, shuffle=shuffle,
                          shard_index=shard, shard_count=2).replace(train_augment=False)
     assert pipeline.host_batch_size(config.loader) == 8
     for batch in pipeline.pair_pipeline(config):
       seen += record_ids(batch, tokenizer)
   assert sorted(seen) == sorted(set(range(NUM_RECORDS)) - set(CORRUPTIONS))
+
+
+def read_shards(config, tokenizer, shard_count, batches, states=None):
+  """The record ids each of `shard_count` shards reads in its `batches[shard]` batches (all
+  of them if None), having continued from `states` if given; and the shards' states."""
+  ids, saved = [], []
+  for shard in range(shard_count):
+    iterator = pipeline.pair_pipeline(config.replace(loader=config.loader.replace(
+        shard_index=shard, shard_count=shard_count)))
+    if states is not None:
+      iterator.continue_from(states)
+    read = iterator if batches[shard] is None else take(iterator, batches[shard])
+    ids.append([i for batch in read for i in record_ids(batch, tokenizer)])
+    saved.append(json.loads(json.dumps(iterator.get_state())))  # what a checkpoint stores
+  return ids, saved
+
+
+def test_a_data_position_continues_on_another_process_count(corrupted, data_dir, tokenizer_path,
+                                                            caplog):
+  """2 -> 1 -> 2 processes through a shuffled epoch: no record is lost, and only the records
+  that one process had read past the other's position are read twice."""
+  tokenizer = tokenizer_lib.Tokenizer.load(tokenizer_path)
+  config = pair_config(corrupted, data_dir, tokenizer_path, num_epochs=1,
+                       global_batch_size=8).replace(train_augment=False)
+  (first, second), states = read_shards(config, tokenizer, 2, [3, 5])  # second reads ahead
+  one = pipeline.pair_pipeline(config)
+  one.continue_from(states)
+  # The first process carries the saved counts, so that their sum over processes goes on.
+  np.testing.assert_array_equal(issues.dict_to_counts(one.issue_counts()),
+                                sum(issues.dict_to_counts(s["issue_counts"]) for s in states))
+  assert (f"saved by 2 processes; continuing from global record {2 * states[0]['records_read']}"
+          in caplog.text)
+  middle = [i for batch in take(one, 4) for i in record_ids(batch, tokenizer)]
+  one_state = [json.loads(json.dumps(one.get_state()))]
+  assert not set(middle) & set(first)
+  assert len(set(middle) & set(second)) <= (states[1]["records_read"] -
+                                            states[0]["records_read"])
+  after, _ = read_shards(config, tokenizer, 2, [None, None], one_state)
+  assert not set(after[0]) & set(after[1])
+  before = first + second + middle
+  assert not set(before) & set(after[0] + after[1])  # one process is never ahead of itself
+  assert set(before + after[0] + after[1]) == set(range(NUM_RECORDS)) - set(CORRUPTIONS)
 
 
 @pytest.mark.parametrize("mode", ["batch", "batch_hard", "pool"])

@@ -82,6 +82,8 @@ def test_distributed_initialize_runs_only_for_multi_process(monkeypatch):
   assert sharding.maybe_initialize_distributed(env=env)
   assert calls[-1] == {"num_processes": 2, "process_id": 1}
   assert sharding.maybe_initialize_distributed(enabled=True, env={}) and len(calls) == 3
+  assert sharding.maybe_initialize_distributed(env={**env, sharding.HEARTBEAT_TIMEOUT_ENV: "15"})
+  assert calls[-1] == {"num_processes": 2, "process_id": 1, "heartbeat_timeout_seconds": 15}
 
 
 def test_vision_and_text_rules_shard_intern_vit_params_differently():

@@ -2,7 +2,9 @@
 files as modules, and a tiny InternVL-C config with a deterministic in-memory batch source.
 
 The source stands in for the grain pipeline: batch n is a function of (seed, n) alone, and its
-state is the index of the next batch, so a restored source continues exactly where it was.
+state is the index of the next batch, so a restored source continues exactly where it was. On
+several processes, process p gives its share of the rows of the same global batches, so a run's
+batches do not depend on the process count.
 """
 
 import importlib.util
@@ -25,12 +27,18 @@ BATCH = 16
 
 
 class InMemoryPairs:
-  """(image, text, valid) host batches; `nan_batches` get NaN pixels (a corrupt input)."""
+  """(image, text, valid) host batches; `nan_batches` get NaN pixels (a corrupt input).
+
+  `batch_size` is the global batch; process `shard_index` of `shard_count` gets its rows.
+  """
 
   def __init__(self, batch_size: int = BATCH, seed: int = 0, nan_batches=(),
-               image_size: int = MODEL.vision.image_size, text_len: int = TEXT_LEN):
+               image_size: int = MODEL.vision.image_size, text_len: int = TEXT_LEN,
+               shard_index: int = 0, shard_count: int = 1):
     self.batch_size, self.seed, self.nan_batches = batch_size, seed, set(nan_batches)
     self.image_size, self.text_len = image_size, text_len
+    rows = batch_size // shard_count
+    self.rows = slice(shard_index * rows, (shard_index + 1) * rows)
     self.next_index = 0
 
   def __iter__(self):
@@ -39,14 +47,19 @@ class InMemoryPairs:
   def __next__(self):
     index = self.next_index
     self.next_index += 1
-    return make_batch(index, self.batch_size, self.seed, self.image_size, self.text_len,
-                      nan=index in self.nan_batches)
+    batch = make_batch(index, self.batch_size, self.seed, self.image_size, self.text_len,
+                       nan=index in self.nan_batches)
+    return {name: value[self.rows] for name, value in batch.items()}
 
   def get_state(self):
     return {"next_index": self.next_index}
 
   def set_state(self, state):
     self.next_index = state["next_index"]
+
+  def continue_from(self, states):
+    """Every process of the saving run was at the same global batch."""
+    self.next_index = states[0]["next_index"]
 
 
 def make_batch(index: int, batch_size: int = BATCH, seed: int = 0,

@@ -1,15 +1,22 @@
-"""grain pipelines: sources -> shard -> shuffle/repeat -> mix -> record transform -> batch.
+"""grain pipelines: sources -> shuffle/repeat -> mix -> record transform -> shard -> batch.
 
-    MapDataset per source: this process's shard, shuffled per epoch, repeated
-      -> mixed by weight (training) or concatenated (finite evaluation streams)
+    MapDataset per source: shuffled per epoch, repeated
+      -> mixed by weight (training) or concatenated (finite evaluation streams): the global
+         record order, the same for any number of processes
       -> record transform (PairProcessor / ChatProcessor) -> RecordOutcome per record
+      -> this process's shard: every shard_count-th record from the start position
     IterDataset: skipped records dropped and counted -> batched -> worker processes
     DataIterator (this process): issue counts summed, final batch padded, batch extras (ITM)
 
-Everything is a function of the seed and the record index, so the same config yields the same
-batches, and the iterator state (a JSON-serializable dict) restores the exact next batch,
-with the bad-record counts. Changing `worker_count` changes how batches are formed (each
-worker batches its own records), so restore with the worker count that was saved.
+Everything is a function of the seed and the global record index, so the same config yields the
+same batches, and the iterator state (a JSON-serializable dict) restores the exact next batch,
+with the bad-record counts. Process p of n reads global records p, p + n, p + 2n, ...: the
+processes read disjoint records that together are the global order, so which records make a
+global batch depends on the process count (the set of records a step sees, not their number).
+A state saved by another number of processes continues from the first global record some
+process had not read (`DataIterator.continue_from`). Changing `worker_count` changes how
+batches are formed (each worker batches its own records), so restore with the worker count that
+was saved.
 """
 
 import logging
@@ -30,6 +37,7 @@ from internvl_jax.data import tokenizer as tokenizer_lib
 
 HostBatch = dict[str, np.ndarray]
 ISSUE_COUNTS = "issue_counts"  # per-example count vector; consumed by DataIterator
+RECORDS_READ = "records_read"  # per-example records of the shard read through it; likewise
 VALID = "valid"  # bool per example: False on padding of a final partial batch
 # This many skipped records in a row means the data or the config is wrong throughout (an
 # image size the data never has, a max_len nothing fits in): stop and say so, don't spin.
@@ -57,16 +65,16 @@ def _seed(base: int, *salt: int) -> int:
 
 
 def records(loader: config_lib.LoaderConfig, seed_salt: int = 0) -> grain.MapDataset:
-  """This process's raw records: each source sharded, shuffled per epoch and repeated, then
-  mixed by weight (num_epochs None) or concatenated (a finite stream ignores the weights)."""
-  shard_index, shard_count = shard_of(loader)
+  """The global record order (every process's records): each source shuffled per epoch and
+  repeated, then mixed by weight (num_epochs None) or concatenated (a finite stream ignores the
+  weights)."""
+  _, shard_count = shard_of(loader)
   datasets = []
   for i, source in enumerate(loader.sources):
     dataset = grain.MapDataset.source(sources.open_source(source))
     if len(dataset) < shard_count:
       raise ValueError(f"{source.name}[{source.split}] has {len(dataset)} records, fewer than "
                        f"the {shard_count} shards reading it.")
-    dataset = dataset[shard_index::shard_count]
     if loader.shuffle:
       dataset = dataset.shuffle(seed=_seed(loader.seed, seed_salt, i))
     datasets.append(dataset.repeat(loader.num_epochs))
@@ -77,8 +85,17 @@ def records(loader: config_lib.LoaderConfig, seed_salt: int = 0) -> grain.MapDat
   return grain.MapDataset.concatenate(datasets)
 
 
+def shard(loader: config_lib.LoaderConfig, dataset: grain.MapDataset,
+          start: int = 0) -> grain.MapDataset:
+  """This process's records of the global order from global record `start` on, each as
+  (index in this shard, record), so that the iterator knows how far it has read."""
+  shard_index, shard_count = shard_of(loader)
+  return dataset[start + shard_index::shard_count].map_with_index(lambda i, r: (i, r))
+
+
 class _CountIssuesIterDataset(grain.IterDataset):
-  """Drops skipped records; each kept example carries the counts gathered since the last one."""
+  """Drops skipped records; each kept example carries the counts gathered since the last one and
+  how many records of the shard have been read up to it."""
 
   def __iter__(self):
     return _CountIssuesIterator(self._parent.__iter__())
@@ -91,13 +108,15 @@ class _CountIssuesIterator(grain.DatasetIterator):
     self._pending = np.zeros(len(issues.REASONS), np.int64)
     self._last_example = None
     self._consecutive_skips = 0
+    self._records_read = 0
 
   def __next__(self):
     while True:
       try:
-        outcome = next(self._parent)
+        index, outcome = next(self._parent)
       except StopIteration:
         return self._flush_pending()
+      self._records_read = index + 1
       self._pending = self._pending + issues.count_vector(outcome.reasons)
       if outcome.example is not None:
         self._last_example = outcome.example
@@ -112,7 +131,8 @@ class _CountIssuesIterator(grain.DatasetIterator):
 
   def _emit(self, example, valid: bool):
     counts, self._pending = self._pending, np.zeros_like(self._pending)
-    return {**example, VALID: np.bool_(valid), ISSUE_COUNTS: counts}
+    return {**example, VALID: np.bool_(valid), ISSUE_COUNTS: counts,
+            RECORDS_READ: np.int64(self._records_read)}
 
   def _flush_pending(self):
     """At the end of a finite stream, counts of trailing skipped records ride on a padding
@@ -159,19 +179,30 @@ def batched(loader: config_lib.LoaderConfig, processed: grain.MapDataset) -> gra
 class DataIterator:
   """Host batches (dicts of numpy arrays, leading axis the host batch) with their state.
 
-  `issue_counts()` gives the skipped, truncated and converted records so far, by reason; the
-  counts are part of `get_state()` and survive a restore. A final partial batch is padded to
-  full size with VALID False.
+  `build(start)` gives this process's batches of `loader`'s records from global record `start`
+  on (`shard`, then `batched`). `issue_counts()` gives the skipped, truncated and converted
+  records so far, by reason; the counts are part of `get_state()` and survive a restore. A final
+  partial batch is padded to full size with VALID False.
   """
 
-  def __init__(self, dataset: grain.IterDataset, batch_size: int, tokenizer_path: str,
-               add_extras: Callable[[HostBatch, int], HostBatch] | None = None):
+  def __init__(self, loader: config_lib.LoaderConfig, build: Callable[[int], grain.IterDataset],
+               tokenizer_path: str, add_extras: Callable[[HostBatch, int], HostBatch] | None = None):
     self.tokenizer_path = tokenizer_path  # what the texts were tokenized with
-    self._iterator = iter(dataset)
-    self._batch_size = batch_size
+    self._build = build
+    self._shard_index = shard_of(loader)[0]
+    self._batch_size = host_batch_size(loader)
     self._add_extras = add_extras
     self._counts = np.zeros(len(issues.REASONS), np.int64)
     self._batches = 0
+    self._iterator = None
+    self._start(0)
+
+  def _start(self, start: int):
+    """Reads this process's shard of the global order from global record `start` on."""
+    self.close()
+    self._iterator = iter(self._build(start))
+    self._start_record = start
+    self._records_read = 0  # of this process's shard since `start`
 
   def __iter__(self):
     return self
@@ -179,6 +210,8 @@ class DataIterator:
   def __next__(self) -> HostBatch:
     batch = dict(next(self._iterator))
     self._counts += batch.pop(ISSUE_COUNTS).sum(axis=0)
+    # Worker processes deliver batches in turn, each from its own slice of the records.
+    self._records_read = max(self._records_read, int(batch.pop(RECORDS_READ).max()))
     short = self._batch_size - len(batch[VALID])
     if short:
       batch = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)])
@@ -193,12 +226,37 @@ class DataIterator:
 
   def get_state(self) -> dict:
     return {"grain": self._iterator.get_state(), "issue_counts": self.issue_counts(),
-            "batches": self._batches}
+            "batches": self._batches, "start": self._start_record,
+            "records_read": self._records_read}
 
   def set_state(self, state: dict) -> None:
+    """Continues exactly where `state` (this process's, saved by as many processes) was."""
+    if state["start"] != self._start_record:
+      self._start(state["start"])
     self._iterator.set_state(state["grain"])
     self._counts = issues.dict_to_counts(state["issue_counts"])
     self._batches = state["batches"]
+    self._records_read = state["records_read"]
+
+  def continue_from(self, states: list[dict]) -> None:
+    """Continues the run whose processes, another number of them, saved `states` (in process
+    order): from the first global record that some process had not read, so that no record is
+    lost; the records other processes had read past it are read again. With worker processes
+    a process's position is its furthest worker's, so up to a batch per worker may be passed
+    over. The issue counts add up on the first process, so that their sum over processes goes
+    on from the saved processes' sum."""
+    count, start = len(states), states[0]["start"]  # every process of a run starts together
+    firsts = [start + i + s["records_read"] * count for i, s in enumerate(states)]
+    position = min(firsts)
+    self._start(position)
+    self._counts = np.zeros(len(issues.REASONS), np.int64)
+    if self._shard_index == 0:
+      self._counts = sum((issues.dict_to_counts(s["issue_counts"]) for s in states), self._counts)
+    self._batches = states[0]["batches"]
+    logging.warning(
+        "The data position was saved by %d processes; continuing from global record %d, the "
+        "first that some process had not read (%d records read before are read again).",
+        count, position, sum((first - position) // count for first in firsts))
 
   def close(self) -> None:
     close = getattr(self._iterator, "close", None)
@@ -240,14 +298,15 @@ def pair_pipeline(config: config_lib.PairDataConfig) -> DataIterator:
   if config.itm_negatives != "none":
     pool = _caption_pool(config, tokenizer) if config.itm_negatives == "pool" else None
     add_extras = negatives.ItmNegatives(config.itm_negatives, _seed(loader.seed, 3), pool)
-  return DataIterator(batched(loader, processed), host_batch_size(loader), config.tokenizer_path,
-                      add_extras)
+  return DataIterator(loader, lambda start: batched(loader, shard(loader, processed, start)),
+                      config.tokenizer_path, add_extras)
 
 
 def chat_pipeline(config: config_lib.ChatDataConfig) -> DataIterator:
   """Conversation batches for stage 3: "tiles" [B, T, S, S, 3] float32, "tile_count" [B],
   "tokens" / "labels" [B, max_len] int32, "token_mask" [B, max_len] bool; "valid"."""
   tokenizer = chat.load_chat_tokenizer(config.tokenizer_path, config.template)
-  processed = records(config.loader).map(chat.ChatProcessor(config, tokenizer))
-  return DataIterator(batched(config.loader, processed), host_batch_size(config.loader),
+  loader = config.loader
+  processed = records(loader).map(chat.ChatProcessor(config, tokenizer))
+  return DataIterator(loader, lambda start: batched(loader, shard(loader, processed, start)),
                       config.tokenizer_path)

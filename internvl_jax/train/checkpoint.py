@@ -2,6 +2,8 @@
 
 Each checkpoint is a step directory with two items: "state" (the `TrainState` arrays, each host
 writing its shards) and "data" (each process's iterator state as JSON, one file per process).
+The state restores onto any mesh and number of processes; the data position of another number
+of processes comes back as every process's state, for the iterator to continue from.
 Orbax writes a step into a temporary directory and renames it when complete, so a crash during a
 save leaves the earlier steps as they were and the half-written one invisible.
 """
@@ -16,23 +18,29 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 _STATE, _DATA = "state", "data"
+PROCESS_STATES = "process_states"  # a data state saved by another number of processes
 
 
 class IteratorStateHandler(ocp.CheckpointHandler):
-  """Saves a JSON-serializable iterator state per process (grain's layout: one file each)."""
+  """Saves a JSON-serializable iterator state per process (grain's layout: one file each).
 
-  def _file(self, directory: epath.Path) -> epath.Path:
-    return directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  Restores this process's state if as many processes saved it; otherwise
+  `{PROCESS_STATES: [state of process 0, 1, ...]}` of the processes that did.
+  """
 
   def save(self, directory: epath.Path, args: "IteratorStateSave"):
-    self._file(directory).write_text(json.dumps(args.state))
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (directory / name).write_text(json.dumps(args.state))
 
   def restore(self, directory: epath.Path, args: "IteratorStateRestore | None" = None):
-    path = self._file(directory)
-    if not path.exists():
-      raise ValueError(f"{path} does not exist: the checkpoint was written by a different number "
-                       f"of processes; restore with {jax.process_count()} processes is not possible.")
-    return json.loads(path.read_text())
+    path = directory / f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if path.exists():
+      return json.loads(path.read_text())
+    files = sorted(directory.glob("process_*-of-*.json"),
+                   key=lambda f: int(f.name.split("_")[1].split("-")[0]))
+    if not files:
+      raise ValueError(f"{directory} holds no process_*-of-*.json data iterator state.")
+    return {PROCESS_STATES: [json.loads(f.read_text()) for f in files]}
 
   def metadata(self, directory: epath.Path):
     return None
@@ -85,7 +93,8 @@ class Checkpoints:
 
   def restore(self, step: int, abstract_state):
     """(state, data_state) of `step`; each array lands in the sharding `abstract_state` gives
-    it, so a checkpoint written on one mesh restores onto another."""
+    it, so a checkpoint written on one mesh restores onto another. `data_state` is this
+    process's, or `{PROCESS_STATES: [...]}` if another number of processes saved it."""
     restored = self._manager.restore(step, args=ocp.args.Composite(
         **{_STATE: ocp.args.StandardRestore(abstract_state), _DATA: IteratorStateRestore()}))
     return restored[_STATE], restored[_DATA]

@@ -13,12 +13,13 @@ import jax
 import numpy as np
 
 from internvl_jax import optim, sharding
+from internvl_jax.data import issues
 from internvl_jax.loading import CHECKPOINT_DIR
 from internvl_jax.train import config as config_lib
 from internvl_jax.train import hardware
 from internvl_jax.train import metrics as metrics_lib
 from internvl_jax.train import step as step_lib
-from internvl_jax.train.checkpoint import Checkpoints
+from internvl_jax.train.checkpoint import PROCESS_STATES, Checkpoints
 from internvl_jax.train.state import StateFactory, TrainState
 
 
@@ -111,8 +112,10 @@ def train(config: config_lib.TrainConfig, data, workdir: str, *,
   """Trains to `config.num_steps`, resuming from WORKDIR/checkpoints if it has a checkpoint.
 
   `data` yields host batches (dicts of numpy arrays, this process's rows) and has
-  JSON-serializable `get_state()` / `set_state()`; its state is saved with every checkpoint. If it
-  has `issue_counts()` (the data pipeline's skipped records by reason), they are logged.
+  JSON-serializable `get_state()` / `set_state()`; its state is saved with every checkpoint. A
+  checkpoint saved by another number of processes resumes if it has `continue_from(states)`
+  (every saving process's state). If it has `issue_counts()` (the data pipeline's skipped
+  records by reason), their sums over processes are logged.
   `init` maps fresh params (numpy) to the first params of a run that has no checkpoint (a warm
   start). `evaluate(params)` runs every `eval_every` steps and after the last; its metrics are
   logged as "eval/<name>". Returns the final state. On SIGTERM (preemption) the current step is
@@ -130,7 +133,15 @@ def train(config: config_lib.TrainConfig, data, workdir: str, *,
       state = state.replace(params=jax.device_put(params, trainer.factory.param_shardings))
   else:
     state, data_state = checkpoints.restore(latest, trainer.factory.abstract())
-    data.set_state(data_state)
+    if isinstance(data_state, dict) and PROCESS_STATES in data_state:
+      if not hasattr(data, "continue_from"):
+        raise ValueError(
+            f"The checkpoint {checkpoints.directory}/{latest} was saved by "
+            f"{len(data_state[PROCESS_STATES])} processes; this run has {jax.process_count()}, "
+            f"and its data ({type(data).__name__}) cannot continue from another process count.")
+      data.continue_from(data_state[PROCESS_STATES])
+    else:
+      data.set_state(data_state)
     logging.info("Resumed from %s at step %d.", checkpoints.directory, latest)
   step = int(state.step)
   writer = metrics_lib.MetricsWriter(workdir, num_steps, step)
@@ -164,12 +175,18 @@ def train(config: config_lib.TrainConfig, data, workdir: str, *,
           tokens += step_tokens
         if step % config.log_every == 0 or step == num_steps or bad_streak:
           values = jax.device_get(metrics)
-          # Records the input pipeline skipped (or truncated), by reason, so far in the run.
-          values.update({f"data/{reason}": count
-                         for reason, count in getattr(data, "issue_counts", dict)().items()})
+          # This interval's tokens and the records the input pipeline skipped (or truncated) so
+          # far in the run, by reason, of all processes: each process counts its own rows.
+          # Every reason is sent, zero or not, so that each process gathers the same vector.
+          local = getattr(data, "issue_counts", dict)()
+          counts = metrics_lib.sum_over_processes(
+              {"tokens": tokens, **{f"data/{reason}": local.get(reason, 0)
+                                    for reason in issues.REASONS}})
+          values.update({name: count for name, count in counts.items()
+                         if name != "tokens" and count})
           seconds = time.perf_counter() - interval_start
-          if examples:
-            values.update(throughput.rates(examples, tokens, seconds))
+          if examples:  # global_batch_size per step: already every process's examples
+            values.update(throughput.rates(examples, counts["tokens"], seconds))
           writer.write(step, values)
           interval_start, examples, tokens = time.perf_counter(), 0, 0
         if bad_streak >= config.max_bad_steps:

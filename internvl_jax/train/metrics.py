@@ -1,12 +1,15 @@
 """Per-log-step metrics: throughput and MFU, written as JSON lines and TensorBoard events, and a
-progress bar with ETA. Only the first process writes."""
+progress bar with ETA. Counts that each process keeps of its own rows are summed over processes;
+only the first process writes."""
 
 import json
 import math
 import os
 
 import jax
+import numpy as np
 import tqdm
+from jax.experimental import multihost_utils
 from tensorboardX import SummaryWriter
 
 METRICS_FILE = "metrics.jsonl"
@@ -24,6 +27,20 @@ class Throughput:
     tflops = self.flops_per_example * examples / seconds / self.num_devices / 1e12
     return {"samples_per_second": examples / seconds, "tokens_per_second": tokens / seconds,
             "tflops_per_device": tflops, "mfu": tflops / self.peak}
+
+
+def sum_over_processes(counts: dict[str, int]) -> dict[str, int]:
+  """Each count summed over all processes (every process must call this at the same step).
+
+  One gather of a small vector; each count travels as two 31-bit halves, since JAX arrays hold
+  32-bit integers unless x64 is on, and a long run's counts can pass 2**31.
+  """
+  if jax.process_count() == 1:
+    return dict(counts)
+  values = np.array(list(counts.values()), np.int64)
+  halves = np.stack([values >> 31, values & (2**31 - 1)]).astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(halves)).astype(np.int64).sum(axis=0)
+  return dict(zip(counts, (gathered[0] << 31) + gathered[1]))
 
 
 def _number(value) -> float | int:
