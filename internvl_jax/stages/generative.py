@@ -26,16 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import flops, losses, sharding
+from internvl_jax import flops, losses
 from internvl_jax.config import InternVLConfig
 from internvl_jax.data.tokenizer import IGNORE_LABEL
 from internvl_jax.models import internvl, qllama
 from internvl_jax.models.internvl import InternVLG
 from internvl_jax.train import warm_start
-
-_SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
-                  ("^clip_projector/", sharding.VISION_RULES),
-                  ("^(qllama|clip_projector2|itm_head)/", sharding.TEXT_RULES))
 
 # The params stage 2 trains (spec 4.2); every other param is frozen.
 TRAINABLE_PARAMS = (r"^qllama/query_tokens$|^qllama/layers/[^/]+/cross_attn/|^clip_projector2/|"
@@ -48,9 +44,6 @@ class GenerativeStage:
   text_len: int = 80  # tokens per text, BOS and EOS (and any prefix) included
   max_logit_scale: float | None = float(np.log(100.0))
   backbone_itc: bool = False  # also ITC of InternVL-C's image embedding (see above)
-
-  rules = sharding.VISION_RULES
-  subtree_rules = _SUBTREE_RULES
 
   @property
   def input_size(self) -> int:
