@@ -16,6 +16,7 @@ from internvl_jax.models.llama import Llama
 from internvl_jax.stages.contrastive import ContrastiveStage
 from internvl_jax.stages.generative import GenerativeStage
 from internvl_jax.stages.sft import ChatStage
+from internvl_jax.train import config as config_lib
 
 VIT = vision_preset("tiny")  # width 64, 4 heads, MLP 256: every sharded dimension divides 8
 BATCH = 8
@@ -122,7 +123,9 @@ def test_every_param_axis_name_is_in_the_vocabulary(stage):
 
 def test_config_rules_override_the_table():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  config = sharding.MeshConfig(data=2, fsdp=2, tensor=2, rules=(("mlp", None),))
+  config = config_lib.override(sharding.MeshConfig(data=2, fsdp=2, tensor=2),
+                               config_lib.parse_settings(["rules=(('mlp', None),)"]))  # --set
+  assert config.rules == (("mlp", None),)
   blocks = specs(sharding.param_shardings(boxed_vit_params(), mesh, config.logical_rules))
   assert blocks["blocks"]["mlp"]["fc1"]["kernel"] == P(None, "fsdp", None)
   assert sharding.MeshConfig().logical_rules == sharding.RULES
