@@ -2,8 +2,8 @@
 
 Models name the logical axes of their params and activations; this module alone maps them to the
 mesh axes "data" (pure data parallel), "fsdp" (data parallel with params and optimizer state
-sharded, ZeRO-3 style) and "tensor" (Megatron-style tensor parallel). Rules are plain data, so a
-config can override them.
+sharded, ZeRO-3 style) and "tensor" (Megatron-style tensor parallel), through one rule table,
+`RULES`, whose entries a config overrides (`MeshConfig.rules`).
 """
 
 import contextlib
