@@ -2,9 +2,9 @@
 
 Each returns (loss, metrics). The contrastive losses take the whole global batch as (sharded)
 arrays and are written as the plain single-device maths; under `jit` XLA partitions them. The
-(batch, batch) logits are constrained to rows over the batch mesh axes ("act_batch") and columns
-whole, so each device scores its own rows against every column (the reference's gather of the
-other side), and the gradient of that gather comes back to each row's owner.
+(batch, batch) logits are constrained to rows over the batch mesh axes ("activation_batch") and
+columns whole, so each device scores its own rows against every column (the reference's gather of
+the other side), and the gradient of that gather comes back to each row's owner.
 
 The next-token loss takes logits (`lm_example_losses`), or, in training, the final hidden states
 and the LM head (`chunked_lm_example_losses`): the same sums, with the (tokens, vocab) logits
@@ -49,7 +49,7 @@ def _pair_logits(image_emb, text_emb, logit_scale, max_logit_scale):
   scale = jnp.exp(jnp.asarray(logit_scale, jnp.float32))
   logits = scale * jnp.einsum("id,td->it", image_emb, text_emb,
                               preferred_element_type=jnp.float32)
-  return nn.with_logical_constraint(logits, ("act_batch", None)), scale
+  return nn.with_logical_constraint(logits, ("activation_batch", None)), scale
 
 
 def clip_softmax_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array, *,

@@ -2,15 +2,14 @@
 
 Models name the logical axes of their params and activations; this module alone maps them to the
 mesh axes "data" (pure data parallel), "fsdp" (data parallel with params and optimizer state
-sharded, ZeRO-3 style) and "tensor" (Megatron-style tensor parallel). Rules are plain data, so a
-config can override them.
+sharded, ZeRO-3 style) and "tensor" (Megatron-style tensor parallel), through one rule table,
+`RULES`, whose entries a config overrides (`MeshConfig.rules`).
 """
 
 import contextlib
 import dataclasses
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 
 import flax.linen as nn
@@ -24,34 +23,28 @@ BATCH_AXES = ("data", "fsdp")  # the batch is split over both; "tensor" devices 
 
 Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 
-# Activations: batch over (data, fsdp); what differs per model is which feature axes are
-# tensor-parallel.
-_ACTIVATIONS: Rules = (("act_batch", BATCH_AXES), ("act_len", None), ("act_embed", None))
-
-# InternViT: FSDP over the width; its 25 heads divide badly over any tensor axis, so attention is
-# not tensor-parallel, while the MLP (12800 = 2^9 * 25 wide) is.
-VISION_RULES: Rules = _ACTIVATIONS + (
-    ("act_heads", None),
-    ("act_mlp", "tensor"),
+# The one logical-axis vocabulary, in MaxText's manner: a name means the same wherever a model
+# uses it, so a kernel and the activation it produces always agree, and a tower has a name of its
+# own only where it shards differently. Activations are split over the batch and, tensor
+# parallel, over the features a kernel produces; params over their width (FSDP) and, tensor
+# parallel, over heads, MLP and vocabulary.
+RULES: Rules = (
+    ("activation_batch", BATCH_AXES),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_vit_heads", None),
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
     ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", None),
-    ("kv_heads", None),
-    ("head_dim", None),
-    ("vocab", None),
-    ("norm", None),
-    ("layers", None),
-)
-
-# LLaMA / QLLaMA: FSDP over the width, tensor parallel over heads, MLP and vocabulary.
-TEXT_RULES: Rules = _ACTIVATIONS + (
-    ("act_heads", "tensor"),
-    ("act_mlp", "tensor"),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
     ("heads", "tensor"),
     ("kv_heads", "tensor"),
+    # InternViT's attention: its 25 heads divide badly over any tensor axis, so it is not tensor
+    # parallel, while its MLP (12800 = 2^9 * 25 wide) is.
+    ("vit_heads", None),
     ("head_dim", None),
+    ("mlp", "tensor"),
     ("vocab", "tensor"),
     ("norm", None),
     ("layers", None),
@@ -60,11 +53,35 @@ TEXT_RULES: Rules = _ACTIVATIONS + (
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Mesh axis sizes; one of them may be -1 for "all the devices the others leave"."""
+  """Mesh axis sizes, one of them may be -1 for "all the devices the others leave"; and the
+  logical-axis rules.
+
+  `rules` are searched before `RULES`, and the first rule for a name whose mesh axes the array
+  has not used yet wins (flax's order), so an override lists only what it changes, e.g.
+  `--set "train.mesh.rules=(('mlp', None),)"` keeps every MLP whole.
+  """
 
   data: int = -1
   fsdp: int = 1
   tensor: int = 1
+  rules: Rules = ()
+
+  def __post_init__(self):
+    vocabulary = [name for name, _ in RULES]
+    for name, axes in self.rules:
+      if name not in vocabulary:
+        raise ValueError(f"MeshConfig.rules: unknown logical axis {name!r}; the names are "
+                         f"{vocabulary}.")
+      named = (axes,) if isinstance(axes, str) else axes or ()
+      unknown = [a for a in named if a not in MESH_AXES]
+      if unknown:
+        raise ValueError(f"MeshConfig.rules: {name!r} maps to {unknown}, which are not mesh axes "
+                         f"{MESH_AXES}.")
+
+  @property
+  def logical_rules(self) -> Rules:
+    """The overrides, then the default table."""
+    return self.rules + RULES
 
   def shape(self, num_devices: int) -> tuple[int, int, int]:
     sizes = (self.data, self.fsdp, self.tensor)
@@ -156,21 +173,18 @@ def _mesh_size(mesh: Mesh, axes) -> int:
   return math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
 
 
-def param_shardings(abstract_params, mesh: Mesh, rules: Rules,
-                    subtree_rules: Sequence[tuple[str, Rules]] = ()):
+def param_shardings(abstract_params, mesh: Mesh, rules: Rules):
   """NamedShardings for a tree of boxed (`nn.Partitioned`) params, e.g. from `jax.eval_shape`.
 
-  A param uses the rules of the first `subtree_rules` regex that its '/'-joined path matches
-  (`re.search`), else `rules`: InternVL's vision and text towers shard differently. Unboxed leaves
-  are replicated. A sharded dimension must divide evenly; the error names the param to change.
+  Unboxed leaves are replicated. A sharded dimension must divide evenly; the error names the
+  param to change.
   """
   def sharding(path, leaf):
-    name = jax.tree_util.keystr(path, simple=True, separator="/")
-    leaf_rules = next((r for pattern, r in subtree_rules if re.search(pattern, name)), rules)
-    spec = nn.logical_to_mesh_axes(nn.get_partition_spec(leaf), leaf_rules)
+    spec = nn.logical_to_mesh_axes(nn.get_partition_spec(leaf), rules)
     shape = nn.meta.unbox(leaf).shape
     for dim, axes in zip(shape, spec):
       if axes is not None and dim % _mesh_size(mesh, axes):
+        name = jax.tree_util.keystr(path, simple=True, separator="/")
         raise ValueError(
             f"param {name} {tuple(shape)}: a dimension of {dim} cannot be split over mesh axes "
             f"{axes} ({_mesh_size(mesh, axes)} devices, mesh {dict(mesh.shape)}); change the mesh "
@@ -181,15 +195,14 @@ def param_shardings(abstract_params, mesh: Mesh, rules: Rules,
       sharding, abstract_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules, *args,
-                 subtree_rules: Sequence[tuple[str, Rules]] = ()):
+def sharded_init(init_fn: Callable, mesh: Mesh, rules: Rules, *args):
   """Runs `init_fn(*args)` (which returns boxed params) with every param created in its shards.
 
   `jax.eval_shape` finds the shapes and logical names without allocating; the jitted init then
   writes each device's shard directly, so no host ever holds a full copy. Returns the unboxed
   params and their shardings.
   """
-  shardings = param_shardings(jax.eval_shape(init_fn, *args), mesh, rules, subtree_rules)
+  shardings = param_shardings(jax.eval_shape(init_fn, *args), mesh, rules)
   params = jax.jit(lambda *a: nn.meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
   return params, shardings
 

@@ -127,7 +127,7 @@ def test_every_param_names_its_logical_axes():
   assert leaves and all(isinstance(x, nn.Partitioned) for x in leaves)
   specs = nn.get_partition_spec(variables)["params"]
   assert specs["blocks"]["attn"]["qkv"]["kernel"] == jax.sharding.PartitionSpec(
-      "layers", "embed", None, "heads", "head_dim")
+      "layers", "embed", None, "vit_heads", "head_dim")
   assert specs["blocks"]["mlp"]["fc1"]["kernel"] == jax.sharding.PartitionSpec("layers", "embed", "mlp")
 
 

@@ -76,7 +76,7 @@ def test_clip_loss_and_gradients_sharded_match_numpy(pairs, mesh, use_valid):
   logit_scale = np.float32(np.log(1 / 0.07))
   step = sharded_value_and_grad(
       lambda i, t, s: losses.clip_softmax_loss(i, t, s, valid=jnp.asarray(valid)), mesh, 3)
-  with sharding.sharding_context(mesh, sharding.TEXT_RULES):
+  with sharding.sharding_context(mesh, sharding.RULES):
     assert "sharding_constraint" in step.lower(image, text, logit_scale).as_text()
     (loss, metrics), grads = step(image, text, logit_scale)
   assert grads[0].sharding.spec == PartitionSpec(sharding.BATCH_AXES)
@@ -114,7 +114,7 @@ def test_sigmoid_loss_sharded_matches_numpy_and_single_device(pairs, mesh):
   scale, bias = np.float32(np.log(10.0)), np.float32(-10.0)
   step = sharded_value_and_grad(
       lambda i, t, s, b: losses.sigmoid_loss(i, t, s, b), mesh, 4)
-  with sharding.sharding_context(mesh, sharding.TEXT_RULES):
+  with sharding.sharding_context(mesh, sharding.RULES):
     (loss, _), grads = step(image, text, scale, bias)
   np.testing.assert_allclose(loss, sigmoid_reference(image, text, scale, bias), rtol=1e-5)
   (_, _), single = jax.value_and_grad(losses.sigmoid_loss, argnums=(0, 1, 2, 3), has_aux=True)(

@@ -9,9 +9,14 @@ import pytest
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from internvl_jax import losses, optim, sharding
-from internvl_jax.config import vision_preset
+from internvl_jax.config import chat_preset, internvl_preset, llama_preset, vision_preset
 from internvl_jax.models import layers
 from internvl_jax.models.intern_vit import InternViT
+from internvl_jax.models.llama import Llama
+from internvl_jax.stages.contrastive import ContrastiveStage
+from internvl_jax.stages.generative import GenerativeStage
+from internvl_jax.stages.sft import ChatStage
+from internvl_jax.train import config as config_lib
 
 VIT = vision_preset("tiny")  # width 64, 4 heads, MLP 256: every sharded dimension divides 8
 BATCH = 8
@@ -86,28 +91,62 @@ def test_distributed_initialize_runs_only_for_multi_process(monkeypatch):
   assert calls[-1] == {"num_processes": 2, "process_id": 1, "heartbeat_timeout_seconds": 15}
 
 
-def test_vision_and_text_rules_shard_intern_vit_params_differently():
+def boxed_llama_params(config=llama_preset("tiny")):
+  return jax.eval_shape(
+      lambda: Llama(config).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"])
+
+
+def test_one_vocabulary_shards_each_tower_by_role():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
-  tree = {"vision": boxed_vit_params(), "text": boxed_vit_params()}
-  got = specs(sharding.param_shardings(tree, mesh, sharding.VISION_RULES,
-                                       subtree_rules=(("^text/", sharding.TEXT_RULES),)))
-  vision, text = got["vision"]["blocks"], got["text"]["blocks"]
-  assert vision["attn"]["qkv"]["kernel"] == P(None, "fsdp", None, None, None)
-  assert text["attn"]["qkv"]["kernel"] == P(None, "fsdp", None, "tensor", None)
-  assert vision["attn"]["proj"]["kernel"] == P(None, None, None, "fsdp")
-  assert text["attn"]["proj"]["kernel"] == P(None, "tensor", None, "fsdp")
-  for blocks in (vision, text):
-    assert blocks["mlp"]["fc1"]["kernel"] == P(None, "fsdp", "tensor")
-    assert blocks["mlp"]["fc2"]["kernel"] == P(None, "tensor", "fsdp")
-    assert blocks["norm1"]["scale"] == P(None, None) and blocks["ls1"] == P(None, None)
-  assert got["vision"]["embeddings"]["pos_embed"] == P(None, None, "fsdp")
+  vit = specs(sharding.param_shardings(boxed_vit_params(), mesh, sharding.RULES))["blocks"]
+  llm = specs(sharding.param_shardings(boxed_llama_params(), mesh, sharding.RULES))["layers"]
+  # InternViT's attention is not tensor parallel; the LLM's is, over query and key/value heads.
+  assert vit["attn"]["qkv"]["kernel"] == P(None, "fsdp", None, None, None)
+  assert vit["attn"]["proj"]["kernel"] == P(None, None, None, "fsdp")
+  assert llm["self_attn"]["q_proj"]["kernel"] == P(None, "fsdp", "tensor", None)
+  assert llm["self_attn"]["k_proj"]["kernel"] == P(None, "fsdp", "tensor", None)
+  assert llm["self_attn"]["o_proj"]["kernel"] == P(None, "tensor", None, "fsdp")
+  # Both MLPs are.
+  assert vit["mlp"]["fc1"]["kernel"] == P(None, "fsdp", "tensor")
+  assert vit["mlp"]["fc2"]["kernel"] == P(None, "tensor", "fsdp")
+  assert llm["mlp"]["gate_proj"]["kernel"] == P(None, "fsdp", "tensor")
+  assert vit["norm1"]["scale"] == P(None, None) and vit["ls1"] == P(None, None)
+
+
+@pytest.mark.parametrize("stage", [
+    ContrastiveStage(internvl_preset("tiny")), GenerativeStage(internvl_preset("tiny")),
+    ChatStage(chat_preset("tiny-qllama"), max_len=64)], ids=["internvl_c", "internvl_g", "chat"])
+def test_every_param_axis_name_is_in_the_vocabulary(stage):
+  boxed = jax.eval_shape(stage.init, jax.random.key(0))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  used = {name for leaf in leaves if isinstance(leaf, nn.Partitioned) for name in leaf.names}
+  assert used - {None} <= {name for name, _ in sharding.RULES}
+
+
+def test_config_rules_override_the_table():
+  mesh = sharding.make_mesh(sharding.MeshConfig(data=2, fsdp=2, tensor=2))
+  config = config_lib.override(sharding.MeshConfig(data=2, fsdp=2, tensor=2),
+                               config_lib.parse_settings(["rules=(('mlp', None),)"]))  # --set
+  assert config.rules == (("mlp", None),)
+  blocks = specs(sharding.param_shardings(boxed_vit_params(), mesh, config.logical_rules))
+  assert blocks["blocks"]["mlp"]["fc1"]["kernel"] == P(None, "fsdp", None)
+  assert sharding.MeshConfig().logical_rules == sharding.RULES
+
+
+@pytest.mark.parametrize("rules, message", [
+    ((("act_mlp", None),), r"unknown logical axis 'act_mlp'"),
+    ((("mlp", "model"),), r"'mlp' maps to \['model'\], which are not mesh axes"),
+])
+def test_config_rules_must_name_known_axes(rules, message):
+  with pytest.raises(ValueError, match=message):
+    sharding.MeshConfig(rules=rules)
 
 
 def test_a_dimension_that_does_not_divide_names_the_param():
   mesh = sharding.make_mesh(sharding.MeshConfig(data=1, fsdp=8, tensor=1))
   odd = boxed_vit_params(vision_preset("tiny", hidden_size=36, num_heads=4, mlp_dim=72))
   with pytest.raises(ValueError, match=r"param blocks/.* 36 cannot be split over mesh axes fsdp"):
-    sharding.param_shardings(odd, mesh, sharding.VISION_RULES)
+    sharding.param_shardings(odd, mesh, sharding.RULES)
 
 
 def test_sharding_context_turns_logical_activation_names_into_constraints():
@@ -115,10 +154,10 @@ def test_sharding_context_turns_logical_activation_names_into_constraints():
   mlp = layers.Mlp(32)
   x = jnp.ones((8, 5, 16))
   params, _ = sharding.sharded_init(lambda key: mlp.init(key, x)["params"], mesh,
-                                    sharding.TEXT_RULES, jax.random.key(0))
+                                    sharding.RULES, jax.random.key(0))
   forward = jax.jit(lambda p, x: mlp.apply({"params": p}, x))
   assert "sharding_constraint" not in forward.lower(params, x).as_text()
-  with sharding.sharding_context(mesh, sharding.TEXT_RULES):
+  with sharding.sharding_context(mesh, sharding.RULES):
     hlo = forward.lower(params, x).as_text()
   assert '[{"data", "fsdp"}, {}, {"tensor"}]' in hlo
 
@@ -172,15 +211,12 @@ def training():
               new_params=new_params, loss=loss)
 
 
-@pytest.mark.parametrize("mesh_shape, rules", [
-    ((8, 1, 1), sharding.VISION_RULES),
-    ((1, 8, 1), sharding.VISION_RULES),
-    ((2, 2, 2), sharding.TEXT_RULES),  # the MLP and the 4 heads split over "tensor"
-], ids=["data8", "fsdp8", "data2-fsdp2-tensor2"])
-def test_sharded_train_step_matches_one_device(training, mesh_shape, rules):
+@pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (1, 8, 1), (2, 2, 2)],
+                         ids=["data8", "fsdp8", "data2-fsdp2-tensor2"])
+def test_sharded_train_step_matches_one_device(training, mesh_shape):
   mesh = sharding.make_mesh(sharding.MeshConfig(*mesh_shape))
   tx, mask = training["tx"], training["mask"]
-  params, shardings = sharding.sharded_init(init_fn, mesh, rules, jax.random.key(0))
+  params, shardings = sharding.sharded_init(init_fn, mesh, sharding.RULES, jax.random.key(0))
   jax.tree.map(np.testing.assert_array_equal, params, training["params"])
   trainable_shardings = optim.partition(shardings, mask)[0]
   opt_state, state_shardings = sharding.sharded_opt_init(
@@ -190,7 +226,7 @@ def test_sharded_train_step_matches_one_device(training, mesh_shape, rules):
   step = jax.jit(make_train_step(tx, mask),
                  in_shardings=(shardings, state_shardings, batch, batch),
                  out_shardings=(shardings, state_shardings, NamedSharding(mesh, P())))
-  with sharding.sharding_context(mesh, rules):  # the models' activation constraints apply
+  with sharding.sharding_context(mesh, sharding.RULES):  # the models' constraints apply
     new_params, new_state, loss = step(params, opt_state, training["pixels"], training["text"])
 
   np.testing.assert_allclose(loss, training["loss"], atol=1e-5, rtol=1e-5)

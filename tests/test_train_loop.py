@@ -146,7 +146,7 @@ def test_sigterm_saves_the_current_step_and_the_run_resumes(reference, subproces
 def test_a_checkpoint_restores_onto_another_mesh(reference, mesh):
   checkpoints = Checkpoints(os.path.join(reference["workdir"], loop.CHECKPOINT_DIR))
   factory = StateFactory(train_fixtures.tiny_config().stage, train_fixtures.OPTIMIZER,
-                         sharding.make_mesh(mesh))
+                         sharding.make_mesh(mesh), mesh.logical_rules)
   state, _ = checkpoints.restore(STEPS, factory.abstract())
   checkpoints.close()
   jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, state.params),

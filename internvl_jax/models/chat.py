@@ -93,7 +93,8 @@ class Projector(nn.Module):
     if self.norm_eps is not None:
       x = layers.make_norm("layer_norm", self.norm_eps, self.dtype, "norm")(x)
     h = layers.dense(self.out_dim, ("embed", "mlp"), dtype=self.dtype, name="linear_1")(x)
-    h = layers.constrain(nn.gelu(h, approximate=False), ("act_batch", "act_len", "act_mlp"))
+    h = layers.constrain(nn.gelu(h, approximate=False),
+                         ("activation_batch", "activation_length", "activation_mlp"))
     return layers.dense(self.out_dim, ("mlp", "embed"), dtype=self.dtype, name="linear_2")(h)
 
 

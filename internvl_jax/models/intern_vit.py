@@ -15,7 +15,7 @@ from internvl_jax.config import VisionConfig
 from internvl_jax.models import layers
 from internvl_jax.models.interpolate import resize_pos_embed
 
-ACTIVATION = ("act_batch", "act_len", "act_embed")
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 @flax.struct.dataclass

@@ -98,6 +98,19 @@ class Dense(nn.Module):
     return y
 
 
+class Embed(nn.Embed):
+  """nn.Embed whose lookup reads the table with its width whole (its vocabulary still split).
+
+  FSDP splits the table's width; a lookup from such rows gives width-split activations, which
+  XLA can turn into the batch-split ones the layers take only by replicating them. Gathering the
+  width first is what FSDP does for every kernel. Same params and values as nn.Embed.
+  """
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    table = constrain(self.embedding, ("vocab", None))
+    return jnp.take(table, inputs, axis=0).astype(self.dtype)
+
+
 def dense(features, names, *, axis=-1, use_bias=True, dtype=jnp.float32, name=None) -> Dense:
   """A Dense layer whose kernel and bias carry logical axis names (kernel names: inputs then outputs)."""
   features = features if isinstance(features, tuple) else (features,)
@@ -147,7 +160,8 @@ class SelfAttention(nn.Module):
 
   The fused kernel has shape (embed, 3, heads, head_dim): the output layout of the reference's
   `qkv` Linear, so conversion is a reshape. QK-norm normalizes q and k over all heads jointly
-  (the whole embed width) before they are split into heads, as InternViT-6B does.
+  (the whole embed width) before they are split into heads, as InternViT-6B does. Its heads are
+  InternViT's ("vit_heads"), which shard unlike the LLMs' (`sharding.RULES`).
   """
 
   num_heads: int
@@ -160,16 +174,16 @@ class SelfAttention(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     batch, length, width = x.shape
-    qkv = dense((3, self.num_heads, self.head_dim), ("embed", None, "heads", "head_dim"),
+    qkv = dense((3, self.num_heads, self.head_dim), ("embed", None, "vit_heads", "head_dim"),
                 use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
     if self.qk_norm:
       full_width = (batch, length, self.num_heads * self.head_dim)
       q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q.reshape(full_width)).reshape(q.shape)
       k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k.reshape(full_width)).reshape(k.shape)
-    q = constrain(q, ("act_batch", "act_len", "act_heads", None))
+    q = constrain(q, ("activation_batch", "activation_length", "activation_vit_heads", None))
     out = dot_product_attention(q, k, v, mask)
-    return dense(width, ("heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
+    return dense(width, ("vit_heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
                  name="proj")(out)
 
 
@@ -207,10 +221,12 @@ class Attention(nn.Module):
 
   def query(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
     q = self._rotate(self.q_proj(x), positions)
-    return constrain(q, ("act_batch", "act_len", "act_heads", None))
+    return constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
   def keys_values(self, x: jax.Array, positions: jax.Array | None = None):
-    return self._rotate(self.k_proj(x), positions), self.v_proj(x)
+    names = ("activation_batch", "activation_length", "activation_kv_heads", None)
+    return (constrain(self._rotate(self.k_proj(x), positions), names),
+            constrain(self.v_proj(x), names))
 
   def attend(self, q, k, v, mask=None) -> jax.Array:
     return self.o_proj(dot_product_attention(q, k, v, mask))
@@ -234,7 +250,8 @@ class Mlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     h = dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
-    h = constrain(nn.gelu(h, approximate=False), ("act_batch", "act_len", "act_mlp"))
+    h = constrain(nn.gelu(h, approximate=False),
+                  ("activation_batch", "activation_length", "activation_mlp"))
     return dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
 
 
@@ -250,7 +267,7 @@ class GatedMlp(nn.Module):
     proj = functools.partial(dense, use_bias=False, dtype=self.dtype)
     gate = proj(self.hidden_dim, ("embed", "mlp"), name="gate_proj")(x)
     up = proj(self.hidden_dim, ("embed", "mlp"), name="up_proj")(x)
-    h = constrain(nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+    h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
     return proj(width, ("mlp", "embed"), name="down_proj")(h)
 
 

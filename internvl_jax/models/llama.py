@@ -20,7 +20,7 @@ import numpy as np
 from internvl_jax.config import LlamaConfig
 from internvl_jax.models import layers
 
-ACTIVATION = ("act_batch", "act_len", "act_embed")
+ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
 
 @flax.struct.dataclass
@@ -124,9 +124,9 @@ class DecoderLayer(nn.Module):
 
 def token_embedding(config: LlamaConfig) -> nn.Embed:
   """The `embed_tokens` table (create it in `setup` or a compact method, like `lm_head`)."""
-  return nn.Embed(config.vocab_size, config.hidden_size, dtype=config.compute_dtype,
-                  name="embed_tokens",
-                  embedding_init=layers.logical_param(nn.initializers.normal(0.02), ("vocab", "embed")))
+  return layers.Embed(
+      config.vocab_size, config.hidden_size, dtype=config.compute_dtype, name="embed_tokens",
+      embedding_init=layers.logical_param(nn.initializers.normal(0.02), ("vocab", "embed")))
 
 
 def lm_head(config: LlamaConfig) -> layers.Dense | None:
@@ -139,7 +139,9 @@ def lm_head(config: LlamaConfig) -> layers.Dense | None:
 
 def lm_logits(x: jax.Array, embed: nn.Embed, head: layers.Dense | None) -> jax.Array:
   """float32 logits from `lm_head`, or from the embedding when tied (`head` None)."""
-  return (embed.attend(x) if head is None else head(x)).astype(jnp.float32)
+  logits = embed.attend(x) if head is None else head(x)
+  logits = layers.constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+  return logits.astype(jnp.float32)
 
 
 def head_kernel(config: LlamaConfig, params: dict) -> jax.Array:

@@ -1,1 +1,1 @@
-"""What differs per training stage: model, loss, sharding rules, FLOPs (see `train.stage.Stage`)."""
+"""What differs per training stage: model, loss, FLOPs (see `train.stage.Stage`)."""

@@ -12,16 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import flops, losses, sharding
+from internvl_jax import flops, losses
 from internvl_jax.config import InternVLConfig, LlamaConfig, VisionConfig
 from internvl_jax.models import internvl, qllama
 from internvl_jax.models.internvl import InternVLC
 from internvl_jax.train import warm_start
-
-# The vision tower (and its pooling head) and the LLaMA tower shard differently (sharding.py).
-_SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
-                  ("^clip_projector/", sharding.VISION_RULES),
-                  ("^text_model/", sharding.TEXT_RULES))
 
 # Paper stage 1: peak lr 1e-3 for the image encoder, 1e-4 for the text encoder (both heads go
 # with their tower; the temperature with the image side).
@@ -36,9 +31,6 @@ class ContrastiveStage:
   text_len: int = 80  # tokens per caption, BOS and EOS included
   keep_fraction: float = 1.0  # FLIP: the share of patch tokens kept in training
   max_logit_scale: float | None = float(np.log(100.0))
-
-  rules = sharding.VISION_RULES
-  subtree_rules = _SUBTREE_RULES
 
   def __post_init__(self):
     self.model.require_variant("C", "ContrastiveStage")

@@ -26,16 +26,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import flops, losses, sharding
+from internvl_jax import flops, losses
 from internvl_jax.config import InternVLConfig
 from internvl_jax.data.tokenizer import IGNORE_LABEL
 from internvl_jax.models import internvl, llama, qllama
 from internvl_jax.models.internvl import InternVLG
 from internvl_jax.train import warm_start
-
-_SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
-                  ("^clip_projector/", sharding.VISION_RULES),
-                  ("^(qllama|clip_projector2|itm_head)/", sharding.TEXT_RULES))
 
 # The params stage 2 trains (spec 4.2); every other param is frozen.
 TRAINABLE_PARAMS = (r"^qllama/query_tokens$|^qllama/layers/[^/]+/cross_attn/|^clip_projector2/|"
@@ -50,9 +46,6 @@ class GenerativeStage:
   backbone_itc: bool = False  # also ITC of InternVL-C's image embedding (see above)
   # ITG scores this many vocabulary columns at a time (`losses.chunked_lm_example_losses`).
   loss_block_size: int = 8192
-
-  rules = sharding.VISION_RULES
-  subtree_rules = _SUBTREE_RULES
 
   @property
   def input_size(self) -> int:

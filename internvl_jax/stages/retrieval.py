@@ -34,16 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import flops, losses, optim, sharding
+from internvl_jax import flops, losses, optim
 from internvl_jax.config import InternVLConfig
 from internvl_jax.models import internvl
 from internvl_jax.models.internvl import InternVLG, l2_normalize
 from internvl_jax.models.interpolate import resize_pos_embed
 from internvl_jax.train import warm_start
-
-_SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
-                  ("^clip_projector/", sharding.VISION_RULES),
-                  ("^(qllama|clip_projector2|itm_head)/", sharding.TEXT_RULES))
 
 # QLLaMA's pass: the negative ITM texts, the positive ITM texts, the ITC texts.
 _MODES = ("itm", "itm", "itc")
@@ -85,9 +81,6 @@ class RetrievalStage:
   text_len: int = 80  # tokens per text, BOS and EOS (and "summarize:") included
   multi_positive: bool = True  # batches carry "image_id"; False: one caption per image
   max_logit_scale: float | None = None
-
-  rules = sharding.VISION_RULES
-  subtree_rules = _SUBTREE_RULES
 
   @property
   def input_size(self) -> int:

@@ -19,16 +19,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax import flops, losses, sharding
+from internvl_jax import flops, losses
 from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
 from internvl_jax.data import templates
 from internvl_jax.data.tokenizer import IGNORE_LABEL, IMAGE_TOKENS
 from internvl_jax.models import llama
 from internvl_jax.models.chat import InternVLChat
 from internvl_jax.train import warm_start
-
-_SUBTREE_RULES = (("^vision_model/", sharding.VISION_RULES),
-                  ("^(mlp1|mlp2|qllama|language_model)/", sharding.TEXT_RULES))
 
 # v1.0 step 1 trains the projector(s) only; step 2 the projector(s) and the LLM.
 PROJECTOR_PARAMS = r"^mlp[12]/"
@@ -48,9 +45,6 @@ class ChatStage:
   max_tiles: int = 1  # 1: each image resized to one tile; more: dynamic tiling + thumbnail
   train_llm: bool = True
   loss_block_size: int = 8192  # (tokens, 8192) float32 logits at a time, not (tokens, vocab)
-
-  rules = sharding.VISION_RULES
-  subtree_rules = _SUBTREE_RULES
 
   def __post_init__(self):
     if self.template not in templates.TEMPLATES:

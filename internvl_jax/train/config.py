@@ -24,10 +24,10 @@ class TrainConfig:
   micro-batches (exact for whole-batch losses, see `train/step.py`).
   """
 
-  stage: Any  # a `train.stage.Stage`: model, loss, rules, FLOPs
+  stage: Any  # a `train.stage.Stage`: model, loss, FLOPs
   optimizer: OptimizerConfig
   global_batch_size: int
-  mesh: sharding.MeshConfig = sharding.MeshConfig()
+  mesh: sharding.MeshConfig = sharding.MeshConfig()  # and the logical-axis rules
   accum_steps: int = 1
   steps: int | None = None  # None: optimizer.total_steps
   seed: int = 0

@@ -38,7 +38,8 @@ class Trainer:
     self.config = config
     self.mesh = sharding.make_mesh(config.mesh, devices)
     config_lib.check_batch(config, self.mesh.shape)
-    self.factory = StateFactory(config.stage, config.optimizer, self.mesh)
+    self.factory = StateFactory(config.stage, config.optimizer, self.mesh,
+                                config.mesh.logical_rules)
     config_lib.check_patterns(config.optimizer, self.factory.abstract_params)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     trainable_shardings = optim.partition(self.factory.param_shardings, self.factory.mask)[0]
@@ -49,7 +50,7 @@ class Trainer:
 
   def context(self):
     """The mesh and activation rules the models' sharding constraints read when tracing."""
-    return sharding.sharding_context(self.mesh, self.config.stage.rules)
+    return sharding.sharding_context(self.mesh, self.config.mesh.logical_rules)
 
   def abstract_batch(self):
     abstract = self.config.stage.abstract_batch(self.config.global_batch_size)

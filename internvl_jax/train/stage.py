@@ -1,4 +1,7 @@
-"""What a training stage provides to the trainer: model, loss, sharding rules, FLOPs.
+"""What a training stage provides to the trainer: model, loss, FLOPs.
+
+Sharding is not a stage's: every model names its axes in one vocabulary, which `sharding.RULES`
+(and a config's `MeshConfig.rules`) maps to the mesh.
 
 The loss is split in two so that gradient accumulation is exact for losses over the whole batch
 (contrastive): `encode` maps a (micro-)batch to per-example features, `loss` maps the features
@@ -11,16 +14,11 @@ from typing import Any, Protocol
 import jax
 import numpy as np
 
-from internvl_jax import sharding
-
 Batch = dict[str, jax.Array]
 
 
 class Stage(Protocol):
   """A hashable (frozen dataclass) description of one stage, used as a static jit argument."""
-
-  rules: sharding.Rules  # activation rules, and param rules where `subtree_rules` match nothing
-  subtree_rules: tuple[tuple[str, sharding.Rules], ...]  # per-tower param rules, first match wins
 
   def init(self, rng: jax.Array) -> Any:
     """Fresh params, boxed (`nn.Partitioned`) with their logical axis names."""

@@ -33,15 +33,17 @@ def split_seed(seed: int) -> tuple[jax.Array, jax.Array]:
 
 
 class StateFactory:
-  """Shapes, shardings and initialization of the state for one stage, optimizer and mesh."""
+  """Shapes, shardings and initialization of the state for one stage, optimizer, mesh and
+  logical-axis rules."""
 
-  def __init__(self, stage, optimizer_config: optim.OptimizerConfig, mesh: Mesh):
+  def __init__(self, stage, optimizer_config: optim.OptimizerConfig, mesh: Mesh,
+               rules: sharding.Rules):
     self.stage, self.mesh = stage, mesh
     self.tx = optim.make_optimizer(optimizer_config)
     boxed = jax.eval_shape(stage.init, jax.random.key(0))
     self.abstract_params = nn.meta.unbox(boxed)
     self.mask = optim.trainable_mask(optimizer_config, self.abstract_params)
-    self.param_shardings = sharding.param_shardings(boxed, mesh, stage.rules, stage.subtree_rules)
+    self.param_shardings = sharding.param_shardings(boxed, mesh, rules)
     trainable = optim.partition(self.abstract_params, self.mask)[0]
     opt_shardings = sharding.opt_state_shardings(
         self.tx, trainable, optim.partition(self.param_shardings, self.mask)[0], mesh)

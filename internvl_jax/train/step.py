@@ -27,7 +27,7 @@ def split_micro_batches(batch, num: int):
   """
   def split(x):
     x = x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
-    return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+    return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
   return jax.tree.map(split, batch)
 
 
@@ -35,7 +35,7 @@ def merge_micro_batches(tree):
   """(num, micro, ...) -> (num * micro, ...): micro-batch major (a fixed permutation of rows)."""
   def merge(x):
     x = x.reshape((-1,) + x.shape[2:])
-    return nn.with_logical_constraint(x, ("act_batch",) + (None,) * (x.ndim - 1))
+    return nn.with_logical_constraint(x, ("activation_batch",) + (None,) * (x.ndim - 1))
   return jax.tree.map(merge, tree)
 
 
@@ -43,7 +43,7 @@ def unmerge_micro_batches(tree, num: int):
   """The inverse of `merge_micro_batches`."""
   def unmerge(x):
     x = x.reshape((num, -1) + x.shape[1:])
-    return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+    return nn.with_logical_constraint(x, (None, "activation_batch") + (None,) * (x.ndim - 2))
   return jax.tree.map(unmerge, tree)
 
 
