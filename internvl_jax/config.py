@@ -106,9 +106,60 @@ def vision_preset(name: str, **overrides) -> VisionConfig:
   return VISION_PRESETS[name].replace(**overrides)
 
 
+ROPE_SCALING_KINDS = ("linear", "dynamic", "longrope")
+ROPE_LENGTHS = ("positions", "keys")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """How rotary positions stretch past the pretraining length (chat spec 2.1-2.3).
+
+  "linear"   positions are divided by `factor` (InternLM2, transformers).
+  "dynamic"  NTK-aware: for a sequence of L > `original_max_positions` tokens the base becomes
+             base * (factor * L / original_max_positions - (factor - 1))**(d / (d - 2)), d the
+             head dim (InternLM2.5, InternVL3's Qwen2.5, transformers).
+  "longrope" Phi-3's "su": frequency i is divided by `short_factor[i]` while L <=
+             `original_max_positions`, else by `long_factor[i]`, and cos and sin are scaled by
+             sqrt(1 + ln(factor) / ln(original_max_positions)) (1 when factor <= 1), `factor`
+             being the context extension max_position_embeddings / original_max_positions.
+  `length` says what L is: "positions" is the largest position in the batch plus one
+  (transformers' dynamic and longrope, Phi-3's su); "keys" the number of key slots including the
+  cache and any padding (InternLM2's dynamic NTK, which passes its kv_seq_len). Keys already in a
+  KV cache keep the rotation they were written with, as both references' caches do.
+  """
+
+  kind: str
+  factor: float = 1.0
+  original_max_positions: int = 0  # dynamic: max_position_embeddings; longrope: the original one
+  length: str = "positions"
+  short_factor: tuple[float, ...] = ()  # longrope: one divisor per frequency (head_dim / 2)
+  long_factor: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    _check_choice("rope_scaling.kind", self.kind, ROPE_SCALING_KINDS)
+    _check_choice("rope_scaling.length", self.length, ROPE_LENGTHS)
+    # Lists from config.json become tuples, so that the config stays hashable (a static jit arg).
+    for field in ("short_factor", "long_factor"):
+      object.__setattr__(self, field, tuple(float(f) for f in getattr(self, field)))
+    longrope = self.kind == "longrope"
+    if not (self.factor > 0 if longrope else self.factor >= 1):
+      raise ValueError(f"RopeScaling: {self.kind} factor {self.factor} must be "
+                       f"{'> 0' if longrope else '>= 1'}.")
+    if self.kind != "linear" and self.original_max_positions < 1:
+      raise ValueError(f"RopeScaling: {self.kind} scaling needs original_max_positions (the length "
+                       "it scales beyond).")
+    if longrope != bool(self.short_factor and self.long_factor):
+      raise ValueError(f"RopeScaling: short_factor and long_factor are "
+                       f"{'needed' if longrope else 'only'} for longrope scaling.")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """LLaMA decoder hyper-parameters (spec section 2.1), named after their config.json fields."""
+  """LLaMA-family decoder hyper-parameters (spec section 2.1), named after their config.json fields.
+
+  One decoder serves LLaMA / Yi / LLaMA-3, InternLM2 / 2.5, Qwen2 / 2.5 and Phi-3 (chat spec 2):
+  the families differ only in the fields (q/k/v biases, RoPE base and scaling, tied head, sizes).
+  """
 
   vocab_size: int = 49954
   hidden_size: int = 4096
@@ -119,6 +170,8 @@ class LlamaConfig:
   norm_eps: float = 1e-6
   max_positions: int = 2048
   rope_base: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2), none on o
   tie_embeddings: bool = False
   bos_id: int = 1
   eos_id: int = 2
@@ -138,6 +191,12 @@ class LlamaConfig:
           f"{self.num_kv_heads} (each key/value head serves a whole group of query heads).")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for rotary embeddings.")
+    scaling = self.rope_scaling
+    if scaling is not None and scaling.kind == "longrope":
+      for field in ("short_factor", "long_factor"):
+        if len(getattr(scaling, field)) != self.head_dim // 2:
+          raise ValueError(f"LlamaConfig: rope_scaling.{field} has {len(getattr(scaling, field))} "
+                           f"factors; head_dim {self.head_dim} has {self.head_dim // 2} frequencies.")
     for field in ("bos_id", "eos_id", "pad_id"):
       if not 0 <= getattr(self, field) < self.vocab_size:
         raise ValueError(f"LlamaConfig: {field}={getattr(self, field)} is outside the vocabulary "
