@@ -7,6 +7,9 @@ scaling threshold: logits of right-padded batches below and above it, and greedy
 the KV cache that crosses it.
 """
 
+import functools
+
+import jax
 import numpy as np
 import pytest
 import torch
@@ -15,7 +18,6 @@ import transformers
 from internvl_jax import generate
 from internvl_jax.config import LlamaConfig, RopeScaling
 from internvl_jax.models import llama
-from internvl_jax.models import layers
 import internlm2_reference
 from llama_fixtures import random_params
 
@@ -181,6 +183,37 @@ def mask_positions(mask):
   return np.where(mask, np.cumsum(mask, axis=1) - 1, 1)
 
 
+def left_padded(tokens, mask):
+  """The right-padded rows moved to the right end (transformers generates from left padding)."""
+  shift = mask.shape[1] - mask.sum(axis=1)
+  return (np.stack([np.roll(row, s) for row, s in zip(tokens, shift)]),
+          np.stack([np.roll(row, s) for row, s in zip(mask, shift)]))
+
+
+def reference_greedy(family, tokens, mask, steps):
+  """The reference's greedy tokens (EOS never chosen) and the logits that chose each, decoding one
+  token per call over its own cache, with positions and mask as transformers' generate makes."""
+  model = reference(family)
+  tokens, mask = left_padded(tokens, mask)
+  logits, past = reference_step(model, tokens, mask, mask_positions(mask), None)
+  chosen, chosen_by = [], []
+  for step in range(steps):
+    last = logits[:, -1]
+    token = np.argmax(np.where(np.arange(last.shape[-1]) == FAMILIES[family].eos_id, -np.inf, last),
+                      axis=-1)
+    chosen.append(token)
+    chosen_by.append(last)
+    if step + 1 < steps:
+      mask = np.concatenate([mask, np.ones((len(token), 1), bool)], axis=1)
+      logits, past = reference_step(model, token[:, None], mask, mask.sum(1, keepdims=True) - 1, past)
+  return np.stack(chosen, axis=1), np.stack(chosen_by, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(config, params, tokens, mask, cache=None):
+  return llama.Llama(config).apply({"params": params}, tokens, mask, cache=cache)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("lengths, width", [
     ((12, 7), 12),  # below the threshold
@@ -191,5 +224,49 @@ def test_logits_match_the_reference(family, lengths, width):
   config = FAMILIES[family]
   tokens, mask = batch(lengths, width)
   theirs, _ = reference_step(reference(family), tokens, mask, mask_positions(mask), None)
-  ours = llama.Llama(config).apply({"params": random_params(config)}, tokens, mask).logits
+  ours = forward(config, random_params(config), tokens, mask).logits
   np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2-tied-dynamic", "phi3-longrope",
+                                    "internlm2-dynamic"])
+def test_greedy_decoding_across_the_threshold_matches_the_reference(family):
+  # Prompts of 28 and 20 tokens and 8 new ones: the longer row passes position 32 at step 5. Keys
+  # already cached keep the rotation they were written with, on both sides. (transformers' Phi3
+  # `generate` would instead drop its cache once at the crossing and rerun the prompt with the
+  # long factors; InternVL's Phi-3 code and the model's own cached steps do not.)
+  config, steps = FAMILIES[family], 8
+  params = random_params(config)
+  tokens, mask = batch((28, 20), 28)
+  theirs, their_logits = reference_greedy(family, tokens, mask, steps)
+  ours = generate.greedy_search(generate.LlamaDecoder(config), params, tokens, mask,
+                                max_new_tokens=steps, min_new_tokens=steps, eos_id=config.eos_id,
+                                pad_id=config.pad_id)
+  np.testing.assert_array_equal(ours, theirs)
+
+  out = forward(config, params, tokens, mask, llama.init_cache(config, 2, 28 + steps))
+  our_logits = [out.logits[np.arange(2), mask.sum(axis=1) - 1]]
+  for step in range(steps - 1):
+    out = forward(config, params, theirs[:, step:step + 1], np.ones((2, 1), bool), out.cache)
+    our_logits.append(out.logits[:, 0])
+  np.testing.assert_allclose(np.stack(our_logits, axis=1), their_logits, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_scaling_lists_become_tuples_and_bad_fields_give_clear_errors():
+  scaling = RopeScaling("longrope", 4.0, 32, short_factor=[1] * 8, long_factor=list(LONG_FACTOR))
+  assert scaling.short_factor == (1.0,) * 8 and hash(FAMILIES["phi3-longrope"].replace(rope_scaling=scaling))
+  with pytest.raises(ValueError, match="rope_scaling.kind='ntk' is not one of"):
+    RopeScaling("ntk", 2.0)
+  with pytest.raises(ValueError, match="rope_scaling.length='queries' is not one of"):
+    RopeScaling("dynamic", 2.0, 32, length="queries")
+  with pytest.raises(ValueError, match="linear factor 0.5 must be >= 1"):
+    RopeScaling("linear", 0.5)
+  with pytest.raises(ValueError, match="dynamic scaling needs original_max_positions"):
+    RopeScaling("dynamic", 2.0)
+  with pytest.raises(ValueError, match="short_factor and long_factor are needed for longrope"):
+    RopeScaling("longrope", 4.0, 32, short_factor=SHORT_FACTOR)
+  with pytest.raises(ValueError, match="short_factor and long_factor are only for longrope"):
+    RopeScaling("dynamic", 2.0, 32, short_factor=SHORT_FACTOR, long_factor=LONG_FACTOR)
+  with pytest.raises(ValueError, match="short_factor has 4 factors; head_dim 16 has 8 frequencies"):
+    LlamaConfig(**TINY, rope_scaling=RopeScaling("longrope", 4.0, 32, short_factor=(1.0,) * 4,
+                                                 long_factor=LONG_FACTOR))
