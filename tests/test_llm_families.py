@@ -17,6 +17,8 @@ import transformers
 
 from internvl_jax import generate
 from internvl_jax.config import LlamaConfig, RopeScaling
+from internvl_jax.convert import llama_layouts
+from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.models import llama
 import internlm2_reference
 from llama_fixtures import random_params
@@ -270,3 +272,20 @@ def test_rope_scaling_lists_become_tuples_and_bad_fields_give_clear_errors():
   with pytest.raises(ValueError, match="short_factor has 4 factors; head_dim 16 has 8 frequencies"):
     LlamaConfig(**TINY, rope_scaling=RopeScaling("longrope", 4.0, 32, short_factor=(1.0,) * 4,
                                                  long_factor=LONG_FACTOR))
+
+
+@pytest.mark.parametrize("family", ["qwen2-tied-dynamic", "qwen2-untied"])
+def test_qwen2_checkpoints_convert_both_ways(family, tmp_path):
+  config = FAMILIES[family]
+  params = random_params(config)
+  export_pytorch(config, params, str(tmp_path), layout=llama_layouts.QWEN2)
+  theirs, info = transformers.Qwen2ForCausalLM.from_pretrained(
+      str(tmp_path), output_loading_info=True, attn_implementation="eager")
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  tokens, mask = batch((40, 25), 40)
+  logits, _ = reference_step(theirs.eval(), tokens, mask, mask_positions(mask), None)
+  np.testing.assert_allclose(forward(config, params, tokens, mask).logits[mask], logits[mask],
+                             atol=1e-5, rtol=1e-5)
+  loaded_config, loaded = import_pytorch(str(tmp_path))
+  assert loaded_config == config
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
