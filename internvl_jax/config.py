@@ -125,7 +125,10 @@ class RopeScaling:
   `length` says what L is: "positions" is the largest position in the batch plus one
   (transformers' dynamic and longrope, Phi-3's su); "keys" the number of key slots including the
   cache and any padding (InternLM2's dynamic NTK, which passes its kv_seq_len). Keys already in a
-  KV cache keep the rotation they were written with, as both references' caches do.
+  KV cache keep the rotation they were written with, as both references' caches do. Both
+  references' dynamic NTK also keeps state between calls (InternLM2's never shrinks back,
+  transformers' resets below the original length); here each call computes from its own length,
+  which is the same over one growing sequence: a prompt, then its decoding steps.
   """
 
   kind: str

@@ -61,7 +61,8 @@ def _linear(kernel, inputs=1):
 
 
 def _layer(params, i):
-  return {"attn": {k: {n: w[i] for n, w in v.items()} for k, v in params["layers"]["self_attn"].items()},
+  attention = params["layers"]["self_attn"]
+  return {"attn": {k: {n: w[i] for n, w in v.items()} for k, v in attention.items()},
           "mlp": {k: v["kernel"][i] for k, v in params["layers"]["mlp"].items()},
           "norm1": params["layers"]["input_layernorm"]["scale"][i],
           "norm2": params["layers"]["post_attention_layernorm"]["scale"][i]}
@@ -72,7 +73,8 @@ def transformers_state(config, params, fused):
   tensor = lambda a: torch.from_numpy(np.array(a))
   embedding = tensor(params["embed_tokens"]["embedding"])
   state = {"model.embed_tokens.weight": embedding, "model.norm.weight": tensor(params["norm"]["scale"]),
-           "lm_head.weight": embedding if config.tie_embeddings else _linear(params["lm_head"]["kernel"])}
+           "lm_head.weight": (embedding if config.tie_embeddings
+                              else _linear(params["lm_head"]["kernel"]))}
   for i in range(config.num_layers):
     layer, prefix = _layer(params, i), f"model.layers.{i}."
     attn, mlp = layer["attn"], layer["mlp"]
@@ -107,7 +109,8 @@ def internlm2_state(config, params):
     q, k, v = (_linear(attn[f"{n}_proj"]["kernel"]).reshape(kv, -1, HEAD_DIM, config.hidden_size)
                for n in "qkv")
     assert q.shape[1] == groups
-    state[prefix + "attention.wqkv.weight"] = torch.cat([q, k, v], dim=1).reshape(-1, config.hidden_size)
+    wqkv = torch.cat([q, k, v], dim=1).reshape(-1, config.hidden_size)
+    state[prefix + "attention.wqkv.weight"] = wqkv
     state[prefix + "attention.wo.weight"] = _linear(attn["o_proj"]["kernel"], inputs=2)
     for ours, theirs in (("gate", "w1"), ("up", "w3"), ("down", "w2")):
       state[prefix + f"feed_forward.{theirs}.weight"] = _linear(mlp[f"{ours}_proj"])
@@ -256,7 +259,8 @@ def test_greedy_decoding_across_the_threshold_matches_the_reference(family):
 
 def test_rope_scaling_lists_become_tuples_and_bad_fields_give_clear_errors():
   scaling = RopeScaling("longrope", 4.0, 32, short_factor=[1] * 8, long_factor=list(LONG_FACTOR))
-  assert scaling.short_factor == (1.0,) * 8 and hash(FAMILIES["phi3-longrope"].replace(rope_scaling=scaling))
+  assert scaling.short_factor == (1.0,) * 8
+  assert hash(FAMILIES["phi3-longrope"].replace(rope_scaling=scaling))
   with pytest.raises(ValueError, match="rope_scaling.kind='ntk' is not one of"):
     RopeScaling("ntk", 2.0)
   with pytest.raises(ValueError, match="rope_scaling.length='queries' is not one of"):
@@ -274,18 +278,38 @@ def test_rope_scaling_lists_become_tuples_and_bad_fields_give_clear_errors():
                                                  long_factor=LONG_FACTOR))
 
 
-@pytest.mark.parametrize("family", ["qwen2-tied-dynamic", "qwen2-untied"])
-def test_qwen2_checkpoints_convert_both_ways(family, tmp_path):
+@pytest.mark.parametrize("family, layout, model_class", [
+    ("qwen2-tied-dynamic", llama_layouts.QWEN2, transformers.Qwen2ForCausalLM),
+    ("qwen2-untied", llama_layouts.QWEN2, transformers.Qwen2ForCausalLM),
+    ("phi3-longrope", llama_layouts.PHI3, transformers.Phi3ForCausalLM),  # fused qkv / gate_up
+])
+def test_checkpoints_convert_both_ways(family, layout, model_class, tmp_path):
   config = FAMILIES[family]
   params = random_params(config)
-  export_pytorch(config, params, str(tmp_path), layout=llama_layouts.QWEN2)
-  theirs, info = transformers.Qwen2ForCausalLM.from_pretrained(
+  # Blocks of two rows, so that each part of a fused tensor spans several blocks.
+  export_pytorch(config, params, str(tmp_path), layout=layout, block_bytes=512)
+  theirs, info = model_class.from_pretrained(
       str(tmp_path), output_loading_info=True, attn_implementation="eager")
   assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
   tokens, mask = batch((40, 25), 40)
   logits, _ = reference_step(theirs.eval(), tokens, mask, mask_positions(mask), None)
   np.testing.assert_allclose(forward(config, params, tokens, mask).logits[mask], logits[mask],
                              atol=1e-5, rtol=1e-5)
-  loaded_config, loaded = import_pytorch(str(tmp_path))
+  loaded_config, loaded = import_pytorch(str(tmp_path), block_bytes=512)
   assert loaded_config == config
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_phi3_config_json_reads_the_official_spelling_and_refuses_what_differs():
+  config = FAMILIES["phi3-longrope"]
+  data = llama_layouts.config_json(config, llama_layouts.PHI3)
+  # InternVL's Phi-3 code reads type "su" from `rope_scaling` (chat spec 2.2).
+  official = {k: v for k, v in data.items() if k != "rope_parameters"} | {"rope_scaling": {
+      "type": "su", "short_factor": list(SHORT_FACTOR), "long_factor": list(LONG_FACTOR)}}
+  assert llama_layouts.config_from_json(official, llama_layouts.PHI3) == config
+  with pytest.raises(ValueError, match="sliding_window 64 is not supported"):
+    llama_layouts.config_from_json(data | {"sliding_window": 64}, llama_layouts.PHI3)
+  with pytest.raises(ValueError, match="partial_rotary_factor is not supported"):
+    llama_layouts.config_from_json(data | {"partial_rotary_factor": 0.5}, llama_layouts.PHI3)
+  with pytest.raises(ValueError, match="has no Phi-3 equivalent"):
+    llama_layouts.config_json(FAMILIES["internlm2-dynamic"], llama_layouts.PHI3)
