@@ -17,7 +17,8 @@ import transformers
 
 from internvl_jax import generate
 from internvl_jax.config import LlamaConfig, RopeScaling
-from internvl_jax.convert import llama_layouts
+from internvl_jax.convert import internlm2_layouts, llama_layouts
+from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.models import llama
 import internlm2_reference
@@ -313,3 +314,20 @@ def test_phi3_config_json_reads_the_official_spelling_and_refuses_what_differs()
     llama_layouts.config_from_json(data | {"partial_rotary_factor": 0.5}, llama_layouts.PHI3)
   with pytest.raises(ValueError, match="has no Phi-3 equivalent"):
     llama_layouts.config_json(FAMILIES["internlm2-dynamic"], llama_layouts.PHI3)
+
+
+@pytest.mark.parametrize("family", ["internlm2-dynamic", "internlm2-linear"])
+def test_internlm2_checkpoints_convert_both_ways(family, tmp_path):
+  config = FAMILIES[family]
+  params = random_params(config)
+  export_pytorch(config, params, str(tmp_path), layout=internlm2_layouts.OFFICIAL, block_bytes=512)
+  written = SafetensorsFile(str(tmp_path / "model.safetensors"))
+  expected = internlm2_state(config, params)  # the test's own wqkv layout, from the spec
+  assert set(written.keys()) == set(expected)
+  for key, tensor in expected.items():
+    np.testing.assert_array_equal(written.read(key), tensor.numpy(), err_msg=key)
+  loaded_config, loaded = import_pytorch(str(tmp_path), block_bytes=512)
+  assert loaded_config == config
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  with pytest.raises(ValueError, match="keyed on the keys beyond max_position_embeddings"):
+    internlm2_layouts.config_json(FAMILIES["qwen2-tied-dynamic"].replace(qkv_bias=False))

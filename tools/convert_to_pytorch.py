@@ -1,11 +1,11 @@
 """Converts an internvl_jax checkpoint into a PyTorch checkpoint directory.
 
-  python tools/convert_to_pytorch.py --checkpoint PATH --out DIR --format official|transformers|qwen2|phi3
+  python tools/convert_to_pytorch.py --checkpoint PATH --out DIR --format FORMAT
       [--dtype float32|bfloat16|float16] [--prefix vision_model.]
 
 InternViT has both formats, InternVL-14B (InternVL-C/G) OpenGVLab's `InternVLModel` (official),
-a LLaMA-family LLM transformers' `LlamaForCausalLM` (transformers), `Qwen2ForCausalLM` (qwen2) or
-`Phi3ForCausalLM` (phi3).
+a LLaMA-family LLM transformers' `LlamaForCausalLM` (transformers), `Qwen2ForCausalLM` (qwen2),
+`Phi3ForCausalLM` (phi3) or the official `InternLM2ForCausalLM` (internlm2).
 
 PATH is an Orbax checkpoint written by internvl_jax, read block by block (memory stays near the
 largest tensor), or a PyTorch directory (loaded whole; this converts between the two layouts).

@@ -132,8 +132,9 @@ class Rule:
   torch: str  # the PyTorch key; contains '{layer}' for the params of scanned blocks
   transform: Transform = Same()
   # (axis, index) into the per-layer Flax array, when one Flax array feeds several torch
-  # tensors, e.g. the fused qkv kernel and transformers' separate q/k/v projections.
-  part: tuple[int, int] | None = None
+  # tensors, e.g. the fused qkv kernel and transformers' separate q/k/v projections. A slice
+  # keeps the axis: InternLM2's `wqkv` takes the query heads of one key/value group at a time.
+  part: tuple[int, int | slice] | None = None
   layer_stride: int = 1  # slice i of a stacked param is PyTorch layer stride * i + offset
   layer_offset: int = 0
 
@@ -216,19 +217,32 @@ def plan(layout: Layout, abstract_params: Mapping, target_bytes: int = BLOCK_BYT
     layer_shape = leaf_shape[1:] if rule.stacked else leaf_shape
     tensor_shape = layer_shape
     if rule.part is not None:
-      axis, _ = rule.part
-      tensor_shape = layer_shape[:axis] + layer_shape[axis + 1:]
+      axis, part = rule.part
+      kept = (len(range(*part.indices(layer_shape[axis]))),) if isinstance(part, slice) else ()
+      tensor_shape = layer_shape[:axis] + kept + layer_shape[axis + 1:]
     for layer in range(leaf_shape[0] if rule.stacked else 1):
       blocks = []
       for rows, index in rule.transform.row_blocks(tensor_shape, itemsize, target_bytes):
         index = tuple(index) + (slice(None),) * (len(tensor_shape) - len(index))
         if rule.part is not None:
-          axis, part = rule.part
-          index = index[:axis] + (part,) + index[axis:]
+          index = _into_part(index, tensor_shape, *rule.part)
         blocks.append((rows, ((layer,) if rule.stacked else ()) + index))
       plans.append(TensorPlan(rule.torch_key(layer), rule.flax, rule.transform,
                               rule.transform.torch_shape(tensor_shape), tuple(blocks)))
   return _fuse(plans)
+
+
+def _into_part(index: Index, part_shape, axis: int, part: int | slice) -> Index:
+  """An index into a part of a per-layer array as an index into the whole array."""
+  if not isinstance(part, slice):
+    return index[:axis] + (part,) + index[axis:]
+  start, inner = part.start or 0, index[axis]
+  if isinstance(inner, slice):
+    first, last, _ = inner.indices(part_shape[axis])
+    inner = slice(start + first, start + last)
+  else:
+    inner = start + inner
+  return index[:axis] + (inner,) + index[axis + 1:]
 
 
 def _fuse(plans: list[TensorPlan]) -> list[TensorPlan]:
