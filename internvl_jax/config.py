@@ -230,6 +230,21 @@ LLAMA_PRESETS = {
     "vicuna-7b": _LLAMA_7B.replace(vocab_size=32000),
     "vicuna-13b": _LLAMA_7B.replace(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
                                     num_kv_heads=40, mlp_dim=13824),
+    # InternVL-Chat's LLMs (chat spec 1.3), with their base vocabularies.
+    "internlm2_5-7b": LlamaConfig(
+        vocab_size=92544, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        mlp_dim=14336, norm_eps=1e-5, max_positions=32768, rope_base=1e6,
+        rope_scaling=RopeScaling("dynamic", 2.0, 32768, length="keys")),
+    "qwen2.5-0.5b": LlamaConfig(
+        vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+        mlp_dim=4864, max_positions=32768, rope_base=1e6, qkv_bias=True, tie_embeddings=True,
+        bos_id=151643, eos_id=151645, pad_id=151643),
+    "yi-34b": LlamaConfig(vocab_size=64000, hidden_size=7168, num_layers=60, num_heads=56,
+                          num_kv_heads=8, mlp_dim=20480, norm_eps=1e-5, max_positions=4096,
+                          rope_base=5e6),
+    "llama3-70b": LlamaConfig(vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64,
+                              num_kv_heads=8, mlp_dim=28672, norm_eps=1e-5, max_positions=8192,
+                              rope_base=5e5, bos_id=128000, eos_id=128003, pad_id=0),
 }
 
 

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from internvl_jax import generate
-from internvl_jax.config import LlamaConfig, RopeScaling
+from internvl_jax.config import LlamaConfig, RopeScaling, llama_preset
 from internvl_jax.convert import internlm2_layouts, llama_layouts
 from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
@@ -331,3 +331,21 @@ def test_internlm2_checkpoints_convert_both_ways(family, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
   with pytest.raises(ValueError, match="keyed on the keys beyond max_position_embeddings"):
     internlm2_layouts.config_json(FAMILIES["qwen2-tied-dynamic"].replace(qkv_bias=False))
+
+
+@pytest.mark.parametrize("preset, layout, expected", [
+    # InternLM2.5-7B has LLaMA's parameters under other names, so LlamaForCausalLM counts them.
+    ("internlm2_5-7b", llama_layouts.TRANSFORMERS, 7_737_708_544),
+    ("qwen2.5-0.5b", llama_layouts.QWEN2, 494_032_768),  # tied head
+    ("yi-34b", llama_layouts.TRANSFORMERS, 34_388_917_248),
+    ("llama3-70b", llama_layouts.TRANSFORMERS, 70_553_706_496),
+])
+def test_family_presets_have_the_released_parameter_counts(preset, layout, expected):
+  config = llama_preset(preset)
+  shapes = llama.abstract_params(config)
+  assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
+  data = llama_layouts.config_json(config.replace(rope_scaling=None), layout)
+  with torch.device("meta"):
+    hf_config = transformers.AutoConfig.for_model(**data)
+    reference = transformers.AutoModelForCausalLM.from_config(hf_config)
+  assert sum(p.numel() for p in reference.parameters()) == expected
