@@ -8,6 +8,7 @@ per-group parts of the q, k and v kernels.
 """
 
 from internvl_jax.config import LlamaConfig, RopeScaling
+from internvl_jax.convert import llama_layouts
 from internvl_jax.convert.keymap import Layout, Linear, Rule, Same
 
 OFFICIAL = "internlm2"
@@ -52,23 +53,9 @@ def config_json(config: LlamaConfig) -> dict:
   return {
       "architectures": [ARCHITECTURE],
       "model_type": "internlm2",
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.mlp_dim,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
-      "hidden_act": "silu",
-      "max_position_embeddings": config.max_positions,
-      "rms_norm_eps": config.norm_eps,
-      "rope_theta": config.rope_base,
+      **llama_layouts.family_config_json(config),
       "rope_scaling": None if scaling is None else {"type": scaling.kind, "factor": scaling.factor},
       "bias": False,
-      "tie_word_embeddings": config.tie_embeddings,
-      "bos_token_id": config.bos_id,
-      "eos_token_id": config.eos_id,
-      "pad_token_id": config.pad_id,
-      "initializer_range": 0.02,
   }
 
 
@@ -77,8 +64,6 @@ def config_from_json(data: dict) -> LlamaConfig:
   try:
     if data.get("bias", False):
       raise ValueError("bias=true is not supported (no released InternLM2 has biases).")
-    if data.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"hidden_act {data['hidden_act']!r} is not supported (InternLM2 uses 'silu').")
     max_positions, rope = data.get("max_position_embeddings", 2048), data.get("rope_scaling")
     scaling = None
     if rope is not None:
@@ -87,16 +72,7 @@ def config_from_json(data: dict) -> LlamaConfig:
       # The official dynamic NTK passes the key length (kv_seq_len), cache included.
       scaling = (RopeScaling("linear", float(rope["factor"])) if rope["type"] == "linear" else
                  RopeScaling("dynamic", float(rope["factor"]), max_positions, length="keys"))
-    num_heads = data["num_attention_heads"]
-    eos_id, pad_id = data.get("eos_token_id", 2), data.get("pad_token_id")
-    return LlamaConfig(
-        vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
-        num_layers=data["num_hidden_layers"], num_heads=num_heads,
-        num_kv_heads=data.get("num_key_value_heads") or num_heads,
-        mlp_dim=data["intermediate_size"], norm_eps=data.get("rms_norm_eps", 1e-6),
-        max_positions=max_positions, rope_base=float(data.get("rope_theta", 10000.0)),
-        rope_scaling=scaling, tie_embeddings=data.get("tie_word_embeddings", False),
-        bos_id=data.get("bos_token_id", 1), eos_id=eos_id[0] if isinstance(eos_id, list) else eos_id,
-        pad_id=pad_id if pad_id is not None and 0 <= pad_id < data["vocab_size"] else 0)
+    return llama_layouts.family_config_from_json(
+        data, rope_base=float(data.get("rope_theta", 10000.0)), rope_scaling=scaling)
   except KeyError as missing:
     raise ValueError(f"config.json lacks the field {missing} that an InternLM2 config has.") from None

@@ -83,6 +83,47 @@ def _rope_parameters(config: LlamaConfig, layout: str) -> dict:
   return parameters | {"rope_type": scaling.kind, "factor": scaling.factor}
 
 
+def family_config_json(config: LlamaConfig) -> dict:
+  """The config.json fields that every LLaMA-family model (InternLM2's too) names alike."""
+  return {
+      "vocab_size": config.vocab_size,
+      "hidden_size": config.hidden_size,
+      "intermediate_size": config.mlp_dim,
+      "num_hidden_layers": config.num_layers,
+      "num_attention_heads": config.num_heads,
+      "num_key_value_heads": config.num_kv_heads,
+      "hidden_act": "silu",
+      "max_position_embeddings": config.max_positions,
+      "rms_norm_eps": config.norm_eps,
+      "rope_theta": config.rope_base,
+      "tie_word_embeddings": config.tie_embeddings,
+      "bos_token_id": config.bos_id,
+      "eos_token_id": config.eos_id,
+      "pad_token_id": config.pad_id,
+      "initializer_range": 0.02,
+  }
+
+
+def family_config_from_json(data: dict, **fields) -> LlamaConfig:
+  """The LlamaConfig of `family_config_json`'s fields (raising KeyError when one that has no
+  default is missing), with `fields` for the rest."""
+  if data.get("hidden_act", "silu") != "silu":
+    raise ValueError(f"hidden_act {data['hidden_act']!r} is not supported (the LLaMA family uses "
+                     "'silu').")
+  num_heads = data["num_attention_heads"]
+  eos_id, pad_id = data.get("eos_token_id", 2), data.get("pad_token_id")
+  # Some LLaMA configs say pad null or -1; the pad id only fills generated rows after EOS.
+  pad_id = pad_id if pad_id is not None and 0 <= pad_id < data["vocab_size"] else 0
+  return LlamaConfig(
+      vocab_size=data["vocab_size"], hidden_size=data["hidden_size"],
+      num_layers=data["num_hidden_layers"], num_heads=num_heads,
+      num_kv_heads=data.get("num_key_value_heads") or num_heads, mlp_dim=data["intermediate_size"],
+      norm_eps=data.get("rms_norm_eps", 1e-6),
+      max_positions=data.get("max_position_embeddings", 2048),
+      tie_embeddings=data.get("tie_word_embeddings", False), bos_id=data.get("bos_token_id", 1),
+      eos_id=eos_id[0] if isinstance(eos_id, list) else eos_id, pad_id=pad_id, **fields)
+
+
 def config_json(config: LlamaConfig, layout: str = TRANSFORMERS) -> dict:
   """The config.json that transformers' LlamaForCausalLM, Qwen2ForCausalLM or Phi3ForCausalLM
   reads."""
@@ -95,26 +136,12 @@ def config_json(config: LlamaConfig, layout: str = TRANSFORMERS) -> dict:
   data = {
       "architectures": [next(a for a, name in ARCHITECTURES.items() if name == layout)],
       "model_type": _MODEL_TYPES[layout],
-      "vocab_size": config.vocab_size,
-      "hidden_size": config.hidden_size,
-      "intermediate_size": config.mlp_dim,
-      "num_hidden_layers": config.num_layers,
-      "num_attention_heads": config.num_heads,
-      "num_key_value_heads": config.num_kv_heads,
+      **family_config_json(config),
       "head_dim": config.head_dim,
-      "hidden_act": "silu",
-      "max_position_embeddings": config.max_positions,
-      "rms_norm_eps": config.norm_eps,
-      "rope_theta": config.rope_base,
       "rope_parameters": rope,
       # Older transformers read the scaling from here (and 5.x prefers it when present).
       "rope_scaling": None if config.rope_scaling is None else (
           {k: v for k, v in rope.items() if k != "rope_theta"} | {"type": rope["rope_type"]}),
-      "tie_word_embeddings": config.tie_embeddings,
-      "bos_token_id": config.bos_id,
-      "eos_token_id": config.eos_id,
-      "pad_token_id": config.pad_id,
-      "initializer_range": 0.02,
   }
   if layout == QWEN2:
     return data | {"use_sliding_window": False}
@@ -164,24 +191,13 @@ def config_from_json(data: dict, layout: str = TRANSFORMERS) -> LlamaConfig:
                        "sees the whole sequence).")
     if (rope.get("partial_rotary_factor") or data.get("partial_rotary_factor") or 1.0) != 1.0:
       raise ValueError("partial_rotary_factor is not supported (RoPE turns the whole head).")
-    if data.get("hidden_act", "silu") != "silu":
-      raise ValueError(f"hidden_act {data['hidden_act']!r} is not supported (LLaMA uses 'silu').")
     for flag in ("attention_bias", "mlp_bias"):
       if data.get(flag, False):
         raise ValueError(f"{flag}=true is not supported (LLaMA has no biases).")
     if data.get("head_dim", hidden_size // num_heads) != hidden_size // num_heads:
       raise ValueError(f"head_dim {data['head_dim']} differs from hidden_size / num_attention_heads.")
-    eos_id, pad_id = data.get("eos_token_id", 2), data.get("pad_token_id")
-    # Some LLaMA configs say pad null or -1; the pad id only fills generated rows after EOS.
-    pad_id = pad_id if pad_id is not None and 0 <= pad_id < data["vocab_size"] else 0
-    return LlamaConfig(
-        vocab_size=data["vocab_size"], hidden_size=hidden_size, num_layers=data["num_hidden_layers"],
-        num_heads=num_heads, num_kv_heads=data.get("num_key_value_heads") or num_heads,
-        mlp_dim=data["intermediate_size"], norm_eps=data.get("rms_norm_eps", 1e-6),
-        max_positions=data["max_position_embeddings"], rope_base=float(rope.get("rope_theta", theta)),
-        rope_scaling=_rope_scaling(rope, data, layout), qkv_bias=layout == QWEN2,
-        tie_embeddings=data.get("tie_word_embeddings", False), bos_id=data.get("bos_token_id", 1),
-        eos_id=eos_id[0] if isinstance(eos_id, list) else eos_id,
-        pad_id=pad_id)
+    return family_config_from_json(
+        data, rope_base=float(rope.get("rope_theta", theta)),
+        rope_scaling=_rope_scaling(rope, data, layout), qkv_bias=layout == QWEN2)
   except KeyError as missing:
     raise ValueError(f"config.json lacks the field {missing} that a LLaMA config has.") from None
