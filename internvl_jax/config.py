@@ -103,9 +103,63 @@ def vision_preset(name: str, **overrides) -> VisionConfig:
   return VISION_PRESETS[name].replace(**overrides)
 
 
+ROPE_SCALING_KINDS = ("linear", "dynamic", "longrope")
+ROPE_LENGTHS = ("positions", "keys")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """How rotary positions stretch past the pretraining length (chat spec 2.1-2.3).
+
+  "linear"   positions are divided by `factor` (InternLM2, transformers).
+  "dynamic"  NTK-aware: for a sequence of L > `original_max_positions` tokens the base becomes
+             base * (factor * L / original_max_positions - (factor - 1))**(d / (d - 2)), d the
+             head dim (InternLM2.5, InternVL3's Qwen2.5, transformers).
+  "longrope" Phi-3's "su": frequency i is divided by `short_factor[i]` while L <=
+             `original_max_positions`, else by `long_factor[i]`, and cos and sin are scaled by
+             sqrt(1 + ln(factor) / ln(original_max_positions)) (1 when factor <= 1), `factor`
+             being the context extension max_position_embeddings / original_max_positions.
+  `length` says what L is: "positions" is the largest position in the batch plus one
+  (transformers' dynamic and longrope, Phi-3's su); "keys" the number of key slots including the
+  cache and any padding (InternLM2's dynamic NTK, which passes its kv_seq_len). Keys already in a
+  KV cache keep the rotation they were written with, as both references' caches do. Both
+  references' dynamic NTK also keeps state between calls (InternLM2's never shrinks back,
+  transformers' resets below the original length); here each call computes from its own length,
+  which is the same over one growing sequence: a prompt, then its decoding steps.
+  """
+
+  kind: str
+  factor: float = 1.0
+  original_max_positions: int = 0  # dynamic: max_position_embeddings; longrope: the original one
+  length: str = "positions"
+  short_factor: tuple[float, ...] = ()  # longrope: one divisor per frequency (head_dim / 2)
+  long_factor: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    _check_choice("rope_scaling.kind", self.kind, ROPE_SCALING_KINDS)
+    _check_choice("rope_scaling.length", self.length, ROPE_LENGTHS)
+    # Lists from config.json become tuples, so that the config stays hashable (a static jit arg).
+    for field in ("short_factor", "long_factor"):
+      object.__setattr__(self, field, tuple(float(f) for f in getattr(self, field)))
+    longrope = self.kind == "longrope"
+    if not (self.factor > 0 if longrope else self.factor >= 1):
+      raise ValueError(f"RopeScaling: {self.kind} factor {self.factor} must be "
+                       f"{'> 0' if longrope else '>= 1'}.")
+    if self.kind != "linear" and self.original_max_positions < 1:
+      raise ValueError(f"RopeScaling: {self.kind} scaling needs original_max_positions (the length "
+                       "it scales beyond).")
+    if longrope != bool(self.short_factor and self.long_factor):
+      raise ValueError(f"RopeScaling: short_factor and long_factor are "
+                       f"{'needed' if longrope else 'only'} for longrope scaling.")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """LLaMA decoder hyper-parameters (spec section 2.1), named after their config.json fields."""
+  """LLaMA-family decoder hyper-parameters (spec section 2.1), named after their config.json fields.
+
+  One decoder serves LLaMA / Yi / LLaMA-3, InternLM2 / 2.5, Qwen2 / 2.5 and Phi-3 (chat spec 2):
+  the families differ only in the fields (q/k/v biases, RoPE base and scaling, tied head, sizes).
+  """
 
   vocab_size: int = 49954
   hidden_size: int = 4096
@@ -116,6 +170,8 @@ class LlamaConfig:
   norm_eps: float = 1e-6
   max_positions: int = 2048
   rope_base: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2), none on o
   tie_embeddings: bool = False
   bos_id: int = 1
   eos_id: int = 2
@@ -135,6 +191,12 @@ class LlamaConfig:
           f"{self.num_kv_heads} (each key/value head serves a whole group of query heads).")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for rotary embeddings.")
+    scaling = self.rope_scaling
+    if scaling is not None and scaling.kind == "longrope":
+      for field in ("short_factor", "long_factor"):
+        if len(getattr(scaling, field)) != self.head_dim // 2:
+          raise ValueError(f"LlamaConfig: rope_scaling.{field} has {len(getattr(scaling, field))} "
+                           f"factors; head_dim {self.head_dim} has {self.head_dim // 2} frequencies.")
     for field in ("bos_id", "eos_id", "pad_id"):
       if not 0 <= getattr(self, field) < self.vocab_size:
         raise ValueError(f"LlamaConfig: {field}={getattr(self, field)} is outside the vocabulary "
@@ -165,6 +227,21 @@ LLAMA_PRESETS = {
     "vicuna-7b": _LLAMA_7B.replace(vocab_size=32000),
     "vicuna-13b": _LLAMA_7B.replace(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
                                     num_kv_heads=40, mlp_dim=13824),
+    # InternVL-Chat's LLMs (chat spec 1.3), with their base vocabularies.
+    "internlm2_5-7b": LlamaConfig(
+        vocab_size=92544, hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8,
+        mlp_dim=14336, norm_eps=1e-5, max_positions=32768, rope_base=1e6,
+        rope_scaling=RopeScaling("dynamic", 2.0, 32768, length="keys")),
+    "qwen2.5-0.5b": LlamaConfig(
+        vocab_size=151936, hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+        mlp_dim=4864, max_positions=32768, rope_base=1e6, qkv_bias=True, tie_embeddings=True,
+        bos_id=151643, eos_id=151645, pad_id=151643),
+    "yi-34b": LlamaConfig(vocab_size=64000, hidden_size=7168, num_layers=60, num_heads=56,
+                          num_kv_heads=8, mlp_dim=20480, norm_eps=1e-5, max_positions=4096,
+                          rope_base=5e6),
+    "llama3-70b": LlamaConfig(vocab_size=128256, hidden_size=8192, num_layers=80, num_heads=64,
+                              num_kv_heads=8, mlp_dim=28672, norm_eps=1e-5, max_positions=8192,
+                              rope_base=5e5, bos_id=128000, eos_id=128003, pad_id=0),
 }
 
 

@@ -1,10 +1,11 @@
 """Converts an internvl_jax checkpoint into a PyTorch checkpoint directory.
 
-  python tools/convert_to_pytorch.py --checkpoint PATH --out DIR --format official|transformers
+  python tools/convert_to_pytorch.py --checkpoint PATH --out DIR --format FORMAT
       [--dtype float32|bfloat16|float16] [--prefix vision_model.]
 
 InternViT has both formats, InternVL-14B (InternVL-C/G) OpenGVLab's `InternVLModel` (official),
-LLaMA transformers' `LlamaForCausalLM`.
+a LLaMA-family LLM transformers' `LlamaForCausalLM` (transformers), `Qwen2ForCausalLM` (qwen2),
+`Phi3ForCausalLM` (phi3) or the official `InternLM2ForCausalLM` (internlm2).
 
 PATH is an Orbax checkpoint written by internvl_jax, read block by block (memory stays near the
 largest tensor), or a PyTorch directory (loaded whole; this converts between the two layouts).
@@ -17,7 +18,7 @@ import sys
 import time
 
 from internvl_jax.convert.cli import cli_errors
-from internvl_jax.convert import orbax_io
+from internvl_jax.convert import formats, orbax_io
 from internvl_jax.convert.pytorch import EXPORT_DTYPES, export_pytorch, orbax_to_pytorch
 from internvl_jax.pretrained import load_pretrained
 
@@ -27,7 +28,7 @@ def main(argv=None) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--checkpoint", required=True, help="checkpoint to convert")
   parser.add_argument("--out", required=True, help="PyTorch directory to write")
-  parser.add_argument("--format", required=True, choices=("official", "transformers"),
+  parser.add_argument("--format", required=True, choices=sorted({f.name for f in formats.FORMATS}),
                       help="PyTorch layout")
   parser.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES))
   parser.add_argument("--prefix", default="", help="key prefix, e.g. 'vision_model.'")

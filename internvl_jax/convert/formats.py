@@ -10,7 +10,8 @@ import typing
 from typing import Any, Callable
 
 from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
-from internvl_jax.convert import chat_layouts, intern_vit_layouts, internvl_layouts, llama_layouts
+from internvl_jax.convert import (chat_layouts, intern_vit_layouts, internlm2_layouts,
+                                  internvl_layouts, llama_layouts)
 from internvl_jax.convert.keymap import Layout
 from internvl_jax.models import chat, intern_vit, internvl, llama
 
@@ -60,9 +61,13 @@ def _vit(name: str, architecture: str) -> Format:
 FORMATS = (
     _vit(intern_vit_layouts.OFFICIAL, "InternVisionModel"),
     _vit(intern_vit_layouts.TRANSFORMERS, "InternVLVisionModel"),
-    Format("llama", "transformers", "LlamaForCausalLM",
-           lambda config: llama_layouts.LAYOUTS[llama_layouts.TRANSFORMERS],
-           lambda config, strict: llama_layouts.config_json(config), llama_layouts.config_from_json),
+    *(Format("llama", name, architecture, lambda config, name=name: llama_layouts.LAYOUTS[name],
+             lambda config, strict, name=name: llama_layouts.config_json(config, name),
+             functools.partial(llama_layouts.config_from_json, layout=name))
+      for architecture, name in llama_layouts.ARCHITECTURES.items()),
+    Format("llama", internlm2_layouts.OFFICIAL, internlm2_layouts.ARCHITECTURE,
+           internlm2_layouts.layout, lambda config, strict: internlm2_layouts.config_json(config),
+           internlm2_layouts.config_from_json),
     *(Format("internvl_chat", name, architecture, lambda config, name=name: chat_layouts.LAYOUTS[name],
              lambda config, strict, name=name: chat_layouts.config_json(config, name),
              functools.partial(chat_layouts.config_from_json, layout=name))

@@ -2,10 +2,12 @@
 
 A layout is a table of `Rule`s. Each rule ties one Flax param (a '/'-joined path into the param
 tree, optionally one index of one axis of it) to one PyTorch key, with a `Transform` that turns
-Flax data into PyTorch data and back. Params of scanned blocks carry a leading layer axis; their
-PyTorch keys contain `{layer}` and the rule applies once per layer. When the scan runs over
-groups of layers (QLLaMA scans pairs: a layer with cross-attention, then one without), slice i
-of a stacked param is PyTorch layer `layer_stride * i + layer_offset`.
+Flax data into PyTorch data and back. Consecutive rules with the same key fill consecutive rows
+of one fused tensor (Phi-3's `qkv_proj` is the q, k and v kernels one after the other). Params of
+scanned blocks carry a leading layer axis; their PyTorch keys contain `{layer}` and the rule
+applies once per layer. When the scan runs over groups of layers (QLLaMA scans pairs: a layer
+with cross-attention, then one without), slice i of a stacked param is PyTorch layer
+`layer_stride * i + layer_offset`.
 
 Conversion moves data in blocks of at most ~4 MiB: a block is a range of rows (axis 0) of one
 PyTorch tensor and the box of the Flax array that holds the same numbers. Both directions and
@@ -130,8 +132,9 @@ class Rule:
   torch: str  # the PyTorch key; contains '{layer}' for the params of scanned blocks
   transform: Transform = Same()
   # (axis, index) into the per-layer Flax array, when one Flax array feeds several torch
-  # tensors, e.g. the fused qkv kernel and transformers' separate q/k/v projections.
-  part: tuple[int, int] | None = None
+  # tensors, e.g. the fused qkv kernel and transformers' separate q/k/v projections. A slice
+  # keeps the axis: InternLM2's `wqkv` takes the query heads of one key/value group at a time.
+  part: tuple[int, int | slice] | None = None
   layer_stride: int = 1  # slice i of a stacked param is PyTorch layer stride * i + offset
   layer_offset: int = 0
 
@@ -164,7 +167,8 @@ class Layout:
 
 @dataclasses.dataclass(frozen=True)
 class TensorPlan:
-  """One PyTorch tensor: its key, shape, and blocks of (rows, index into the Flax leaf)."""
+  """One PyTorch tensor, or the rows of a fused one that one Flax leaf fills: its key, the whole
+  tensor's shape, and blocks of (rows of the whole tensor, index into the Flax leaf)."""
 
   key: str
   flax: str
@@ -213,19 +217,56 @@ def plan(layout: Layout, abstract_params: Mapping, target_bytes: int = BLOCK_BYT
     layer_shape = leaf_shape[1:] if rule.stacked else leaf_shape
     tensor_shape = layer_shape
     if rule.part is not None:
-      axis, _ = rule.part
-      tensor_shape = layer_shape[:axis] + layer_shape[axis + 1:]
+      axis, part = rule.part
+      kept = (len(range(*part.indices(layer_shape[axis]))),) if isinstance(part, slice) else ()
+      tensor_shape = layer_shape[:axis] + kept + layer_shape[axis + 1:]
     for layer in range(leaf_shape[0] if rule.stacked else 1):
       blocks = []
       for rows, index in rule.transform.row_blocks(tensor_shape, itemsize, target_bytes):
         index = tuple(index) + (slice(None),) * (len(tensor_shape) - len(index))
         if rule.part is not None:
-          axis, part = rule.part
-          index = index[:axis] + (part,) + index[axis:]
+          index = _into_part(index, tensor_shape, *rule.part)
         blocks.append((rows, ((layer,) if rule.stacked else ()) + index))
       plans.append(TensorPlan(rule.torch_key(layer), rule.flax, rule.transform,
                               rule.transform.torch_shape(tensor_shape), tuple(blocks)))
-  return plans
+  return _fuse(plans)
+
+
+def _into_part(index: Index, part_shape, axis: int, part: int | slice) -> Index:
+  """An index into a part of a per-layer array as an index into the whole array."""
+  if not isinstance(part, slice):
+    return index[:axis] + (part,) + index[axis:]
+  start, inner = part.start or 0, index[axis]
+  if isinstance(inner, slice):
+    first, last, _ = inner.indices(part_shape[axis])
+    inner = slice(start + first, start + last)
+  else:
+    inner = start + inner
+  return index[:axis] + (inner,) + index[axis + 1:]
+
+
+def _fuse(plans: list[TensorPlan]) -> list[TensorPlan]:
+  """The plans of one key together, in rule order, stacked along the rows: each block's rows
+  offset by the parts before it, and every part given the whole tensor's shape."""
+  by_key: dict[str, list[TensorPlan]] = {}
+  for tensor in plans:
+    by_key.setdefault(tensor.key, []).append(tensor)
+  fused = []
+  for parts in by_key.values():
+    if len(parts) == 1:
+      fused.extend(parts)
+      continue
+    if len({part.torch_shape[1:] for part in parts}) > 1:
+      raise ConversionError(f"{parts[0].key}: fused parts of shapes "
+                            f"{[part.torch_shape for part in parts]} differ beyond their rows.")
+    shape, offset = (sum(part.torch_shape[0] for part in parts),) + parts[0].torch_shape[1:], 0
+    for part in parts:
+      ranges = ((rows.indices(part.torch_shape[0]), index) for rows, index in part.blocks)
+      blocks = tuple((slice(offset + first, offset + last), index)
+                     for (first, last, _), index in ranges)
+      fused.append(dataclasses.replace(part, torch_shape=shape, blocks=blocks))
+      offset += part.torch_shape[0]
+  return fused
 
 
 def chunk_shapes(plans: list[TensorPlan], abstract_params: Mapping) -> dict[str, tuple[int, ...]]:
@@ -245,10 +286,12 @@ def chunk_shapes(plans: list[TensorPlan], abstract_params: Mapping) -> dict[str,
 
 def export_tensors(plans: list[TensorPlan], read_flax: Callable[[str, Index], np.ndarray]
                    ) -> Iterator[tuple[TensorPlan, Iterator[np.ndarray]]]:
-  """Per PyTorch tensor, its rows block by block, read from the Flax side with `read_flax`."""
-  for tensor in plans:
-    yield tensor, (tensor.transform.to_torch(np.asarray(read_flax(tensor.flax, index)))
-                   for _, index in tensor.blocks)
+  """Per PyTorch tensor, its rows block by block, read from the Flax side with `read_flax`
+  (the parts of a fused tensor one after the other)."""
+  for _, parts in itertools.groupby(plans, key=lambda tensor: tensor.key):
+    parts = list(parts)
+    yield parts[0], (part.transform.to_torch(np.asarray(read_flax(part.flax, index)))
+                     for part in parts for _, index in part.blocks)
 
 
 def check_source(layout: Layout, plans: list[TensorPlan], keys: set[str], shape_of, dtype_of, *,
