@@ -36,10 +36,8 @@ def demo_config() -> train_config.ExperimentConfig:
           b1=0.9, b2=0.95, weight_decay=0.1, warmup_steps=100, total_steps=1000),
       global_batch_size=64, mesh=sharding.MeshConfig(data=-1), log_every=20,
       checkpoint_every=250)
-  # Zero-shot: the 6 held-out colour-shape pairs, classified among all 36 class names. Colour is
-  # right from the first evaluation, shape comes later; a longer run fits the seen pairs' colour-
-  # shape correlation and loses held-out accuracy (seed 1, with a diamond where the ring is now:
-  # 87.6% after 1000 steps; 89.6% at step 1000 of a 2000-step run, 71.6% at its end).
+  # Zero-shot: the 6 held-out colour-shape pairs, classified among all 36 class names. 1000 steps,
+  # because a longer run fits the seen pairs' colour-shape correlation and loses held-out accuracy.
   evaluation = train_config.EvalConfig(every=250, tasks=("zero_shot", "retrieval"))
   # No random crops: the captions name where the shape is.
   return train_config.ExperimentConfig(train=train, data=train_config.DataConfig(augment=False),
@@ -83,8 +81,8 @@ def paper_config() -> train_config.ExperimentConfig:
           learning_rate=1e-3, lr_groups=(("vision", VISION_PARAMS, 1e-3),
                                          ("text", TEXT_PARAMS, 1e-4)),
           b1=0.9, b2=0.95, weight_decay=0.1, warmup_steps=5000, total_steps=175_000),
-      # 64 chips (v5p:4x4x4) x 256 pairs per micro-batch x 10 micro-batches = 163,840 pairs;
-      # 19 GB per chip planned by tools/aot_plan.py (BENCHMARKS.md).
+      # 64 chips (v5p:4x4x4) x 256 pairs per micro-batch x 10 micro-batches = 163,840 pairs, a
+      # micro-batch that tools/aot_plan.py plans well inside a v5p chip's memory.
       global_batch_size=163_840, accum_steps=10, mesh=sharding.MeshConfig(data=1, fsdp=-1),
       log_every=10, checkpoint_every=1000)
   return train_config.ExperimentConfig(train=train, data=_PAPER_DATA)

@@ -31,10 +31,8 @@ def demo_config() -> train_config.ExperimentConfig:
       # backbone_itc: the demo trains the text tower (DEMO_LM_PARAMS), so InternVL-C's image
       # embedding, half of InternVL-G's, is kept aligned with the moving text features.
       stage=GenerativeStage(internvl_preset("demo"), text_len=32, backbone_itc=True),
-      # QLLaMA learns to caption from scratch here (see DEMO_LM_PARAMS): 2000 steps, 6 to 8
-      # minutes on 2 cores. Seed 0's InternVL-G R@1 i2t / t2i on one such machine: 76.6 / 65.8 after
-      # 1500 steps, 76.0 / 65.0 after 2000 (its InternVL-C: 72.8 / 62.4); CIDEr 387.5, then 398.5.
-      # Figures move a little with the host processor (README: 76.4 / 65.0, 397.3 on another).
+      # 2000 steps, twice stage 1's, because QLLaMA learns to caption from scratch here (see
+      # DEMO_LM_PARAMS) and CIDEr still rises in the last quarter.
       optimizer=OptimizerConfig(learning_rate=1e-3, b1=0.9, b2=0.98, weight_decay=0.05,
                                 warmup_steps=100, total_steps=2000,
                                 trainable=(TRAINABLE_PARAMS, DEMO_LM_PARAMS)),
@@ -61,9 +59,9 @@ def paper_config() -> train_config.ExperimentConfig:
                                 warmup_steps=2000, total_steps=80_000,
                                 trainable=(TRAINABLE_PARAMS,)),
       # 20,000 = 2^5 x 5^4: 32 chips (v5p:2x4x4) x 25 pairs per micro-batch x 25 micro-batches;
-      # 24 GB per chip planned by tools/aot_plan.py (5 micro-batches of 125: 88 GB of 95). 64
-      # chips would need 4-way tensor parallelism (a 4x4x4 torus cannot make a 2-wide mesh
-      # axis), which the 49,954-token vocabulary does not divide.
+      # small micro-batches, because tools/aot_plan.py plans 5 of 125 too close to a v5p chip's
+      # memory. 64 chips would need 4-way tensor parallelism (a 4x4x4 torus cannot make a 2-wide
+      # mesh axis), which the 49,954-token vocabulary does not divide.
       global_batch_size=20_000, accum_steps=25, mesh=sharding.MeshConfig(data=1, fsdp=-1),
       log_every=10, checkpoint_every=1000)
   # Spec 4.2's 1.03B-pair mixture (millions), as TFDS datasets from tools/build_dataset.py.

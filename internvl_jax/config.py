@@ -8,6 +8,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from internvl_jax.data import templates
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_TYPES = ("rms_norm", "layer_norm")
 DROP_PATH_SCHEDULES = ("linear", "uniform")
@@ -35,9 +37,6 @@ class VisionConfig:
   qkv_bias: bool = False
   qk_norm: bool = True
   layerscale_init: float = 0.1
-  # The position embedding's init: a normal truncated at 2 std, BEiT's 0.02 as every other weight
-  # (the paper's stage 1). Larger, the demo ViT's tokens carry their position (BENCHMARKS.md).
-  pos_embed_init_std: float = 0.02
   # Stochastic depth. "linear" ramps 0 -> rate over depth as the released code does; "uniform"
   # uses the rate in every block, as the paper's stage 1 says ("uniform 0.2").
   drop_path_rate: float = 0.0
@@ -58,9 +57,6 @@ class VisionConfig:
       raise ValueError(
           f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
           f"{self.patch_size}.")
-    if self.pos_embed_init_std < 0:
-      raise ValueError(
-          f"VisionConfig: pos_embed_init_std must be >= 0, got {self.pos_embed_init_std}.")
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f"VisionConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
 
@@ -307,9 +303,8 @@ INTERNVL_PRESETS = {
     "tiny": InternVLConfig(vision=VISION_PRESETS["tiny"], text=LLAMA_PRESETS["tiny"], embed_dim=32,
                            attn_pool_heads=4, num_queries=4),
     # The demo runs' model (experiments/*, on the demo data at 64 px with its 512-piece tokenizer).
-    # LayerScale starts at 1.0, as in InternViT-300M (the demo quality in README is measured so).
-    # A 64-wide embedding holds the background the captions name as well as colour and shape: stage
-    # 1's held-out top-1 over seeds 0-2 is 87.2 / 82.6 / 82.0, against 74.6 / 81.8 / 83.0 at 32 wide.
+    # LayerScale starts at 1.0, as in InternViT-300M. The embedding is 64 wide so that it holds the
+    # background the captions name as well as colour and shape; 32 wide lost held-out shapes.
     "demo": InternVLConfig(vision=VISION_PRESETS["tiny"].replace(image_size=64,
                                                                   layerscale_init=1.0),
                            text=LLAMA_PRESETS["tiny"].replace(vocab_size=512), embed_dim=64,
@@ -362,6 +357,11 @@ class ChatConfig:
              back), `mlp1` = LayerNorm(D r^-2) -> Linear -> GELU -> Linear.
   Image features overwrite the embeddings of the `image_context_id` tokens in order; the prompt
   holds `num_image_tokens` of them per tile. The defaults are V1-5's vision side on a 13B LLaMA.
+
+  The last fields are what the official chat() reads from config.json (chat families spec 3.3):
+  the conversation template (`data/templates.py`) and its system message, and how an image is
+  cut into tiles. Their defaults are the official config class's, which a config.json without
+  them gets; the released 1.5-3 checkpoints store dynamic tiling with a thumbnail, 1-12 tiles.
   """
 
   vision: VisionConfig = VISION_PRESETS["6b-448-v1.5"]
@@ -374,10 +374,21 @@ class ChatConfig:
   projector_eps: float = 1e-5  # the "v1.5" LayerNorm's (PyTorch's default)
   image_context_id: int = _image_context_id(_DEFAULT_CHAT_LLM)  # <IMG_CONTEXT>
   qllama: QLlamaConfig | None = None  # "qllama" only: the QLLaMA whose queries join the tokens
+  template: str | None = None  # None: not named, so chat() must be given one
+  system_message: str | None = None  # None: the template's default
+  dynamic_image_size: bool = False  # cut an image into tiles by its aspect ratio, or resize it
+  use_thumbnail: bool = False  # add the whole image as one more tile when it has several
+  min_dynamic_patch: int = 1
+  max_dynamic_patch: int = 6
 
   def __post_init__(self):
     _check_choice("variant", self.variant, CHAT_VARIANTS)
     _check_choice("ps_version", self.ps_version, PS_VERSIONS)
+    if self.template is not None:
+      _check_choice("template", self.template, tuple(templates.TEMPLATES))
+    if not 1 <= self.min_dynamic_patch <= self.max_dynamic_patch:
+      raise ValueError(f"ChatConfig: need 1 <= min_dynamic_patch <= max_dynamic_patch, got "
+                       f"{self.min_dynamic_patch}, {self.max_dynamic_patch}.")
     num_states = self.vision.num_layers + 1
     if not -num_states <= self.select_layer < num_states:
       raise ValueError(f"ChatConfig: select_layer {self.select_layer} is out of range for the "
@@ -431,7 +442,7 @@ def _paper_chat(variant: str, llm_preset: str) -> ChatConfig:
   llm = _chat_llm(llm_preset)
   return ChatConfig(vision=_INTERN_VIT_6B, llm=llm, variant=variant, image_size=336,
                     select_layer=-4, image_context_id=_image_context_id(llm),
-                    qllama=QLlamaConfig() if variant == "qllama" else None)
+                    qllama=QLlamaConfig() if variant == "qllama" else None, template="vicuna_v1")
 
 
 _TINY_VISION = VISION_PRESETS["tiny"]
@@ -456,7 +467,8 @@ CHAT_PRESETS = {
     # LLaMA2-13B-shaped LLM, pixel shuffle v1 (spec 1.3, 4.4c).
     "v1.1-llama2-13b": ChatConfig(
         vision=VISION_PRESETS["6b-448-v1.0"], llm=_chat_llm("vicuna-13b"), select_layer=-4,
-        ps_version="v1", image_context_id=_image_context_id(_chat_llm("vicuna-13b"))),
+        ps_version="v1", image_context_id=_image_context_id(_chat_llm("vicuna-13b")),
+        template="vicuna_v1"),
 }
 
 

@@ -230,6 +230,10 @@ def test_paper_presets_token_counts_and_bad_configs():
     chat_preset("tiny-v1.5", image_context_id=128)
   with pytest.raises(ValueError, match="does not split into 2x2 blocks"):
     chat_preset("tiny-v1.5", image_size=24)
+  with pytest.raises(ValueError, match="template='chatml' is not one of"):
+    chat_preset("tiny-v1.5", template="chatml")
+  with pytest.raises(ValueError, match="need 1 <= min_dynamic_patch <= max_dynamic_patch, got 0, 6"):
+    chat_preset("tiny-v1.5", min_dynamic_patch=0)
   with pytest.raises(ValueError, match="Unknown chat preset"):
     chat_preset("v2.0")
 

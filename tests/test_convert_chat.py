@@ -89,12 +89,13 @@ def test_v1_5_shapes_at_full_size():
 
 def test_official_config_json_is_what_the_official_code_reads():
   config = chat_preset("v1.1-llama2-13b")
-  data = chat_layouts.config_json(config, OFFICIAL, template="vicuna_v1.1")
+  data = chat_layouts.config_json(config, OFFICIAL)
   assert data["architectures"] == ["InternVLChatModel"] and data["model_type"] == "internvl_chat"
   assert data["llm_config"]["architectures"] == ["LlamaForCausalLM"]  # picks the LLM class
   vision = data["vision_config"]
   assert (vision["num_hidden_layers"], vision["image_size"]) == (48, 448)
   assert (data["select_layer"], data["ps_version"], data["downsample_ratio"]) == (-4, "v1", 0.5)
+  # The official conversation.py names our vicuna_v1 "vicuna_v1.1".
   assert (data["force_image_size"], data["template"]) == (448, "vicuna_v1.1")
   assert data["tie_word_embeddings"] is False
   assert chat_layouts.config_from_json(data, OFFICIAL) == config
@@ -109,6 +110,45 @@ def test_official_config_json_is_what_the_official_code_reads():
       "llm_config": data["llm_config"] | {"architectures": ["InternLM2ForCausalLM"]}}
   with pytest.raises(ValueError, match="InternLM2ForCausalLM; only LlamaForCausalLM"):
     chat_layouts.config_from_json(internlm2, OFFICIAL)
+
+
+# What the official chat() reads, none of it at its default (chat families spec 3.3).
+CHAT_FIELDS = dict(template="internvl2_5", system_message="Be brief.", dynamic_image_size=True,
+                   use_thumbnail=True, min_dynamic_patch=2, max_dynamic_patch=12)
+CHAT_FIELD_NAMES = ("template", "system_message", "dynamic_image_size", "use_thumbnail",
+                    "min_dynamic_patch", "max_dynamic_patch")
+
+
+@pytest.mark.parametrize("layout", [OFFICIAL, TRANSFORMERS])
+def test_chat_fields_round_trip(layout):
+  config = TINY.replace(**CHAT_FIELDS)
+  data = chat_layouts.config_json(config, layout)
+  assert {name: data[name] for name in CHAT_FIELD_NAMES} == CHAT_FIELDS
+  assert chat_layouts.config_from_json(data, layout) == config
+  # No system message: the template's default, which the official model then uses.
+  data = chat_layouts.config_json(TINY.replace(template="Hermes-2"), layout)
+  assert "system_message" not in data and data["template"] == "Hermes-2"
+  assert chat_layouts.config_from_json(data, layout) == TINY.replace(template="Hermes-2")
+
+
+@pytest.mark.parametrize("layout", [OFFICIAL, TRANSFORMERS])
+def test_config_json_without_chat_fields_gets_the_official_defaults(layout):
+  data = chat_layouts.config_json(TINY.replace(**CHAT_FIELDS), layout)
+  released = {k: v for k, v in data.items() if k not in CHAT_FIELD_NAMES}
+  config = chat_layouts.config_from_json(released, layout)
+  assert (config.template, config.system_message, config.dynamic_image_size, config.use_thumbnail,
+          config.min_dynamic_patch, config.max_dynamic_patch) == (None, None, False, False, 1, 6)
+  with pytest.raises(ValueError, match="template='chatml' is not one of"):
+    chat_layouts.config_from_json(data | {"template": "chatml"}, layout)
+
+
+def test_transformers_config_class_keeps_the_chat_fields(tmp_path):
+  config = TINY.replace(**CHAT_FIELDS)
+  hf_config = transformers.InternVLConfig(**chat_layouts.config_json(config, TRANSFORMERS))
+  assert {name: hf_config.to_dict()[name] for name in CHAT_FIELD_NAMES} == CHAT_FIELDS
+  hf_config.save_pretrained(tmp_path)
+  reloaded = transformers.AutoConfig.from_pretrained(tmp_path).to_dict()
+  assert chat_layouts.config_from_json(reloaded, TRANSFORMERS) == config
 
 
 def test_transformers_config_json_round_trip_and_refusals():

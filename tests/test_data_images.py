@@ -36,10 +36,7 @@ def test_normalize_uses_imagenet_statistics():
     (encode(rgb(40, 30), "JPEG")[:200], issues.IMAGE_UNDECODABLE),
     (encode(rgb(1, 1)), issues.IMAGE_TOO_SMALL),
     (encode(rgb(1, 50)), issues.IMAGE_TOO_SMALL),
-    (encode(rgb(20, 20).convert("L")), issues.IMAGE_NOT_RGB),
-    (encode(rgb(20, 20).convert("RGBA")), issues.IMAGE_NOT_RGB),
-    (encode(rgb(20, 20).convert("P")), issues.IMAGE_NOT_RGB),
-    (encode(rgb(20, 20).convert("CMYK"), "JPEG"), issues.IMAGE_NOT_RGB),
+    (encode(rgb(1, 50).convert("L")), issues.IMAGE_TOO_SMALL),
 ])
 def test_decode_rgb_skips_bad_images_by_reason(data, reason):
   with pytest.raises(issues.SkipRecord) as error:
@@ -47,9 +44,43 @@ def test_decode_rgb_skips_bad_images_by_reason(data, reason):
   assert error.value.reason == reason
 
 
-def test_decode_rgb_draft_keeps_requested_size():
-  image = transforms.decode_rgb(encode(rgb(400, 300), "JPEG"), min_side=2, draft_size=64)
+@pytest.mark.parametrize("mode, fmt", [
+    ("1", "PNG"), ("L", "PNG"), ("LA", "PNG"), ("P", "PNG"), ("RGBA", "PNG"),
+    ("CMYK", "JPEG"), ("L", "JPEG"), ("I;16", "PNG"), ("F", "TIFF"),
+])
+def test_decode_rgb_converts_every_mode_as_pil_convert_rgb(mode, fmt):
+  stored = encode(rgb(20, 16).convert(mode), fmt)
+  image, reasons = transforms.decode_rgb(stored, min_side=2)
+  assert image.mode == "RGB" and image.size == (20, 16)
+  np.testing.assert_array_equal(np.asarray(image),
+                                np.asarray(Image.open(io.BytesIO(stored)).convert("RGB")))
+  assert reasons == (issues.converted_from(mode),)
+
+
+def test_decode_rgb_drops_alpha_keeping_the_stored_colours():
+  pixels = np.zeros((4, 4, 4), np.uint8)
+  pixels[..., :3] = (200, 100, 50)  # fully transparent, yet these colours are what is kept
+  image, reasons = transforms.decode_rgb(encode(Image.fromarray(pixels, "RGBA")), min_side=2)
+  assert (np.asarray(image) == (200, 100, 50)).all()
+  assert reasons == (issues.CONVERSION_REASONS["RGBA"],)
+
+
+def test_decode_rgb_leaves_rgb_uncounted_and_buckets_rare_modes_as_other():
+  assert transforms.decode_rgb(encode(rgb(8, 8)), min_side=2)[1] == ()
+  assert issues.converted_from("LAB") == issues.CONVERSION_REASONS[issues.OTHER_MODE]
+  assert len(set(issues.CONVERSION_REASONS.values())) == len(issues.CONVERSION_REASONS)
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_decode_rgb_draft_keeps_requested_size(mode):
+  image, _ = transforms.decode_rgb(encode(rgb(400, 300).convert(mode), "JPEG"), min_side=2,
+                                   draft_size=64)
   assert image.mode == "RGB" and min(image.size) >= 64 and image.size[0] < 400
+
+
+def test_counts_of_a_retired_reason_are_dropped_on_restore():
+  counts = issues.dict_to_counts({"image_not_rgb": 3, issues.IMAGE_MISSING: 2})
+  assert issues.counts_to_dict(counts) == {issues.IMAGE_MISSING: 2}
 
 
 def test_random_resized_crop_box_respects_scale_and_bounds():

@@ -1,15 +1,19 @@
-"""tools/build_dataset.py: each import format, with the skipped records counted by reason."""
+"""tools/build_dataset.py: each import format, with the skipped records counted by reason and
+the images stored in other modes than RGB counted by mode."""
 
 import importlib.util
 import io
 import json
 import os
+import subprocess
+import sys
 import tarfile
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from internvl_jax.data import chat
 from internvl_jax.data import config as config_lib
 from internvl_jax.data import demo
 from internvl_jax.data import issues
@@ -73,14 +77,45 @@ def test_image_folder_with_captions_jsonl(tmp_path):
   report = build_dataset.main(["image-folder", "--images", str(images), "--captions",
                                str(tmp_path / "captions.jsonl"), "--name", "folder_pairs",
                                "--data-dir", data_dir])
-  assert report["written"] == {"train": 4}
+  assert report["written"] == {"train": 5}
   assert report["skipped_by_reason"] == {
-      issues.IMAGE_NOT_RGB: 1, issues.IMAGE_UNDECODABLE: 1, issues.IMAGE_MISSING: 1,
-      issues.CAPTION_EMPTY: 1, issues.ANNOTATION_UNREADABLE: 1}
-  assert report["skipped"] == 5
+      issues.IMAGE_UNDECODABLE: 1, issues.IMAGE_MISSING: 1, issues.CAPTION_EMPTY: 1,
+      issues.ANNOTATION_UNREADABLE: 1}
+  assert report["skipped"] == 4
+  assert report["converted_by_mode"] == {"L": 1}
   records = read_all("folder_pairs", "train", data_dir)
-  assert sorted(r["caption"] for r in records) == [f"picture {i}".encode() for i in range(4)]
+  assert sorted(r["caption"] for r in records) == [b"gray"] + [f"picture {i}".encode()
+                                                               for i in range(4)]
   assert all(Image.open(io.BytesIO(r["image"])).size == (12, 10) for r in records)
+
+
+def test_command_line_imports_every_mode_and_writes_only_the_report_on_stdout(tmp_path):
+  images = tmp_path / "images"
+  images.mkdir()
+  stored = {"RGB": "PNG", "L": "PNG", "CMYK": "JPEG", "P": "PNG", "RGBA": "PNG"}
+  for i, (mode, fmt) in enumerate(stored.items()):
+    (images / f"{mode}.{fmt.lower()}").write_bytes(encode(image(i + 1, mode), fmt))
+  (images / "corrupt.png").write_bytes(encode(image(1))[:30])
+  write_jsonl(tmp_path / "captions.jsonl", [
+      *({"image": f"{mode}.{fmt.lower()}", "caption": mode} for mode, fmt in stored.items()),
+      {"image": "corrupt.png", "caption": "corrupt"},
+      {"image": "missing.png", "caption": "missing"},
+  ])
+  data_dir = str(tmp_path / "tfds")
+  env = {**os.environ,
+         "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+  result = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tools", "build_dataset.py"), "image-folder",
+       "--images", str(images), "--captions", str(tmp_path / "captions.jsonl"),
+       "--name", "every_mode", "--data-dir", data_dir],
+      capture_output=True, text=True, env=env, check=False)
+  assert result.returncode == 0, result.stderr
+  report = json.loads(result.stdout)
+  assert report["written"] == {"train": 5}
+  assert report["skipped_by_reason"] == {issues.IMAGE_UNDECODABLE: 1, issues.IMAGE_MISSING: 1}
+  assert report["converted_by_mode"] == {"CMYK": 1, "L": 1, "P": 1, "RGBA": 1}
+  records = read_all("every_mode", "train", data_dir)
+  assert sorted(r["caption"].decode() for r in records) == sorted(stored)
 
 
 def add_member(tar: tarfile.TarFile, name: str, data: bytes):
@@ -118,8 +153,9 @@ def test_webdataset_tar_shards(tmp_path):
 def test_internvl_chat_meta_and_its_pipeline(tmp_path):
   root = tmp_path / "images"
   root.mkdir()
-  for i in range(3):  # 20x10: a 2x1 grid of tiles plus the thumbnail
-    (root / f"{i}.jpg").write_bytes(encode(Image.fromarray(np.full((10, 20, 3), 9, np.uint8)), "JPEG"))
+  for i, mode in enumerate(["RGB", "L", "L"]):  # 20x10: a 2x1 grid of tiles plus the thumbnail
+    picture = Image.fromarray(np.full((10, 20, 3), 9, np.uint8)).convert(mode)
+    (root / f"{i}.jpg").write_bytes(encode(picture, "JPEG"))
 
   def turns(question, answer="A circle."):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
@@ -154,6 +190,7 @@ def test_internvl_chat_meta_and_its_pipeline(tmp_path):
       issues.CONVERSATION_MULTIPLE_IMAGE_PLACEHOLDERS: 1,
       issues.CONVERSATION_NO_ASSISTANT_TURN: 1, issues.IMAGE_MISSING: 1,
       issues.MULTIPLE_IMAGES: 1, issues.CONVERSATION_MALFORMED: 1}
+  assert report["converted_by_mode"] == {"L": 1}  # 2.jpg's records are all skipped
   assert report["mixture_weights"] == {"tiny_vqa": 4.0, "text_only": 1.0}
 
   tokenizer_path = train_tokenizer.main(["--dataset", "tiny_chat", "--split", "tiny_vqa",
@@ -174,6 +211,10 @@ def test_internvl_chat_meta_and_its_pipeline(tmp_path):
   answers = [tokenizer.decode([t for t in row if t >= 0 and t < tokenizer.vocab_size])
              for row in batch["labels"]]
   assert all(a in ("A circle.", "Hi.", "Bye.") for a in answers)
+  processor = chat.ChatProcessor(config, chat.load_chat_tokenizer(tokenizer_path, config.template))
+  reasons = [reason for record in read_all("tiny_chat", "tiny_vqa", data_dir)
+             for reason in processor.map(record).reasons]
+  assert reasons == [issues.converted_from("L")]  # what training counts for the gray 1.jpg
 
 
 def test_demo_command_builds_dataset_and_tokenizer(tmp_path):

@@ -31,19 +31,17 @@ def good_image(i: int) -> Image.Image:
   return Image.fromarray(np.full((12 + i % 5, 16, 3), i % 250, np.uint8))
 
 
-# 5% of the records (10 of 200) are bad, one of each kind; one more has an over-long caption.
+# 3% of the records (6 of 200) are bad, one of each kind; four more hold images in other modes
+# (kept, converted to RGB and counted), and one more has an over-long caption.
 CORRUPTIONS = {
     7: ("image", b"", issues.IMAGE_MISSING),
     23: ("image", b"\x89PNG\r\n\x1a\n garbage", issues.IMAGE_UNDECODABLE),
     41: ("image", encode(good_image(41), "JPEG")[:120], issues.IMAGE_UNDECODABLE),
     58: ("image", encode(Image.new("RGB", (1, 1))), issues.IMAGE_TOO_SMALL),
-    77: ("image", encode(good_image(77).convert("L")), issues.IMAGE_NOT_RGB),
-    96: ("image", encode(good_image(96).convert("CMYK"), "JPEG"), issues.IMAGE_NOT_RGB),
-    113: ("image", encode(good_image(113).convert("P")), issues.IMAGE_NOT_RGB),
-    131: ("image", encode(good_image(131).convert("RGBA")), issues.IMAGE_NOT_RGB),
     152: ("caption", "   ", issues.CAPTION_EMPTY),
     177: ("caption", b"\xff\xfe broken", issues.CAPTION_UNDECODABLE),
 }
+CONVERSIONS = {77: ("L", "PNG"), 96: ("CMYK", "JPEG"), 113: ("P", "PNG"), 131: ("RGBA", "PNG")}
 LONG_CAPTION = 190
 
 
@@ -54,6 +52,9 @@ def caption_of(i: int) -> str:
 def corrupted_records():
   for i in range(NUM_RECORDS):
     record = {"image": encode(good_image(i)), "caption": caption_of(i)}
+    if i in CONVERSIONS:
+      mode, fmt = CONVERSIONS[i]
+      record["image"] = encode(good_image(i).convert(mode), fmt)
     if i in CORRUPTIONS:
       field, value, _ = CORRUPTIONS[i]
       record[field] = value
@@ -109,6 +110,8 @@ def test_corrupted_records_are_skipped_and_counted_exactly(corrupted, data_dir, 
   expected = {}
   for _, _, reason in CORRUPTIONS.values():
     expected[reason] = expected.get(reason, 0) + 1
+  for mode, _ in CONVERSIONS.values():
+    expected[issues.converted_from(mode)] = 1
   expected[issues.CAPTION_TRUNCATED] = 1
   assert iterator.issue_counts() == expected
 
@@ -150,7 +153,8 @@ def test_restored_iterator_continues_with_the_next_batch(corrupted, data_dir, to
   assert restored.issue_counts() == counts
   assert_batches_equal(take(restored, 14), expected)
   assert restored.issue_counts() == iterator.issue_counts()
-  assert iterator.issue_counts()[issues.IMAGE_NOT_RGB] >= 4
+  assert all(iterator.issue_counts()[issues.converted_from(mode)] >= 1
+             for mode, _ in CONVERSIONS.values())
   restored.close()
 
 

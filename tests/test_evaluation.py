@@ -3,6 +3,7 @@ pycocoevalcap, and tools/evaluate.py on tiny InternVL-C, InternVL-G and chat che
 the demo data."""
 
 import importlib.util
+import io
 import json
 import os
 
@@ -13,10 +14,12 @@ import tensorflow_datasets as tfds
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
+from PIL import Image
 
 from internvl_jax import pretrained
 from internvl_jax.config import chat_preset, internvl_preset, llama_preset, vision_preset
 from internvl_jax.data import demo
+from internvl_jax.data import issues
 from internvl_jax.data import sources
 from internvl_jax.data import templates
 from internvl_jax.data.tokenizer import IMAGE_CONTEXT, IMAGE_TOKENS, Tokenizer
@@ -185,10 +188,33 @@ def test_a_local_tfds_dataset_reads_captions_labels_and_decoded_images(coco_like
   assert data_lib.class_names(eval_data) == ("red circle", "blue square", "green star")
   record = next(data_lib.records(eval_data, 1))
   assert len(data_lib.captions(record)) == 2
-  pixels = data_lib.pixels(data_lib.decode_image(record["image"]), IMAGE_SIZE, crop=True)
+  image, conversions = data_lib.decode_image(record["image"])
+  pixels = data_lib.pixels(image, IMAGE_SIZE, crop=True)
   assert pixels.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and pixels.dtype == np.float32
+  assert conversions == ()
   with pytest.raises(ValueError, match="has splits"):
     data_lib.resolve("tfds:coco_like:test", "retrieval", IMAGE_SIZE, coco_like)
+
+
+@pytest.mark.parametrize("shape, mode", [
+    ((6, 5), "L"), ((6, 5, 1), "L"), ((6, 5, 2), "LA"), ((6, 5, 4), "RGBA")])
+def test_decode_image_converts_arrays_of_every_channel_count_as_pil_does(shape, mode):
+  array = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+  image, conversions = data_lib.decode_image(array)
+  expected = Image.fromarray(array.reshape(shape[:2]) if mode == "L" else array).convert("RGB")
+  np.testing.assert_array_equal(np.asarray(image), np.asarray(expected))
+  assert conversions == (issues.converted_from(mode),)
+
+
+def test_decode_image_converts_encoded_modes_and_skips_unusable_arrays():
+  buffer = io.BytesIO()
+  Image.new("CMYK", (5, 4), (0, 255, 0, 0)).save(buffer, "JPEG")
+  image, conversions = data_lib.decode_image(buffer.getvalue())
+  assert image.mode == "RGB" and conversions == (issues.converted_from("CMYK"),)
+  for array in (np.zeros((6, 5, 5), np.uint8), np.zeros((6, 5, 3), np.float32)):
+    with pytest.raises(issues.SkipRecord) as error:
+      data_lib.decode_image(array)
+    assert error.value.reason == issues.IMAGE_UNDECODABLE
 
 
 # --- checkpoints and tools/evaluate.py -----------------------------------------------------------

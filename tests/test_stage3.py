@@ -64,6 +64,15 @@ def boxed_params():
   return jax.jit(ChatStage(MODEL, max_len=MAX_LEN).init)(jax.random.key(0))
 
 
+@pytest.mark.parametrize("template, appended", [
+    ("Hermes-2", 5), ("phi3-chat", 7), ("internvl2_5", 5), ("plain", 3)])
+def test_stage_takes_the_released_checkpoints_templates(template, appended):
+  # The chat tokenizer appends the image tokens and the template's markers, all new to the demo's.
+  assert ChatStage(MODEL, max_len=MAX_LEN, template=template).appended_tokens == appended
+  with pytest.raises(ValueError, match="unknown template 'chatml'"):
+    ChatStage(MODEL, max_len=MAX_LEN, template="chatml")
+
+
 def test_init_is_the_chat_models_init_boxed_with_axis_names(boxed_params):
   assert isinstance(boxed_params["language_model"]["embed_tokens"]["embedding"], nn.Partitioned)
   jax.tree.map(np.testing.assert_array_equal,

@@ -5,14 +5,21 @@
   python tools/build_dataset.py internvl-chat --meta meta.json --name NAME
   python tools/build_dataset.py demo [--image-size 64] [--seed 0]
 
-Bad records are skipped; the report says how many records were written per split and how
-many were skipped, by reason. An InternVL-Chat meta file becomes one split per dataset, and the
-report gives the mixture weights (records x repeat_time) to read them with.
+Bad records are skipped; the report says how many records were written per split, how many
+were skipped, by reason, and how many images are stored in a mode other than RGB (grayscale,
+palette, CMYK, with alpha, ...), by mode: those are kept and read as RGB. An InternVL-Chat meta
+file becomes one split per dataset, and the report gives the mixture weights (records x
+repeat_time) to read them with.
+
+The JSON report is all that is written to stdout (`json.loads` reads it); progress and logs go
+to stderr.
 """
 
 import argparse
+import contextlib
 import glob
 import json
+import os
 import sys
 
 from internvl_jax.data import demo
@@ -88,7 +95,8 @@ def _import(args: argparse.Namespace) -> dict:
   tfds_name = sources.write_dataset(args.name, splits, features, data_dir=args.data_dir,
                                     version=args.version)
   report = {"dataset": tfds_name, "written": written, "skipped": counter.skipped(),
-            "skipped_by_reason": dict(sorted(counter.items()))}
+            "skipped_by_reason": counter.skipped_by_reason(),
+            "converted_by_mode": counter.converted_by_mode()}
   if args.format == "internvl-chat":
     report["mixture_weights"] = {
         importers.split_name(name): written.get(importers.split_name(name), 0) *
@@ -96,17 +104,34 @@ def _import(args: argparse.Namespace) -> dict:
   return report
 
 
+@contextlib.contextmanager
+def _stdout_to_stderr():
+  """Sends everything written to stdout to stderr, at the file-descriptor level too: TFDS,
+  tqdm and native code may write to fd 1 directly, past `sys.stdout`."""
+  sys.stdout.flush()
+  saved = os.dup(1)
+  os.dup2(2, 1)
+  try:
+    with contextlib.redirect_stdout(sys.stderr):
+      yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 1)
+    os.close(saved)
+
+
 def main(argv: list[str]) -> dict:
   args = _parse(argv)
-  if args.format == "demo":
-    report = {
-        "dataset": demo.ensure_dataset(args.image_size, args.seed, args.train_size,
-                                       args.eval_size, args.image_format, args.data_dir),
-        "tokenizer": demo.ensure_tokenizer(args.seed, args.train_size, args.vocab_size,
-                                           args.data_dir),
-    }
-  else:
-    report = _import(args)
+  with _stdout_to_stderr():
+    if args.format == "demo":
+      report = {
+          "dataset": demo.ensure_dataset(args.image_size, args.seed, args.train_size,
+                                         args.eval_size, args.image_format, args.data_dir),
+          "tokenizer": demo.ensure_tokenizer(args.seed, args.train_size, args.vocab_size,
+                                             args.data_dir),
+      }
+    else:
+      report = _import(args)
   print(json.dumps(report, indent=2))
   return report
 

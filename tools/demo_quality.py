@@ -2,18 +2,12 @@
 
   python tools/demo_quality.py                       # seeds 0 1 2 into runs/demo-quality/
   python tools/demo_quality.py --seeds 3 --root /tmp/q
-  python tools/demo_quality.py --caption-ceilings     # CIDEr of each template, filled in right
 
 Each seed runs the three demo experiments as a user would (their command lines, each stage
 warm-started from the same seed's previous stage, `--set train.seed=SEED`: initialization and
 data order), then prints the final evaluation of every stage per seed with the median, min and
 max, and each run's wall time. Run again, a sweep resumes each workdir from its last checkpoint
 (a finished stage only re-reads its metrics), so an interrupted sweep continues where it stopped.
-
-`--caption-ceilings` trains nothing: it scores, against the test split's references, each caption
-template filled in with every image's true attributes, and again with a random position (what a
-captioner that reads everything but the position could write with that template), and with a
-random background.
 """
 
 import argparse
@@ -23,11 +17,6 @@ import statistics
 import subprocess
 import sys
 import time
-
-import numpy as np
-
-from internvl_jax.data import demo
-from internvl_jax.evaluation import caption_metrics
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (experiment, the metrics that README reports); the chain's order.
@@ -83,35 +72,12 @@ def summary(per_seed: dict[int, dict[str, dict]]) -> str:
   return "\n".join(lines)
 
 
-def caption_ceilings(count: int = 500, seed: int = 0) -> str:
-  """Per template: the CIDEr of the first `count` test images' captions with that template, filled
-  in with the true attributes, then with a random position, then with a random background."""
-  texts = [demo.record_text(seed, "test", index) for index in range(count)]
-  references = [text["captions"] for text in texts]
-  rng = np.random.default_rng(seed)
-  lines = [f"{'template':60s} {'true':>7s} {'random position':>16s} {'random background':>18s}"]
-  for template in demo.CAPTION_TEMPLATES:
-    guesses = [[demo.fill_caption(template, text["attrs"]) for text in texts]]
-    for attribute, values in (("position", demo.POSITIONS), ("background", demo.BACKGROUNDS)):
-      guesses.append([demo.fill_caption(template, dict(
-          text["attrs"], **{attribute: values[rng.integers(len(values))]})) for text in texts])
-    scores = [caption_metrics.caption_scores(c, references)["cider"] for c in guesses]
-    lines.append(f"{template:60s} {scores[0]:7.1f} {scores[1]:16.1f} {scores[2]:18.1f}")
-  return "\n".join(lines)
-
-
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
   parser.add_argument("--root", default="runs/demo-quality", help="workdirs: ROOT/seedN/STAGE")
-  parser.add_argument("--caption-ceilings", action="store_true",
-                      help="print each caption template's CIDEr when filled in right or with "
-                           "a random position or background, and exit")
   args = parser.parse_args(argv)
-  if args.caption_ceilings:
-    print(caption_ceilings())
-    return
   per_seed = {seed: run_chain(seed, os.path.abspath(args.root)) for seed in range(args.seeds)}
   print(summary(per_seed))
 

@@ -6,6 +6,10 @@ Both hold the "v1.5" variant (pixel shuffle + `mlp1` with a LayerNorm); transfor
 pixel shuffle "v2". The tables reuse InternViT's and LLaMA's, prefixed: OpenGVLab nests the whole
 `LlamaForCausalLM` under `language_model.`, transformers nests the bare `LlamaModel` under
 `model.language_model.` and keeps `lm_head` at the top.
+
+Both config.json files carry what the official chat() needs (template, system message, tiling)
+under the official config's names; transformers' config class has no such fields and keeps them
+as extra top-level keys through `save_pretrained` / `from_pretrained`.
 """
 
 from internvl_jax.config import ChatConfig
@@ -29,6 +33,29 @@ def _projector_rules(torch_prefix: str, norm: str, linear_1: str,
     rules += [Rule(f"mlp1/{flax_name}/kernel", f"{torch_prefix}{torch_name}.weight", Linear(1)),
               Rule(f"mlp1/{flax_name}/bias", f"{torch_prefix}{torch_name}.bias")]
   return tuple(rules)
+
+
+# Our template names that the official conversation.py spells differently.
+_OFFICIAL_TEMPLATE_NAMES = {"vicuna_v1": "vicuna_v1.1"}
+_TILING_FIELDS = ("dynamic_image_size", "use_thumbnail", "min_dynamic_patch", "max_dynamic_patch")
+
+
+def _chat_fields_json(config: ChatConfig) -> dict:
+  """The official chat()'s config.json fields; `system_message` only when set, as the official
+  model reads it only if the config has it."""
+  fields = {"template": _OFFICIAL_TEMPLATE_NAMES.get(config.template, config.template)}
+  fields |= {name: getattr(config, name) for name in _TILING_FIELDS}
+  if config.system_message is not None:
+    fields["system_message"] = config.system_message
+  return fields
+
+
+def _chat_fields(data: dict) -> dict:
+  """ChatConfig arguments from those fields; missing ones keep the official class's defaults."""
+  official_names = {official: ours for ours, official in _OFFICIAL_TEMPLATE_NAMES.items()}
+  fields = {name: data[name] for name in ("system_message", *_TILING_FIELDS) if name in data}
+  template = data.get("template")
+  return fields | {"template": official_names.get(template, template)}
 
 
 def _transformers_llm_key(key: str) -> str:
@@ -74,14 +101,8 @@ def check_expressible(config: ChatConfig, layout: str) -> None:
                      f"{'; '.join(problems)}.")
 
 
-def config_json(config: ChatConfig, layout: str, *, template: str = "internlm2-chat",
-                dynamic_image_size: bool = True, use_thumbnail: bool = True,
-                min_dynamic_patch: int = 1, max_dynamic_patch: int = 12) -> dict:
-  """The config.json that the layout's PyTorch code reads.
-
-  The keyword arguments are the official config's data settings (the chat template and dynamic
-  tiling, V1-5's by default); transformers keeps those in its processor instead.
-  """
+def config_json(config: ChatConfig, layout: str) -> dict:
+  """The config.json that the layout's PyTorch code reads."""
   check_expressible(config, layout)
   llm = llama_layouts.config_json(config.llm)
   if layout == OFFICIAL:
@@ -99,11 +120,7 @@ def config_json(config: ChatConfig, layout: str, *, template: str = "internlm2-c
         "force_image_size": config.image_size,
         "downsample_ratio": config.downsample_ratio,
         "ps_version": config.ps_version,
-        "template": template,
-        "dynamic_image_size": dynamic_image_size,
-        "use_thumbnail": use_thumbnail,
-        "min_dynamic_patch": min_dynamic_patch,
-        "max_dynamic_patch": max_dynamic_patch,
+        **_chat_fields_json(config),
         "pad2square": False,
         "use_backbone_lora": 0,
         "use_llm_lora": 0,
@@ -126,6 +143,7 @@ def config_json(config: ChatConfig, layout: str, *, template: str = "internlm2-c
       "vision_feature_select_strategy": "default",
       # transformers ties lm_head to the embeddings by this top-level flag (default true).
       "tie_word_embeddings": config.llm.tie_embeddings,
+      **_chat_fields_json(config),
   }
 
 
@@ -166,7 +184,7 @@ def _official_config(data: dict, image_context_id: int | None) -> ChatConfig:
       image_size=data.get("force_image_size") or vision.image_size,
       select_layer=data.get("select_layer", -1), downsample_ratio=data.get("downsample_ratio", 0.5),
       ps_version=data.get("ps_version", "v1"), projector_eps=_PROJECTOR_EPS,
-      image_context_id=image_context_id)
+      image_context_id=image_context_id, **_chat_fields(data))
 
 
 def _transformers_config(data: dict) -> ChatConfig:
@@ -193,4 +211,5 @@ def _transformers_config(data: dict) -> ChatConfig:
     image_size = round(data["image_seq_length"]**0.5 / ratio) * vision.patch_size
   return ChatConfig(vision=vision, llm=llm, variant="v1.5", image_size=image_size,
                     select_layer=layer, downsample_ratio=ratio, ps_version="v2",
-                    projector_eps=_PROJECTOR_EPS, image_context_id=data["image_token_id"])
+                    projector_eps=_PROJECTOR_EPS, image_context_id=data["image_token_id"],
+                    **_chat_fields(data))

@@ -12,14 +12,14 @@ from internvl_jax.data import tokenizer as tokenizer_lib
 from internvl_jax.data import transforms
 
 
-def load_chat_tokenizer(tokenizer_path: str, template: str) -> tokenizer_lib.Tokenizer:
-  """The tokenizer with the image tokens and the template's markers added (the chat model's
-  vocabulary size is this tokenizer's)."""
+def load_chat_tokenizer(tokenizer_path: str, template: str) -> tokenizer_lib.ChatTokenizer:
+  """The tokenizer (SentencePiece model or tokenizer.json) with the image tokens and the
+  template's markers added (the chat model's vocabulary size is this tokenizer's)."""
   special_tokens = tokenizer_lib.IMAGE_TOKENS + templates.TEMPLATES[template].special_tokens
-  return tokenizer_lib.Tokenizer.load(tokenizer_path, special_tokens)
+  return tokenizer_lib.load(tokenizer_path, special_tokens)
 
 
-def image_token_ids(tokenizer: tokenizer_lib.Tokenizer, num_tiles: int, tokens_per_tile: int,
+def image_token_ids(tokenizer: tokenizer_lib.ChatTokenizer, num_tiles: int, tokens_per_tile: int,
                     wrap: bool) -> list[int]:
   """<img> <IMG_CONTEXT> x (tokens_per_tile * num_tiles) </img>; without `wrap` only the
   context tokens (chat v1.0, where the image features simply take their places)."""
@@ -48,27 +48,28 @@ class ChatProcessor(grain.transforms.Map):
   (labels aligned with tokens, IGNORE_LABEL off the answers), "token_mask" bool [max_len].
   """
 
-  def __init__(self, config: config_lib.ChatDataConfig, tokenizer: tokenizer_lib.Tokenizer):
+  def __init__(self, config: config_lib.ChatDataConfig, tokenizer: tokenizer_lib.ChatTokenizer):
     self._config = config
     self._tokenizer = tokenizer
 
   def map(self, record) -> issues.RecordOutcome:
     return issues.outcome_of(self._process, record)
 
-  def _tiles(self, image_bytes: bytes) -> list:
+  def _tiles(self, image_bytes: bytes) -> tuple[list, tuple[str, ...]]:
+    """The image's tiles and the reasons to count (its conversion to RGB, if any)."""
     config = self._config
-    image = transforms.decode_rgb(image_bytes, config.min_image_side)
+    image, conversions = transforms.decode_rgb(image_bytes, config.min_image_side)
     if not config.dynamic_tiling:
-      return [transforms.resize(image, config.tile_size)]
+      return [transforms.resize(image, config.tile_size)], conversions
     return tiling.tile_image(image, config.tile_size, config.min_tiles, config.max_tiles,
-                             config.use_thumbnail)
+                             config.use_thumbnail), conversions
 
   def _process(self, record) -> issues.RecordOutcome:
     config = self._config
     image_bytes = record["image"]
     conversation = templates.parse_conversation(decode_turns(record["conversations"]),
                                                 has_image=bool(image_bytes))
-    tiles = self._tiles(image_bytes) if image_bytes else []
+    tiles, conversions = self._tiles(image_bytes) if image_bytes else ([], ())
     segments = templates.render(config.template, conversation, config.system_message)
     image_ids = image_token_ids(self._tokenizer, len(tiles), config.image_tokens_per_tile,
                                 config.wrap_image_tokens) if tiles else []
@@ -84,5 +85,5 @@ class ChatProcessor(grain.transforms.Map):
         "labels": tokenized.labels,
         "token_mask": np.arange(config.max_len) < tokenized.length,
     }
-    reasons = (issues.CONVERSATION_TRUNCATED,) if tokenized.truncated else ()
-    return issues.RecordOutcome(example, reasons)
+    truncations = (issues.CONVERSATION_TRUNCATED,) if tokenized.truncated else ()
+    return issues.RecordOutcome(example, conversions + truncations)

@@ -2,9 +2,11 @@
 
 import dataclasses
 
+from internvl_jax.data import templates
+
 ITM_NEGATIVES = ("none", "batch", "batch_hard", "pool")
 EVAL_RESIZES = ("resize_center_crop", "resize")
-TEMPLATES = ("vicuna_v1", "internlm2-chat", "plain")
+TEMPLATES = tuple(templates.TEMPLATES)
 IMAGE_IDS = ("none", "feature", "image_hash")
 
 
@@ -175,7 +177,8 @@ class ChatDataConfig:
   def __post_init__(self):
     owner = "ChatDataConfig"
     if not self.tokenizer_path:
-      raise ValueError(f"{owner}: tokenizer_path must point to a SentencePiece model.")
+      raise ValueError(f"{owner}: tokenizer_path must point to a SentencePiece model or a "
+                       "tokenizer.json.")
     _check_choice(owner, "template", self.template, TEMPLATES)
     _check_positive(owner, "tile_size", self.tile_size)
     _check_positive(owner, "image_tokens_per_tile", self.image_tokens_per_tile)

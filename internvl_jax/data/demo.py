@@ -48,17 +48,15 @@ SPLITS = {"train": 0, "test": 1, "zero_shot": 2}
 
 # The two templates of 8 tokens or more (the captioner's minimum, spec 3.4) name the background,
 # which the demo's captioner reads, not the position, which its one cross-attention block does not
-# learn to find in stage 2's 2000 steps (BENCHMARKS.md); with one of them naming the position (v5),
-# beam search named a position, at chance, in 40% of captions.
+# learn to find in stage 2's 2000 steps and would name at chance.
 CAPTION_TEMPLATES = (
     "a {colour} {shape} in the {position}",
     "a {colour} {shape}",
     "a photo of a {colour} {shape} on a {background} background",
     "there is a {colour} {shape} on a {background} background",
     "a {shape} coloured {colour}, {position}",
-    # Three without the colour: in-batch negatives of any colour, told apart only by their shape.
-    # Stage 1's held-out errors are another shape of the same colour; with one such template
-    # instead of three they were more common (README, BENCHMARKS).
+    # Three without the colour, so that in-batch negatives are told apart by their shape alone:
+    # stage 1's held-out errors are another shape of the same colour.
     "a {shape} on a {background} background",
     "a {shape}",
     "a {shape} in the {position}",
@@ -100,8 +98,8 @@ def _sample_text(rng: np.random.Generator, class_names: tuple[str, ...]) -> dict
               for i in (chosen, *(i for i in range(len(CAPTION_TEMPLATES)) if i != chosen))]
   caption = captions[0]
   # One question per conversation, so every answer sits at the same distance from the image
-  # tokens. With 1-3 (or 5) turns per conversation, the demo's 2-layer LLM trained from scratch
-  # learnt the shape's row in 600 steps but read its column at chance; with one turn, both.
+  # tokens: with several turns the demo's 2-layer LLM, trained from scratch, does not learn to
+  # read the shape's column in stage 3's 600 steps.
   question, answer = _QUESTIONS[rng.integers(len(_QUESTIONS))]
   conversation = [
       {"from": templates.HUMAN,

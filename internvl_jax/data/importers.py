@@ -5,8 +5,10 @@
   internvl_chat_records: one dataset of an InternVL-Chat meta JSON (JSONL lines with "image" and
                          "conversations", paths relative to the dataset's "root")
 
-Each record is checked as the pipelines will check it (image decodes, is RGB and big enough;
+Each record is checked as the pipelines will check it (image decodes and is big enough;
 caption non-empty; conversation well formed); a bad one is skipped and counted in `counter`.
+Images are stored as they were encoded; one in a mode other than RGB is counted in `counter` by
+that mode, as the pipelines will convert it to RGB when they read it.
 """
 
 import json
@@ -24,14 +26,19 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 META_KEYS = ("root", "annotation")
 
 
-def _read_image(path: str, min_side: int) -> bytes:
+def _read_image(path: str) -> bytes:
   try:
     with open(path, "rb") as f:
-      data = f.read()
+      return f.read()
   except OSError as e:
     raise issues.SkipRecord(issues.IMAGE_MISSING, str(e)) from e
-  transforms.decode_rgb(data, min_side)
-  return data
+
+
+def _check_image(data: bytes, min_side: int) -> tuple[str, ...]:
+  """Raises `issues.SkipRecord` for an image the pipelines would skip; else the reasons to
+  count once the record is kept (its conversion to RGB, if any)."""
+  _, conversions = transforms.decode_rgb(data, min_side)
+  return conversions
 
 
 def _check_caption(caption) -> str:
@@ -68,10 +75,12 @@ def image_folder_records(images_dir: str, captions_jsonl: str, counter: issues.I
       continue
     try:
       caption = _check_caption(entry.get(caption_key))
-      image = _read_image(os.path.join(images_dir, entry[image_key]), min_side)
+      image = _read_image(os.path.join(images_dir, entry[image_key]))
+      conversions = _check_image(image, min_side)
     except issues.SkipRecord as e:
       counter[e.reason] += 1
       continue
+    counter.update(conversions)
     yield f"{line_number:010d}", {"image": image, "caption": caption}
 
 
@@ -120,10 +129,11 @@ def webdataset_records(tar_paths: Iterable[str], counter: issues.IssueCounter,
             image = next((sample[e] for e in IMAGE_EXTENSIONS if e in sample), None)
             if image is None:
               raise issues.SkipRecord(issues.IMAGE_MISSING, f"{key} has no image")
-            transforms.decode_rgb(image, min_side)
+            conversions = _check_image(image, min_side)
           except issues.SkipRecord as e:
             counter[e.reason] += 1
             continue
+          counter.update(conversions)
           yield f"{shard}/{key}", {"image": image, "caption": caption}
     except (tarfile.TarError, OSError):
       # A truncated or unreadable shard: what was read is kept, the rest counted once.
@@ -172,10 +182,12 @@ def internvl_chat_records(entry: dict, counter: issues.IssueCounter,
         raise issues.SkipRecord(issues.ANNOTATION_UNREADABLE, f"image is {image_path!r}")
       turns = _chat_turns(item.get("conversations"))
       templates.parse_conversation(turns, has_image=bool(image_path))
-      image = _read_image(os.path.join(entry["root"], image_path), min_side) if image_path else b""
+      image = _read_image(os.path.join(entry["root"], image_path)) if image_path else b""
+      conversions = _check_image(image, min_side) if image_path else ()
     except issues.SkipRecord as e:
       counter[e.reason] += 1
       continue
+    counter.update(conversions)
     yield f"{line_number:010d}", {
         "image": image,
         "conversations": [{"from": role, "value": text} for role, text in turns],

@@ -1,13 +1,15 @@
-"""Reasons a record is skipped or truncated, and the counters that report them.
+"""Reasons a record is skipped, truncated or converted, and the counters that report them.
 
 Bad input never stops a run and is never dropped silently: every record that is
-skipped, and every text that is truncated, is counted under one of these reasons.
-The pipelines carry the counts as a fixed-length vector (indexed by `REASONS`) so
-they can travel through grain batches and worker processes.
+skipped, every text that is truncated, and every image decoded from a mode other than
+RGB is counted under one of these reasons. The pipelines carry the counts as a
+fixed-length vector (indexed by `REASONS`) so they can travel through grain batches
+and worker processes.
 """
 
 import collections
 import dataclasses
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -17,7 +19,6 @@ import numpy as np
 IMAGE_MISSING = "image_missing"
 IMAGE_UNDECODABLE = "image_undecodable"
 IMAGE_TOO_SMALL = "image_too_small"
-IMAGE_NOT_RGB = "image_not_rgb"
 CAPTION_EMPTY = "caption_empty"
 CAPTION_UNDECODABLE = "caption_undecodable"
 CONVERSATION_MALFORMED = "conversation_malformed"
@@ -35,14 +36,22 @@ CAPTION_TRUNCATED = "caption_truncated"
 CONVERSATION_TRUNCATED = "conversation_truncated"
 
 SKIP_REASONS = (
-    IMAGE_MISSING, IMAGE_UNDECODABLE, IMAGE_TOO_SMALL, IMAGE_NOT_RGB,
+    IMAGE_MISSING, IMAGE_UNDECODABLE, IMAGE_TOO_SMALL,
     CAPTION_EMPTY, CAPTION_UNDECODABLE, CONVERSATION_MALFORMED,
     CONVERSATION_NO_IMAGE_PLACEHOLDER, CONVERSATION_MULTIPLE_IMAGE_PLACEHOLDERS,
     CONVERSATION_NO_ASSISTANT_TURN, CONVERSATION_TOO_LONG,
     ANNOTATION_UNREADABLE, MULTIPLE_IMAGES,
 )
 TRUNCATION_REASONS = (CAPTION_TRUNCATED, CONVERSATION_TRUNCATED)
-REASONS = SKIP_REASONS + TRUNCATION_REASONS
+
+# Records kept, image converted to RGB, by the PIL mode it was stored in. The modes are a
+# fixed set so the count vector keeps its length; any other mode counts as "other".
+CONVERTED_MODES = ("1", "L", "LA", "P", "PA", "RGBA", "CMYK", "YCbCr", "I", "I;16", "F")
+OTHER_MODE = "other"
+CONVERSION_REASONS = {mode: f"image_converted_from_{mode.lower().replace(';', '')}"
+                      for mode in (*CONVERTED_MODES, OTHER_MODE)}
+
+REASONS = SKIP_REASONS + TRUNCATION_REASONS + tuple(CONVERSION_REASONS.values())
 _REASON_INDEX = {reason: i for i, reason in enumerate(REASONS)}
 
 
@@ -59,7 +68,7 @@ class SkipRecord(Exception):
 @dataclasses.dataclass(frozen=True)
 class RecordOutcome:
   """What a record transform made of one record: an example, or None if it was skipped,
-  and the reasons it was skipped or truncated."""
+  and the reasons it was skipped, truncated or converted."""
 
   example: dict[str, Any] | None
   reasons: tuple[str, ...] = ()
@@ -71,6 +80,11 @@ def outcome_of(process, *args) -> RecordOutcome:
     return process(*args)
   except SkipRecord as e:
     return RecordOutcome(None, (e.reason,))
+
+
+def converted_from(mode: str) -> str:
+  """The reason counting an image converted to RGB from PIL mode `mode`."""
+  return CONVERSION_REASONS.get(mode, CONVERSION_REASONS[OTHER_MODE])
 
 
 def count_vector(reasons: Iterable[str]) -> np.ndarray:
@@ -87,8 +101,13 @@ def counts_to_dict(counts: np.ndarray) -> dict[str, int]:
 
 
 def dict_to_counts(counts: Mapping[str, int]) -> np.ndarray:
+  """The count vector of a `counts_to_dict` result. Reasons this version no longer has (an
+  older checkpoint's iterator state) are dropped with a warning, so the run still resumes."""
   vector = np.zeros(len(REASONS), np.int64)
   for reason, count in counts.items():
+    if reason not in _REASON_INDEX:
+      logging.warning("Dropping the count of a retired data issue reason: %s=%d", reason, count)
+      continue
     vector[_REASON_INDEX[reason]] = count
   return vector
 
@@ -97,4 +116,12 @@ class IssueCounter(collections.Counter):
   """Counts by reason, for the importers (which run outside grain)."""
 
   def skipped(self) -> int:
-    return sum(c for r, c in self.items() if r in SKIP_REASONS)
+    return sum(self.skipped_by_reason().values())
+
+  def skipped_by_reason(self) -> dict[str, int]:
+    return {r: self[r] for r in sorted(self) if r in SKIP_REASONS and self[r]}
+
+  def converted_by_mode(self) -> dict[str, int]:
+    """Images converted to RGB, by the mode they were stored in ("other" for the rest)."""
+    return {mode: self[reason] for mode, reason in sorted(CONVERSION_REASONS.items())
+            if self[reason]}

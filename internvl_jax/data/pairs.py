@@ -49,7 +49,8 @@ class PairProcessor(grain.transforms.RandomMap):
     if not caption:
       raise issues.SkipRecord(issues.CAPTION_EMPTY)
     caption = caption[:config.max_text_len * _CHARS_PER_TOKEN]
-    image = transforms.decode_rgb(record["image"], config.min_image_side, self._draft_size)
+    image, conversions = transforms.decode_rgb(record["image"], config.min_image_side,
+                                               self._draft_size)
     if config.train_augment:
       image = transforms.random_resized_crop(image, config.image_size, config.crop_scale, rng)
     elif config.eval_resize == "resize_center_crop":
@@ -73,4 +74,5 @@ class PairProcessor(grain.transforms.RandomMap):
       example["image_id"] = np.int32(record["image_id"])
     elif config.image_id == "image_hash":
       example["image_id"] = image_hash(record["image"])
-    return issues.RecordOutcome(example, (issues.CAPTION_TRUNCATED,) if truncated else ())
+    truncations = (issues.CAPTION_TRUNCATED,) if truncated else ()
+    return issues.RecordOutcome(example, conversions + truncations)

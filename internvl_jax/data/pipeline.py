@@ -159,9 +159,9 @@ def batched(loader: config_lib.LoaderConfig, processed: grain.MapDataset) -> gra
 class DataIterator:
   """Host batches (dicts of numpy arrays, leading axis the host batch) with their state.
 
-  `issue_counts()` gives the skipped and truncated records so far, by reason; the counts are
-  part of `get_state()` and survive a restore. A final partial batch is padded to full size
-  with VALID False.
+  `issue_counts()` gives the skipped, truncated and converted records so far, by reason; the
+  counts are part of `get_state()` and survive a restore. A final partial batch is padded to
+  full size with VALID False.
   """
 
   def __init__(self, dataset: grain.IterDataset, batch_size: int, tokenizer_path: str,

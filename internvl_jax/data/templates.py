@@ -1,19 +1,30 @@
-"""Chat templates (spec 4.4): conversation checks, rendering, and tokens with assistant-only labels.
+"""Chat templates (spec 4.4; chat families spec 5): conversation checks, rendering, and tokens
+with assistant-only labels.
 
 A conversation is a list of (role, text) turns, roles "human" / "gpt" alternating from "human",
 optionally preceded by one "system" turn. Rendering produces segments: text (tokenized piece by
 piece, as the reference tokenizes the parts around special tokens), special tokens (by id), and
-the one image slot. Only assistant answers and the separator that ends them carry labels.
+the one image slot. Only assistant answers and the end marker that closes them carry labels.
 
 Templates, with {sys} the system message and q / a the turns of each round:
   vicuna_v1:       <s>{sys} USER: q ASSISTANT: a</s>USER: q ASSISTANT: a</s>...
-  internlm2-chat:  <s><|im_start|>system\n{sys}<|im_end|><|im_start|>user\nq<|im_end|>
-                   <|im_start|>assistant\na<|im_end|>...
   plain:           <s><image>a\n  (LLaVA pre-training: the human text is dropped, only the image
                    placeholder is kept; every answer ends with a newline)
+and the official `conversation.py` MPT style, system + sep, then role + text + sep per message:
+  internlm2-chat:  <s><|im_start|>system\n{sys}<|im_end|><|im_start|>user\nq<|im_end|>
+                   <|im_start|>assistant\na<|im_end|>...
+  Hermes-2:        as internlm2-chat without <s> (the official MPT preprocessor adds none)
+  phi3-chat:       <s><|system|>\n{sys}<|end|><|user|>\nq<|end|><|assistant|>\na<|end|>...
+  internvl2_5:     <s><|im_start|>system\n{sys}<|im_end|>\n<|im_start|>user\nq<|im_end|>\n
+                   <|im_start|>assistant\na<|im_end|>\n...  (the newline after an answer's
+                   <|im_end|> is not trained)
+<s> is the tokenizer's BOS and is left out when the tokenizer has none (Qwen2), as the official
+preprocessors only keep the BOS their tokenizer adds.
 """
 
 import dataclasses
+import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,11 +35,27 @@ from internvl_jax.data import tokenizer as tokenizer_lib
 IMAGE_PLACEHOLDER = "<image>"
 HUMAN, ASSISTANT, SYSTEM = "human", "gpt", "system"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+PHI3_SYSTEM, PHI3_USER = "<|system|>", "<|user|>"
+PHI3_ASSISTANT, PHI3_END = "<|assistant|>", "<|end|>"
+BOS, EOS = "<s>", "</s>"  # markers naming the tokenizer's BOS and EOS, whatever its pieces
 
 VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The "
                  "assistant gives helpful, detailed, and polite answers to the user's questions.")
 INTERNLM2_SYSTEM = ("你是由上海人工智能实验室联合商汤科技开发的书生多模态大模型，英文名叫InternVL, "
                     "是一个有用无害的人工智能助手。")
+INTERNVL2_5_SYSTEM = ("你是书生·万象，英文名是InternVL，是由上海人工智能实验室、清华大学及多家合作单位联合"
+                      "开发的多模态大语言模型。")
+
+
+@dataclasses.dataclass(frozen=True)
+class Mpt:
+  """The official `conversation.py` MPT style: `system.format(sys) + sep`, then `role + text +
+  sep` per message; an open assistant turn ends with the bare role."""
+
+  system: str  # the system message's wrapper, "{}" where the message goes
+  user: str
+  assistant: str
+  sep: str  # starts with the template's stop token; what follows it (a newline) is not trained
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,17 +63,31 @@ class Template:
   name: str
   default_system: str
   special_tokens: tuple[str, ...]  # pieces the tokenizer must hold whole
+  stop: str  # the token that ends an answer, where generation stops (the official sep.strip())
+  bos: bool = True  # the conversation starts with the tokenizer's BOS, if it has one
+  mpt: Mpt | None = None  # None: vicuna_v1 and plain, rendered by hand
 
+
+_CHATML = Mpt(IM_START + "system\n{}", IM_START + "user\n", IM_START + "assistant\n", IM_END)
+_CHATML_TOKENS = (IM_START, IM_END)
 
 TEMPLATES = {
-    "vicuna_v1": Template("vicuna_v1", VICUNA_SYSTEM, ()),
-    "internlm2-chat": Template("internlm2-chat", INTERNLM2_SYSTEM, (IM_START, IM_END)),
-    "plain": Template("plain", "", ()),
+    "vicuna_v1": Template("vicuna_v1", VICUNA_SYSTEM, (), EOS),
+    "internlm2-chat": Template("internlm2-chat", INTERNLM2_SYSTEM, _CHATML_TOKENS, IM_END,
+                               mpt=_CHATML),
+    "Hermes-2": Template("Hermes-2", INTERNLM2_SYSTEM, _CHATML_TOKENS, IM_END, bos=False,
+                         mpt=_CHATML),
+    "phi3-chat": Template(
+        "phi3-chat", INTERNLM2_SYSTEM, (PHI3_SYSTEM, PHI3_USER, PHI3_ASSISTANT, PHI3_END),
+        PHI3_END, mpt=Mpt(PHI3_SYSTEM + "\n{}", PHI3_USER + "\n", PHI3_ASSISTANT + "\n",
+                          PHI3_END)),
+    "internvl2_5": Template("internvl2_5", INTERNVL2_5_SYSTEM, _CHATML_TOKENS, IM_END,
+                           mpt=dataclasses.replace(_CHATML, sep=IM_END + "\n")),
+    "plain": Template("plain", "", (), EOS),
 }
 
 # Segment kinds.
 TEXT, TOKEN, IMAGE = "text", "token", "image"
-BOS, EOS = "<s>", "</s>"  # TOKEN segments naming the tokenizer's BOS and EOS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,14 +136,54 @@ def parse_conversation(turns: Sequence[tuple[str, str]], has_image: bool) -> Con
   return Conversation(system, rounds)
 
 
-def _question_segments(text: str, prefix: str = "", suffix: str = "") -> list[Segment]:
-  """prefix + text + suffix as untrainable text, with the image slot where the placeholder is."""
-  before, found, after = (prefix + text + suffix).partition(IMAGE_PLACEHOLDER)
-  segments = [Segment(TEXT, before)] if before else []
-  if found:
-    segments.append(Segment(IMAGE))
-    if after:
-      segments.append(Segment(TEXT, after))
+def _split(text: str, special_tokens: Sequence[str], trainable: bool = False) -> list[Segment]:
+  """`text` as segments: the special tokens and the image slot cut out, the rest text."""
+  pattern = "(" + "|".join(re.escape(t) for t in (IMAGE_PLACEHOLDER, *special_tokens)) + ")"
+  segments = []
+  for part in re.split(pattern, text):
+    if part == IMAGE_PLACEHOLDER:
+      segments.append(Segment(IMAGE))
+    elif part in special_tokens:
+      segments.append(Segment(TOKEN, part, trainable))
+    elif part:
+      segments.append(Segment(TEXT, part, trainable))
+  return segments
+
+
+def _render(template: str, system: str | None, system_message: str | None,
+            turns: Sequence[tuple[str, str | None]]) -> list[Segment]:
+  """Segments of (question, answer) turns; an answer None leaves the assistant's turn open (the
+  last turn only). `system` is the data's system turn, which overrides `system_message`, which
+  overrides the template's default."""
+  if template not in TEMPLATES:
+    raise ValueError(f"Unknown template {template!r}; known: {tuple(TEMPLATES)}")
+  spec = TEMPLATES[template]
+  if system is None:
+    system = spec.default_system if system_message is None else system_message
+  segments = [Segment(TOKEN, BOS)] if spec.bos else []
+  if spec.mpt is not None:
+    mpt, split = spec.mpt, functools.partial(_split, special_tokens=spec.special_tokens)
+    text = mpt.system.format(system) + mpt.sep
+    for question, answer in turns:
+      segments += split(text + mpt.user + question + mpt.sep + mpt.assistant)
+      if answer is None:
+        return segments
+      segments += split(answer + spec.stop, trainable=True)
+      text = mpt.sep.removeprefix(spec.stop)  # the untrained rest of the separator
+    return segments + split(text)
+  if template == "vicuna_v1":
+    if system:
+      segments.append(Segment(TEXT, system))
+    for question, answer in turns:
+      segments += _split("USER: " + question + " ASSISTANT:", ())
+      if answer is not None:
+        segments += [Segment(TEXT, answer, True), Segment(TOKEN, spec.stop, True)]
+  else:  # plain
+    for question, answer in turns:
+      if IMAGE_PLACEHOLDER in question:
+        segments.append(Segment(IMAGE))
+      if answer is not None:
+        segments.append(Segment(TEXT, answer + "\n", True))
   return segments
 
 
@@ -110,57 +191,36 @@ def render(template: str, conversation: Conversation,
            system_message: str | None = None) -> list[Segment]:
   """Segments of a conversation; `system_message` overrides the template's default, and a
   system turn in the data overrides both."""
-  spec = TEMPLATES[template]
-  system = conversation.system
-  if system is None:
-    system = spec.default_system if system_message is None else system_message
-  segments = [Segment(TOKEN, BOS)]
-  if template == "vicuna_v1":
-    if system:
-      segments.append(Segment(TEXT, system))
-    for question, answer in conversation.rounds:
-      segments += _question_segments(question, "USER: ", " ASSISTANT:")
-      segments += [Segment(TEXT, answer, True), Segment(TOKEN, EOS, True)]
-  elif template == "internlm2-chat":
-    if system:
-      segments += [Segment(TOKEN, IM_START), Segment(TEXT, "system\n" + system),
-                   Segment(TOKEN, IM_END)]
-    for question, answer in conversation.rounds:
-      segments.append(Segment(TOKEN, IM_START))
-      segments += _question_segments(question, "user\n")
-      segments += [Segment(TOKEN, IM_END), Segment(TOKEN, IM_START),
-                   Segment(TEXT, "assistant\n"), Segment(TEXT, answer, True),
-                   Segment(TOKEN, IM_END, True)]
-  elif template == "plain":
-    for question, answer in conversation.rounds:
-      if IMAGE_PLACEHOLDER in question:
-        segments.append(Segment(IMAGE))
-      segments.append(Segment(TEXT, answer + "\n", True))
-  else:
-    raise ValueError(f"Unknown template {template!r}; known: {tuple(TEMPLATES)}")
-  return segments
+  return _render(template, conversation.system, system_message, conversation.rounds)
 
 
 def prompt_segments(template: str, question: str, system_message: str | None = None) -> list[Segment]:
   """Segments of a one-question conversation up to where the assistant's answer starts: the
   prompt that chat generation continues."""
-  segments = render(template, Conversation(None, ((question, ""),)), system_message)
-  while segments and segments[-1].trainable:  # the (empty) answer and its end marker
-    segments.pop()
-  return segments
+  return _render(template, None, system_message, ((question, None),))
 
 
-def _segment_ids(segment: Segment, tokenizer: tokenizer_lib.Tokenizer,
+def _token_id(token: str, tokenizer: tokenizer_lib.ChatTokenizer) -> int:
+  return tokenizer.eos_id if token == EOS else tokenizer.token_id(token)
+
+
+def stop_id(template: str, tokenizer: tokenizer_lib.ChatTokenizer) -> int:
+  """The id that ends an answer: where generation stops (the official chat()'s eos_token_id)."""
+  return _token_id(TEMPLATES[template].stop, tokenizer)
+
+
+def _segment_ids(segment: Segment, tokenizer: tokenizer_lib.ChatTokenizer,
                  image_token_ids: Sequence[int]) -> list[int]:
   if segment.kind == TEXT:
     return tokenizer.encode(segment.value)
   if segment.kind == TOKEN:
-    return [tokenizer.bos_id if segment.value == BOS else
-            tokenizer.eos_id if segment.value == EOS else tokenizer.token_id(segment.value)]
+    if segment.value == BOS:  # only a tokenizer that has a BOS starts with it
+      return [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    return [_token_id(segment.value, tokenizer)]
   return list(image_token_ids)
 
 
-def prompt_ids(segments: Sequence[Segment], tokenizer: tokenizer_lib.Tokenizer,
+def prompt_ids(segments: Sequence[Segment], tokenizer: tokenizer_lib.ChatTokenizer,
                image_token_ids: Sequence[int]) -> list[int]:
   """The token ids of prompt segments (see `prompt_segments`), image slot filled."""
   return [i for segment in segments for i in _segment_ids(segment, tokenizer, image_token_ids)]
@@ -174,7 +234,7 @@ class TokenizedConversation:
   truncated: bool
 
 
-def tokenize(segments: Sequence[Segment], tokenizer: tokenizer_lib.Tokenizer,
+def tokenize(segments: Sequence[Segment], tokenizer: tokenizer_lib.ChatTokenizer,
              image_token_ids: Sequence[int], max_len: int) -> TokenizedConversation:
   """Tokens and labels of rendered segments, the image slot filled with `image_token_ids`.
 

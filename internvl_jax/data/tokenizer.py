@@ -1,15 +1,21 @@
-"""SentencePiece tokenizer with InternVL's text conventions (spec 2.1, 4.2, 4.4c).
+"""Tokenizers with InternVL's text conventions (spec 2.1, 4.2, 4.4c; chat families spec 1.3).
 
-Loads a LLaMA `tokenizer.model` (or the small demo model) and can append special tokens
-(`<img>`, `</img>`, `<IMG_CONTEXT>`, template markers) as user-defined pieces at the end of the
-vocabulary, so the ids of existing pieces never change and the new ones are matched whole.
+`Tokenizer` loads a SentencePiece `tokenizer.model` (LLaMA, InternLM2, or the small demo model);
+`JsonTokenizer` a transformers `tokenizer.json` (Qwen2 / Qwen2.5, Phi-3). Both can append special
+tokens (`<img>`, `</img>`, `<IMG_CONTEXT>`, template markers) at the end of the vocabulary, so the
+ids of existing tokens never change and the new ones are matched whole; `load` picks one by the
+file. Chat code needs only what `ChatTokenizer` names.
 """
 
 import io
+import json
+import os
 from collections.abc import Iterable, Sequence
+from typing import Protocol
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 from sentencepiece import sentencepiece_model_pb2
 
 IMAGE_START = "<img>"
@@ -18,6 +24,24 @@ IMAGE_CONTEXT = "<IMG_CONTEXT>"
 IMAGE_TOKENS = (IMAGE_START, IMAGE_END, IMAGE_CONTEXT)
 PAD_ID = 0  # LLaMA has no pad piece; InternVL pads with 0 (the unk id) and masks ids > 0.
 IGNORE_LABEL = -100  # label of positions that carry no loss
+
+
+class ChatTokenizer(Protocol):
+  """What templates and chat code use of a tokenizer. `bos_id` is None for a tokenizer that puts
+  no BOS in front of a text (Qwen2)."""
+
+  vocab_size: int
+  bos_id: int | None
+  eos_id: int
+
+  def token_id(self, piece: str) -> int:
+    ...
+
+  def encode(self, text: str) -> list[int]:
+    ...
+
+  def decode(self, ids: Iterable[int]) -> str:
+    ...
 
 
 def add_special_tokens(model_proto: bytes, tokens: Sequence[str]) -> bytes:
@@ -155,3 +179,73 @@ def _pad(ids: list[int], length: int, value: int) -> np.ndarray:
   out = np.full(length, value, np.int32)
   out[:len(ids)] = ids
   return out
+
+
+class JsonTokenizer:
+  """A transformers `tokenizer.json` (HF `tokenizers`), with the `ChatTokenizer` interface.
+
+  Its BOS is the special token its post-processor puts in front of a text (as `tokenizer(text)`
+  adds it in the official preprocessors), None if it puts none (Qwen2). tokenizer.json does not
+  say which token is the EOS: `eos_token` names it (tokenizer_config.json's, see `load`).
+  """
+
+  def __init__(self, json_str: str, eos_token: str, special_tokens: Sequence[str] = ()):
+    self._tokenizer = tokenizers.Tokenizer.from_str(json_str)
+    if special_tokens:  # appended in order; tokens already in the vocabulary keep their ids
+      self._tokenizer.add_special_tokens(
+          [tokenizers.AddedToken(t, special=True, normalized=False) for t in special_tokens])
+    self._eos_token = eos_token
+    self._eos_id = self.token_id(eos_token)
+    probe = self._tokenizer.encode("a")
+    self._bos_id = probe.ids[0] if probe.special_tokens_mask[0] else None
+
+  def __getstate__(self):
+    return {"json_str": self._tokenizer.to_str(), "eos_token": self._eos_token}
+
+  def __setstate__(self, state):
+    self.__init__(state["json_str"], state["eos_token"])
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def bos_id(self) -> int | None:
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos_id
+
+  def token_id(self, piece: str) -> int:
+    """Id of a whole token (e.g. a special token); raises if the vocabulary lacks it."""
+    token = self._tokenizer.token_to_id(piece)
+    if token is None:
+      raise KeyError(f"{piece!r} is not in the vocabulary; add it as a special token.")
+    return token
+
+  def encode(self, text: str) -> list[int]:
+    """Tokens of `text`, without the post-processor's BOS or EOS."""
+    return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+  def decode(self, ids: Iterable[int]) -> str:
+    """The text of `ids`, special tokens included (every id is a token: there is no pad id to
+    drop, unlike SentencePiece's 0)."""
+    return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)
+
+
+def load(path: str, special_tokens: Sequence[str] = ()) -> Tokenizer | JsonTokenizer:
+  """The tokenizer in `path`: a `tokenizer.json` (its EOS named by the tokenizer_config.json next
+  to it), else a SentencePiece model."""
+  if not path.endswith(".json"):
+    return Tokenizer.load(path, special_tokens)
+  config_path = os.path.join(os.path.dirname(path), "tokenizer_config.json")
+  eos = None
+  if os.path.exists(config_path):
+    with open(config_path) as f:
+      eos = json.load(f).get("eos_token")
+  if eos is None:
+    raise ValueError(f"{path}: tokenizer.json does not name its EOS; put the tokenizer_config.json "
+                     "that does (eos_token) next to it.")
+  with open(path) as f:
+    return JsonTokenizer(f.read(), eos["content"] if isinstance(eos, dict) else eos, special_tokens)

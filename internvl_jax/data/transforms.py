@@ -17,30 +17,40 @@ from internvl_jax.preprocess import normalize_images
 BICUBIC = Image.Resampling.BICUBIC
 
 
-def decode_rgb(data: bytes, min_side: int, draft_size: int | None = None) -> Image.Image:
-  """Decodes encoded image bytes to a loaded RGB image, or raises `issues.SkipRecord`.
+def to_rgb(image: Image.Image) -> tuple[Image.Image, tuple[str, ...]]:
+  """The image loaded and converted to RGB by PIL's `convert("RGB")`, as the reference opens its
+  images, and the reasons to count: `issues.converted_from(mode)`, or () for an RGB image.
 
-  Non-RGB modes (grayscale, CMYK, palette, alpha) are skipped rather than converted, so every
-  image the model sees had colours as its author stored them. For JPEG, `draft_size` lets the
-  decoder downscale by a power of two while keeping both sides >= draft_size, which makes
-  decoding large photos several times cheaper.
+  Grayscale is replicated, palette colours looked up, CMYK converted; an alpha channel (RGBA,
+  LA, PA, palette transparency) is dropped and the colour values stored under it are kept, not
+  composited onto a background.
+  """
+  if image.mode == "RGB":
+    image.load()
+    return image, ()
+  return image.convert("RGB"), (issues.converted_from(image.mode),)
+
+
+def decode_rgb(data: bytes, min_side: int,
+               draft_size: int | None = None) -> tuple[Image.Image, tuple[str, ...]]:
+  """Decodes encoded image bytes with `to_rgb`, or raises `issues.SkipRecord`.
+
+  For JPEG, `draft_size` lets the decoder downscale by a power of two while keeping both sides
+  >= draft_size, which makes decoding large photos several times cheaper.
   """
   if not data:
     raise issues.SkipRecord(issues.IMAGE_MISSING, "no image bytes")
   try:
     image = Image.open(io.BytesIO(data))
-    if image.mode != "RGB":
-      raise issues.SkipRecord(issues.IMAGE_NOT_RGB, f"mode {image.mode}")
     if min(image.size) < min_side:
       raise issues.SkipRecord(issues.IMAGE_TOO_SMALL, f"size {image.size}")
     if draft_size is not None:
       image.draft("RGB", (draft_size, draft_size))
-    image.load()
+    return to_rgb(image)
   except issues.SkipRecord:
     raise
   except Exception as e:  # PIL raises many types for corrupt, truncated and huge images.
     raise issues.SkipRecord(issues.IMAGE_UNDECODABLE, f"{type(e).__name__}: {e}") from e
-  return image
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float],

@@ -90,19 +90,20 @@ def records(data: EvalData, limit: int | None) -> Iterator[dict]:
     yield source[index]
 
 
-def decode_image(value) -> Image.Image:
+def decode_image(value) -> tuple[Image.Image, tuple[str, ...]]:
   """An RGB image from encoded bytes (datasets written by internvl_jax) or a decoded uint8
-  array (TFDS `Image` features); raises `issues.SkipRecord` for an unusable one."""
+  array (TFDS `Image` features: 1 to 4 channels), converted by `transforms.to_rgb` (alpha
+  dropped), and the reasons to count; raises `issues.SkipRecord` for an unusable one."""
   if isinstance(value, (bytes, np.bytes_)):
     return transforms.decode_rgb(bytes(value), min_side=1)
   array = np.asarray(value)
   if array.ndim == 3 and array.shape[-1] == 1:
-    array = array[..., 0]
-  if array.ndim == 2:  # grayscale photos (a few in ImageNet and COCO) are evaluated as RGB
-    array = np.stack([array] * 3, axis=-1)
-  if array.ndim != 3 or array.shape[-1] != 3:
-    raise issues.SkipRecord(issues.IMAGE_NOT_RGB, f"image array of shape {array.shape}")
-  return Image.fromarray(array.astype(np.uint8), "RGB")
+    array = array[..., 0]  # PIL reads uint8 arrays of 2 dimensions, or 2, 3, 4 channels
+  channels = array.shape[-1] if array.ndim == 3 else 1
+  if array.dtype != np.uint8 or array.ndim not in (2, 3) or channels not in (1, 2, 3, 4):
+    raise issues.SkipRecord(issues.IMAGE_UNDECODABLE,
+                            f"image array of shape {array.shape} and dtype {array.dtype}")
+  return transforms.to_rgb(Image.fromarray(array))
 
 
 def pixels(image: Image.Image, size: int, crop: bool) -> np.ndarray:
@@ -168,15 +169,19 @@ def question_answers(record: dict, is_demo: bool) -> list[tuple[str, str]]:
 
 def with_images(items: Iterator[dict], task: str) -> Iterator[tuple[dict, Image.Image]]:
   """(record, decoded image) of the records whose image decodes; the others are logged and
-  counted, not scored."""
-  skipped = 0
+  counted, not scored. Images converted to RGB are counted by their mode."""
+  counter = issues.IssueCounter()
   for record in items:
     try:
-      image = decode_image(record["image"])
+      image, conversions = decode_image(record["image"])
     except issues.SkipRecord as e:
-      skipped += 1
+      counter[e.reason] += 1
       logging.warning("%s: skipping a record: %s", task, e)
       continue
+    counter.update(conversions)
     yield record, image
-  if skipped:
-    logging.warning("%s: %d records skipped for unusable images.", task, skipped)
+  if counter.skipped():
+    logging.warning("%s: %d records skipped for unusable images: %s", task, counter.skipped(),
+                    counter.skipped_by_reason())
+  if counter.converted_by_mode():
+    logging.info("%s: images converted to RGB, by mode: %s", task, counter.converted_by_mode())

@@ -74,8 +74,7 @@ class Embeddings(nn.Module):
         "cls_token", layers.logical_param(layers.default_kernel_init, (None, None, "embed")),
         (1, 1, width))
     pos_embed = self.param(
-        "pos_embed", layers.logical_param(nn.initializers.truncated_normal(cfg.pos_embed_init_std),
-                                          (None, None, "embed")),
+        "pos_embed", layers.logical_param(layers.default_kernel_init, (None, None, "embed")),
         (1, cfg.num_positions, width))
     tokens = jnp.concatenate(
         [jnp.broadcast_to(cls_token.astype(patches.dtype), (batch, 1, width)),

@@ -12,8 +12,10 @@ import matplotlib.pyplot as plt  # pylint: disable=wrong-import-position
 from internvl_jax.train.metrics import METRICS_FILE
 
 PLOT_FILE = "curves.png"
-# Training metrics worth a curve; every eval/* metric gets one too.
+# Training metrics worth a curve; every eval/* score gets one too.
 _CURVES = ("loss", "itc_loss", "itm_loss", "itg_loss", "lm_loss", "accuracy")
+PERCENT_PANEL = "evaluation (%)"
+CIDER_PANEL = "evaluation (CIDEr x100)"
 
 
 def read_metrics(workdir: str) -> list[dict]:
@@ -50,21 +52,35 @@ def summary(records: list[dict]) -> str:
   return "\n".join(lines)
 
 
+def eval_panels(names) -> dict[str, list[str]]:
+  """The eval/* metrics each evaluation panel plots, by panel title (panels without metrics
+  left out). Rates and percentages (0-100) share one axis; CIDEr (x100, up to ~400) gets its own
+  so it does not flatten them; counts ("num_*") are not scores and are not plotted."""
+  panels = {PERCENT_PANEL: [], CIDER_PANEL: []}
+  for name in sorted(n for n in names if n.startswith("eval/")):
+    metric = name.rsplit("/", 1)[-1]
+    if metric.startswith("num_"):
+      continue
+    panels[CIDER_PANEL if "cider" in metric else PERCENT_PANEL].append(name)
+  return {title: panel for title, panel in panels.items() if panel}
+
+
 def plot(records: list[dict], path: str, title: str):
-  """Loss curves on the left, eval metrics on the right (if any)."""
-  evals = sorted({n for r in records for n in r if n.startswith("eval/")})
-  fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 6, 4), squeeze=False)
+  """Loss curves on the left, then the evaluation panels of `eval_panels` (if any)."""
+  panels = eval_panels({n for r in records for n in r})
+  fig, axes = plt.subplots(1, 1 + len(panels), figsize=(6 * (1 + len(panels)), 4),
+                           squeeze=False)
   for name in _CURVES:
     steps, values = series(records, name)
     if steps:
       axes[0, 0].plot(steps, values, label=name)
   axes[0, 0].set(xlabel="step", title="training", yscale="log")
   axes[0, 0].legend()
-  if evals:
-    for name in evals:
-      axes[0, 1].plot(*series(records, name), marker="o", label=name.removeprefix("eval/"))
-    axes[0, 1].set(xlabel="step", title="evaluation")
-    axes[0, 1].legend()
+  for axis, (panel, names) in zip(axes[0, 1:], panels.items()):
+    for name in names:
+      axis.plot(*series(records, name), marker="o", label=name.removeprefix("eval/"))
+    axis.set(xlabel="step", title=panel)
+    axis.legend()
   fig.suptitle(title)
   fig.tight_layout()
   fig.savefig(path, dpi=100)
