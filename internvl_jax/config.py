@@ -9,6 +9,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from internvl_jax.data import templates
+from internvl_jax.data import tokenizer as tokenizer_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_TYPES = ("rms_norm", "layer_norm")
@@ -213,6 +214,35 @@ class LlamaConfig:
 # The multilingual LLaMA-7B that InternVL's text encoder and QLLaMA start from (Chinese-Alpaca).
 _LLAMA_7B = LlamaConfig()
 
+# The LLMs of the released InternVL-Chat 1.5-3 checkpoints are held as InternVL holds them (chat
+# spec 1.3): the vocabulary is the base tokenizer's plus the tokens the fine-tune scripts append,
+# in this order, resizing the embeddings to fit; and the head is untied, because
+# InternVLChatConfig forces tie_word_embeddings False (spec 2.6) even where the base LLM ties it
+# (Qwen2.5 up to 3B). Instruct and base models of one size share a preset.
+INTERNVL_ADDED_TOKENS = tokenizer_lib.IMAGE_TOKENS + ("<quad>", "</quad>", "<ref>", "</ref>",
+                                                     "<box>", "</box>")
+
+
+def _internvl_vocab(tokenizer_size: int) -> int:
+  return tokenizer_size + len(INTERNVL_ADDED_TOKENS)
+
+
+def _internlm2_rope(factor: float) -> RopeScaling:
+  # InternLM2's own dynamic NTK keys on the kv length (chat spec 2.1).
+  return RopeScaling("dynamic", factor, original_max_positions=32768, length="keys")
+
+
+# InternLM2 / 2.5: <s> 1 and </s> 2 as in LlamaConfig's defaults.
+_INTERNLM2 = LlamaConfig(vocab_size=_internvl_vocab(92544), num_kv_heads=8, norm_eps=1e-5,
+                         max_positions=32768, rope_base=1e6, rope_scaling=_internlm2_rope(2.0))
+_INTERNLM2_1_8B = _INTERNLM2.replace(hidden_size=2048, num_layers=24, num_heads=16, mlp_dim=8192)
+_INTERNLM2_20B = _INTERNLM2.replace(hidden_size=6144, num_layers=48, num_heads=48, mlp_dim=16384)
+# Qwen2.5's tokenizer holds 151665 tokens, fewer than the 151936 / 152064 rows the base models
+# ship. <|endoftext|> begins and pads; eos is <|im_end|>, which chat stops on and which the official
+# -hf converter writes for InternVL3 (chat spec 4.3).
+_QWEN2_5 = LlamaConfig(vocab_size=_internvl_vocab(151665), norm_eps=1e-6, max_positions=32768,
+                       rope_base=1e6, qkv_bias=True, bos_id=151643, eos_id=151645, pad_id=151643)
+
 LLAMA_PRESETS = {
     "tiny": LlamaConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                         mlp_dim=160, max_positions=128),
@@ -223,6 +253,32 @@ LLAMA_PRESETS = {
     "vicuna-7b": _LLAMA_7B.replace(vocab_size=32000),
     "vicuna-13b": _LLAMA_7B.replace(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
                                     num_kv_heads=40, mlp_dim=13824),
+    "internlm2-chat-1.8b": _INTERNLM2_1_8B,
+    "internlm2-chat-20b": _INTERNLM2_20B.replace(rope_scaling=_internlm2_rope(3.0)),
+    # Unverified beyond the shapes (chat spec 7.8): theta, scaling and eps are internlm2-chat-1.8b's.
+    "internlm2.5-1.8b-chat": _INTERNLM2_1_8B,
+    "internlm2.5-7b-chat": _INTERNLM2.replace(hidden_size=4096, num_layers=32, num_heads=32,
+                                               mlp_dim=14336),
+    "internlm2.5-20b-chat": _INTERNLM2_20B.replace(rope_base=5e7,
+                                                   rope_scaling=_internlm2_rope(2.5)),
+    # InternVL's tokens take ids 32011-32019, shrinking the 32064-row table. The LongRoPE ("su")
+    # divisors, 48 per list, exist in two revisions, and which one the checkpoints carry is
+    # unverified (chat spec 2.2): rope_scaling comes from the checkpoint's llm_config on
+    # conversion, so this preset holds the shapes with plain RoPE.
+    "phi-3-mini-128k": LlamaConfig(
+        vocab_size=_internvl_vocab(32011), hidden_size=3072, num_layers=32, num_heads=32,
+        num_kv_heads=32, mlp_dim=8192, norm_eps=1e-5, max_positions=131072, eos_id=32000),
+    "qwen2.5-0.5b": _QWEN2_5.replace(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                                     mlp_dim=4864),
+    # Unverified (chat spec 7.7): Qwen2.5-1.5B's published shapes, not checked against a config.
+    "qwen2.5-1.5b": _QWEN2_5.replace(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                                     mlp_dim=8960),
+    "qwen2.5-3b": _QWEN2_5.replace(hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
+                                   mlp_dim=11008),
+    "qwen2.5-7b": _QWEN2_5.replace(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                                   mlp_dim=18944),
+    "qwen2.5-32b": _QWEN2_5.replace(hidden_size=5120, num_layers=64, num_heads=40, num_kv_heads=8,
+                                    mlp_dim=27648),
 }
 
 
