@@ -395,6 +395,11 @@ def _image_context_id(llm: LlamaConfig) -> int:
   return llm.vocab_size - 1  # <IMG_CONTEXT> is the last of the appended image tokens
 
 
+def _added_token_id(llm: LlamaConfig, token: str) -> int:
+  """The id of one of InternVL's added tokens, which end the released LLMs' vocabularies."""
+  return llm.vocab_size - len(INTERNVL_ADDED_TOKENS) + INTERNVL_ADDED_TOKENS.index(token)
+
+
 _DEFAULT_CHAT_LLM = _chat_llm("vicuna-13b")
 
 
@@ -501,6 +506,49 @@ def _paper_chat(variant: str, llm_preset: str) -> ChatConfig:
                     qllama=QLlamaConfig() if variant == "qllama" else None, template="vicuna_v1")
 
 
+def _released_chat(vision: str, llm: LlamaConfig, template: str) -> ChatConfig:
+  """A released 1.5-3 checkpoint (chat spec 1.1, 1.4): the last ViT block's 448-px tiles, pixel
+  shuffle v2 to 256 tokens, up to 12 tiles plus a thumbnail. V1-5 and Mini-V1-5's ps_version is
+  unverified; v2 is what their official 2nd-finetune scripts pass."""
+  return ChatConfig(
+      vision=VISION_PRESETS[vision], llm=llm, variant="v1.5", image_size=448, select_layer=-1,
+      downsample_ratio=0.5, ps_version="v2", template=template, dynamic_image_size=True,
+      use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
+      image_context_id=_added_token_id(llm, tokenizer_lib.IMAGE_CONTEXT))
+
+
+# InternVL3's llm_config adds transformers' dynamic NTK to the Qwen2.5 base config; seen for
+# InternVL3-1B only (chat spec 2.3), taken for every size. InternVL2.5's Qwen2.5 keeps none.
+_INTERNVL3_ROPE = RopeScaling("dynamic", 2.0, original_max_positions=32768)
+
+
+def _internvl3_llm(preset: str) -> LlamaConfig:
+  return LLAMA_PRESETS[preset].replace(rope_scaling=_INTERNVL3_ROPE)
+
+
+# Checkpoint: (vision tower, LLM, template) (chat spec 1.1). The V2_5 ViTs are the V1-5 / 300M
+# ones trained further, with the same shapes (spec 1.2).
+_RELEASED_CHATS = {
+    "InternVL-Chat-V1-5": ("6b-448-v1.5", LLAMA_PRESETS["internlm2-chat-20b"], "internlm2-chat"),
+    "Mini-InternVL-Chat-2B-V1-5": ("300m-448", LLAMA_PRESETS["internlm2-chat-1.8b"],
+                                   "internlm2-chat"),
+    "Mini-InternVL-Chat-4B-V1-5": ("300m-448", LLAMA_PRESETS["phi-3-mini-128k"], "phi3-chat"),
+    "InternVL2-2B": ("300m-448", LLAMA_PRESETS["internlm2-chat-1.8b"], "internlm2-chat"),
+    "InternVL2-4B": ("300m-448", LLAMA_PRESETS["phi-3-mini-128k"], "phi3-chat"),
+    "InternVL2-8B": ("300m-448", LLAMA_PRESETS["internlm2.5-7b-chat"], "internlm2-chat"),
+    "InternVL2-26B": ("6b-448-v1.5", LLAMA_PRESETS["internlm2-chat-20b"], "internlm2-chat"),
+    "InternVL2_5-1B": ("300m-448", LLAMA_PRESETS["qwen2.5-0.5b"], "internvl2_5"),
+    "InternVL2_5-2B": ("300m-448", LLAMA_PRESETS["internlm2.5-1.8b-chat"], "internvl2_5"),
+    "InternVL2_5-4B": ("300m-448", LLAMA_PRESETS["qwen2.5-3b"], "internvl2_5"),
+    "InternVL2_5-8B": ("300m-448", LLAMA_PRESETS["internlm2.5-7b-chat"], "internvl2_5"),
+    "InternVL2_5-26B": ("6b-448-v1.5", LLAMA_PRESETS["internlm2.5-20b-chat"], "internvl2_5"),
+    "InternVL2_5-38B": ("6b-448-v1.5", LLAMA_PRESETS["qwen2.5-32b"], "internvl2_5"),
+    "InternVL3-1B": ("300m-448", _internvl3_llm("qwen2.5-0.5b"), "internvl2_5"),
+    "InternVL3-2B": ("300m-448", _internvl3_llm("qwen2.5-1.5b"), "internvl2_5"),
+    "InternVL3-8B": ("300m-448", _internvl3_llm("qwen2.5-7b"), "internvl2_5"),
+    "InternVL3-38B": ("6b-448-v1.5", _internvl3_llm("qwen2.5-32b"), "internvl2_5"),
+}
+
 _TINY_VISION = VISION_PRESETS["tiny"]
 _TINY_LLM = LLAMA_PRESETS["tiny"]
 _TINY_CHAT = dict(vision=_TINY_VISION, llm=_TINY_LLM, image_context_id=_image_context_id(_TINY_LLM))
@@ -525,6 +573,8 @@ CHAT_PRESETS = {
         vision=VISION_PRESETS["6b-448-v1.0"], llm=_chat_llm("vicuna-13b"), select_layer=-4,
         ps_version="v1", image_context_id=_image_context_id(_chat_llm("vicuna-13b")),
         template="vicuna_v1"),
+    # The released checkpoints, named as on the hub.
+    **{name: _released_chat(*parts) for name, parts in _RELEASED_CHATS.items()},
 }
 
 
