@@ -238,8 +238,9 @@ _INTERNLM2 = LlamaConfig(vocab_size=_internvl_vocab(92544), num_kv_heads=8, norm
 _INTERNLM2_1_8B = _INTERNLM2.replace(hidden_size=2048, num_layers=24, num_heads=16, mlp_dim=8192)
 _INTERNLM2_20B = _INTERNLM2.replace(hidden_size=6144, num_layers=48, num_heads=48, mlp_dim=16384)
 # Qwen2.5's tokenizer holds 151665 tokens, fewer than the 151936 / 152064 rows the base models
-# ship. <|endoftext|> begins and pads; eos is <|im_end|>, which chat stops on and which the official
-# -hf converter writes for InternVL3 (chat spec 4.3).
+# ship. <|endoftext|> begins and pads, as in Qwen's configs; eos is <|im_end|>, which chat stops on
+# and which the official -hf converter writes for InternVL3, whose base-model llm_config says
+# <|endoftext|> (chat spec 1.3, 4.3).
 _QWEN2_5 = LlamaConfig(vocab_size=_internvl_vocab(151665), norm_eps=1e-6, max_positions=32768,
                        rope_base=1e6, qkv_bias=True, bos_id=151643, eos_id=151645, pad_id=151643)
 
@@ -518,7 +519,8 @@ def _released_chat(vision: str, llm: LlamaConfig, template: str) -> ChatConfig:
 
 
 # InternVL3's llm_config adds transformers' dynamic NTK to the Qwen2.5 base config; seen for
-# InternVL3-1B only (chat spec 2.3), taken for every size. InternVL2.5's Qwen2.5 keeps none.
+# InternVL3-1B only (chat spec 2.3), taken for every size. InternVL2.5's is unverified (spec 7.7):
+# its Qwen2.5-Instruct presets keep the base configs' none.
 _INTERNVL3_ROPE = RopeScaling("dynamic", 2.0, original_max_positions=32768)
 
 

@@ -36,6 +36,24 @@ LLMS = {
     "Qwen2.5-7B": (3584, 28, 28, 4, 18944, 151674, True),
     "Qwen2.5-32B": (5120, 64, 40, 8, 27648, 151674, True),
 }
+# LLM preset: rope theta, rope scaling, max positions, RMSNorm eps, eos id (spec 1.3, 2.1-2.3, 5).
+# InternLM2's dynamic NTK keys on the kv length; Phi-3's LongRoPE lists come with a checkpoint.
+_INTERNLM2 = dict(max_positions=32768, norm_eps=1e-5, eos_id=2)
+_QWEN2_5 = dict(rope_base=1e6, rope_scaling=None, max_positions=32768, norm_eps=1e-6,
+                eos_id=151645)
+LLM_FIELDS = {
+    "internlm2-chat-1.8b": dict(
+        _INTERNLM2, rope_base=1e6, rope_scaling=config.RopeScaling("dynamic", 2.0, 32768, "keys")),
+    "internlm2-chat-20b": dict(
+        _INTERNLM2, rope_base=1e6, rope_scaling=config.RopeScaling("dynamic", 3.0, 32768, "keys")),
+    "internlm2.5-7b-chat": dict(
+        _INTERNLM2, rope_base=1e6, rope_scaling=config.RopeScaling("dynamic", 2.0, 32768, "keys")),
+    "internlm2.5-20b-chat": dict(
+        _INTERNLM2, rope_base=5e7, rope_scaling=config.RopeScaling("dynamic", 2.5, 32768, "keys")),
+    "phi-3-mini-128k": dict(rope_base=1e4, rope_scaling=None, max_positions=131072, norm_eps=1e-5,
+                            eos_id=32000),
+    **{name: _QWEN2_5 for name in ("qwen2.5-0.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-32b")},
+}
 # Checkpoint: ViT, LLM, template, <IMG_CONTEXT> id (chat spec 1.1, 1.3; Phi-3's 32013 is derived:
 # InternVL's 9 tokens take ids 32011-32019 and <IMG_CONTEXT> is the third).
 RELEASED = {
@@ -120,6 +138,19 @@ def test_released_preset(name):
   assert (preset.dynamic_image_size, preset.use_thumbnail, preset.min_dynamic_patch,
           preset.max_dynamic_patch) == (True, True, 1, 12)
   assert preset.num_image_tokens == 256
+
+
+@pytest.mark.parametrize("name", sorted(LLM_FIELDS))
+def test_llm_preset(name):
+  preset = config.llama_preset(name)
+  assert {field: getattr(preset, field) for field in LLM_FIELDS[name]} == LLM_FIELDS[name]
+
+
+def test_internvl3_adds_dynamic_rope_to_qwen2_5():
+  # Seen in InternVL3-1B's llm_config (chat spec 2.3): transformers' dynamic NTK, on positions.
+  for name in ("InternVL3-1B", "InternVL3-2B", "InternVL3-8B", "InternVL3-38B"):
+    assert config.chat_preset(name).llm.rope_scaling == config.RopeScaling("dynamic", 2.0, 32768)
+  assert config.chat_preset("InternVL2_5-1B").llm.rope_scaling is None
 
 
 @pytest.mark.parametrize("name", sorted(RELEASED))
