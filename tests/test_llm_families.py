@@ -333,15 +333,17 @@ def test_internlm2_checkpoints_convert_both_ways(family, tmp_path):
     internlm2_layouts.config_json(FAMILIES["qwen2-tied-dynamic"].replace(qkv_bias=False))
 
 
-@pytest.mark.parametrize("preset, layout, expected", [
+@pytest.mark.parametrize("preset, base, layout, expected", [
+    # The base LLMs as released, before InternVL appends its tokens (and unties Qwen's head).
     # InternLM2.5-7B has LLaMA's parameters under other names, so LlamaForCausalLM counts them.
-    ("internlm2_5-7b", llama_layouts.TRANSFORMERS, 7_737_708_544),
-    ("qwen2.5-0.5b", llama_layouts.QWEN2, 494_032_768),  # tied head
-    ("yi-34b", llama_layouts.TRANSFORMERS, 34_388_917_248),
-    ("llama3-70b", llama_layouts.TRANSFORMERS, 70_553_706_496),
+    ("internlm2.5-7b-chat", dict(vocab_size=92544), llama_layouts.TRANSFORMERS, 7_737_708_544),
+    ("qwen2.5-0.5b", dict(vocab_size=151936, tie_embeddings=True), llama_layouts.QWEN2,
+     494_032_768),
+    ("yi-34b", {}, llama_layouts.TRANSFORMERS, 34_388_917_248),
+    ("llama3-70b", {}, llama_layouts.TRANSFORMERS, 70_553_706_496),
 ])
-def test_family_presets_have_the_released_parameter_counts(preset, layout, expected):
-  config = llama_preset(preset)
+def test_family_presets_have_the_released_parameter_counts(preset, base, layout, expected):
+  config = llama_preset(preset, **base)
   shapes = llama.abstract_params(config)
   assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes)) == expected
   data = llama_layouts.config_json(config.replace(rope_scaling=None), layout)
