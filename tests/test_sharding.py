@@ -114,7 +114,7 @@ def test_one_vocabulary_shards_each_tower_by_role():
 
 
 @pytest.mark.parametrize("stage", [
-    ContrastiveStage(internvl_preset("tiny")), GenerativeStage(internvl_preset("tiny")),
+    ContrastiveStage(internvl_preset("tiny", variant="C")), GenerativeStage(internvl_preset("tiny")),
     ChatStage(chat_preset("tiny-qllama"), max_len=64)], ids=["internvl_c", "internvl_g", "chat"])
 def test_every_param_axis_name_is_in_the_vocabulary(stage):
   boxed = jax.eval_shape(stage.init, jax.random.key(0))
