@@ -3,6 +3,8 @@ sharding, ITM negatives, global arrays, and the demo dataset."""
 
 import io
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -284,6 +286,21 @@ def test_demo_dataset_splits_labels_and_reuse(data_dir, monkeypatch):
   # Built once: a second call finds it and writes nothing.
   monkeypatch.setattr(sources, "write_dataset", lambda *a, **k: pytest.fail("rebuilt"))
   assert demo.ensure_dataset(image_size=16, train_size=60, eval_size=20, data_dir=data_dir) == name
+
+
+def test_demo_dataset_built_by_several_processes_at_once_is_built_once(tmp_path):
+  """The processes of a run on one host all ask for the demo data when they start."""
+  script = ("import sys; from internvl_jax.data import demo; "
+            "print(demo.ensure_dataset(image_size=16, train_size=40, eval_size=8, "
+            "data_dir=sys.argv[1]))")
+  runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True) for _ in range(3)]
+  outputs = [run.communicate(timeout=300) for run in runs]
+  assert [run.returncode for run in runs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+  names = {out.strip().splitlines()[-1] for out, _ in outputs}  # the builder's progress before
+  assert len(names) == 1
+  source = sources.open_source(config_lib.Source(names.pop(), data_dir=str(tmp_path)))
+  assert len(source) == 40
 
 
 def test_demo_pipelines_end_to_end(data_dir):

@@ -10,7 +10,9 @@ first use and reused after. `DemoSource` and `DemoTokenizer` are how a preset na
 building them.
 """
 
+import contextlib
 import dataclasses
+import fcntl
 import io
 import os
 import re
@@ -245,14 +247,31 @@ def ensure_dataset(image_size: int = 64, seed: int = 0, train_size: int = 20_000
   _check_image_size(image_size)
   config = config_name(image_size, image_format, seed, train_size)
   if not sources.is_written(NAME, config, data_dir):
-    sizes = {"train": train_size, "test": eval_size, "zero_shot": eval_size}
-    sources.write_dataset(
-        NAME,
-        {split: (lambda s=split, n=n: _records(s, n, image_size, image_format, seed))
-         for split, n in sizes.items()},
-        features(), data_dir=data_dir, config=config,
-        description="Synthetic captioned shapes for the InternVL demo runs.")
+    # The processes of a multi-process run (or parallel test workers) on one host may all ask for
+    # it at once: one builds, the others wait and then find it written.
+    with _build_lock(data_dir, config):
+      if not sources.is_written(NAME, config, data_dir):
+        sizes = {"train": train_size, "test": eval_size, "zero_shot": eval_size}
+        sources.write_dataset(
+            NAME,
+            {split: (lambda s=split, n=n: _records(s, n, image_size, image_format, seed))
+             for split, n in sizes.items()},
+            features(), data_dir=data_dir, config=config,
+            description="Synthetic captioned shapes for the InternVL demo runs.")
   return sources.tfds_name(NAME, config)
+
+
+@contextlib.contextmanager
+def _build_lock(data_dir: str | None, config: str):
+  """An exclusive lock (released when the holder exits, even if killed) for building `config`."""
+  directory = os.path.join(data_dir or sources.default_data_dir(), NAME)
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, f".{config}.lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def tokenizer_corpus(seed: int, train_size: int) -> Iterator[str]:
