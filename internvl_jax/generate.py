@@ -197,9 +197,11 @@ def _decode(decoder, params, prompt, prompt_mask, context, settings: _Settings, 
   return state.tokens
 
 
-def _settings(min_new_tokens, seed: int, sampling: Sampling | None) -> _Settings:
-  return _Settings(min_new_tokens, jnp.uint32(seed),
-                   None if sampling is None else _checked_sampling(sampling))
+def _checked_decoding(prompt, prompt_mask, max_new_tokens, min_new_tokens, seed: int,
+                      sampling: Sampling | None) -> tuple[jax.Array, jax.Array, _Settings]:
+  prompt, prompt_mask, min_new_tokens = _checked(prompt, prompt_mask, max_new_tokens, min_new_tokens)
+  sampling = None if sampling is None else _checked_sampling(sampling)
+  return prompt, prompt_mask, _Settings(min_new_tokens, jnp.uint32(seed), sampling)
 
 
 def greedy_search(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.Array | None = None,
@@ -210,8 +212,9 @@ def greedy_search(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.
   A row that has produced EOS is padded with `pad_id`; the loop ends when every row is done.
   Compiled once per decoder, shapes and `max_new_tokens`.
   """
-  prompt, prompt_mask, min_new_tokens = _checked(prompt, prompt_mask, max_new_tokens, min_new_tokens)
-  return _decode(decoder, params, prompt, prompt_mask, context, _settings(min_new_tokens, 0, None),
+  prompt, prompt_mask, settings = _checked_decoding(prompt, prompt_mask, max_new_tokens,
+                                                    min_new_tokens, 0, None)
+  return _decode(decoder, params, prompt, prompt_mask, context, settings,
                  max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 
@@ -220,10 +223,10 @@ def sample(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.Array |
            min_new_tokens: int = 0, eos_id: int, pad_id: int) -> jax.Array:
   """(batch, max_new_tokens) sampled continuations, as `greedy_search` but each token drawn from
   the `sampling`-warped distribution. Compiled once for all sampling settings and seeds."""
-  prompt, prompt_mask, min_new_tokens = _checked(prompt, prompt_mask, max_new_tokens, min_new_tokens)
-  return _decode(decoder, params, prompt, prompt_mask, context,
-                 _settings(min_new_tokens, seed, sampling), max_new_tokens=max_new_tokens,
-                 eos_id=eos_id, pad_id=pad_id)
+  prompt, prompt_mask, settings = _checked_decoding(prompt, prompt_mask, max_new_tokens,
+                                                    min_new_tokens, seed, sampling)
+  return _decode(decoder, params, prompt, prompt_mask, context, settings,
+                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 
 _jitted_start = jax.jit(_start, static_argnames=("decoder", "max_new_tokens", "eos_id", "pad_id"))
@@ -238,9 +241,9 @@ def stream(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.Array |
   """Yields each step's (batch,) tokens as soon as they are chosen: greedy (`sampling` None) or
   sampled, the same tokens `greedy_search` / `sample` return, until every row is done or
   `max_new_tokens` are out. The prefill and the step are each compiled once per shapes; the loop
-  over steps is Python's, so a consumer sees every token while the next is computed."""
-  prompt, prompt_mask, min_new_tokens = _checked(prompt, prompt_mask, max_new_tokens, min_new_tokens)
-  settings = _settings(min_new_tokens, seed, sampling)
+  over steps is Python's, so that a consumer gets each token before the next step runs."""
+  prompt, prompt_mask, settings = _checked_decoding(prompt, prompt_mask, max_new_tokens,
+                                                    min_new_tokens, seed, sampling)
   search = dict(eos_id=eos_id, pad_id=pad_id)
   state = _jitted_start(decoder, params, prompt, prompt_mask, context, settings,
                         max_new_tokens=max_new_tokens, **search)

@@ -171,11 +171,13 @@ class Pretrained:
     ids, _ = caption.caption(config, self.params, jnp.asarray(pixels, jnp.float32), prompt_ids,
                              num_beams=num_beams, min_new_tokens=min_new_tokens,
                              max_new_tokens=max_new_tokens)
-    return [self.tokenizer.decode(_until(list(row), self.tokenizer.eos_id)) for row in np.asarray(ids)]
+    eos = self.tokenizer.eos_id
+    return [self.tokenizer.decode(_until(list(row), eos)) for row in np.asarray(ids)]
 
   def _chat(self, what: str) -> ChatConfig:
     if not isinstance(self.config, ChatConfig):
-      raise ValueError(f"{what} needs an InternVL-Chat model; this is a {type(self.config).__name__}.")
+      raise ValueError(f"{what} needs an InternVL-Chat model; this is a "
+                       f"{type(self.config).__name__}.")
     return self.config
 
   def image_features(self, pixels) -> jax.Array:
@@ -246,6 +248,8 @@ class Pretrained:
     if template is None:
       raise ValueError("This checkpoint's config names no chat template (config.template); pass "
                        f"template=, one of {tuple(templates.TEMPLATES)}.")
+    if template not in templates.TEMPLATES:
+      raise ValueError(f"Unknown chat template {template!r}; known: {tuple(templates.TEMPLATES)}.")
     if len(images) != len(questions) or not questions:
       raise ValueError(f"chat() needs one image per question; got {len(images)} images and "
                        f"{len(questions)} questions.")
