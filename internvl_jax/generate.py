@@ -1,4 +1,4 @@
-"""Greedy and beam-search decoding over a KV cache, compiled once per shape.
+"""Greedy, sampled and beam-search decoding over a KV cache, compiled once per shape.
 
 The search is model-agnostic: it needs a `Decoder`, which allocates a cache, runs the prompt
 (`prefill`) and then one token per row per step (`step`). LLaMA's decoder runs the same model for
@@ -8,6 +8,11 @@ cached keys and values, so the vision features are used once, as in the referenc
 pytree of batch-leading arrays, e.g. vision features) reaches both functions and is repeated per
 beam.
 
+Greedy decoding and sampling are one loop (`_start`, then `_advance` until every row is done) that
+differs only in how a token is chosen; `stream` runs the same two functions one step at a time
+and yields the tokens as they come. Sampling applies transformers' temperature, top-k and top-p
+warpers, with a key derived from the seed and the step.
+
 Beam search follows transformers' vectorized `_beam_search` step by step (top 2k continuations,
 length penalty on finished hypotheses, the `early_stopping` heuristics), so the same settings give
 the same sequences. Outputs have a fixed length `max_new_tokens`, padded after EOS.
@@ -15,10 +20,12 @@ the same sequences. Outputs have a fixed length `max_new_tokens`, padded after E
 
 import dataclasses
 import functools
+from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from internvl_jax.config import LlamaConfig
 from internvl_jax.models import llama
@@ -95,11 +102,106 @@ def _checked(prompt, prompt_mask, max_new_tokens, min_new_tokens, num_beams=1):
   return prompt, prompt_mask, jnp.asarray(min_new_tokens, jnp.int32)
 
 
-class _Greedy(NamedTuple):
+class Sampling(NamedTuple):
+  """transformers' sampling warpers, applied in its order; traced, so that changing them does not
+  recompile."""
+
+  temperature: float = 1.0
+  top_k: int = 0  # 0: no top-k filter
+  top_p: float = 1.0  # 1: no nucleus filter
+
+
+def sampling_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+  """The logits divided by the temperature, -inf outside the top-k and outside the smallest set
+  of best tokens whose probability reaches top_p (transformers' Temperature, TopK and TopP
+  warpers: ties with the last kept token are kept, and the best token always is)."""
+  logits = logits / sampling.temperature
+  vocab = logits.shape[-1]
+  rank = jnp.arange(vocab)
+  top_k = jnp.where(sampling.top_k > 0, jnp.minimum(sampling.top_k, vocab), vocab)
+  descending = jnp.where(rank < top_k, -jnp.sort(-logits, axis=-1), -jnp.inf)
+  probs = jax.nn.softmax(descending, axis=-1)
+  better = jnp.cumsum(probs, axis=-1) - probs  # the probability of the tokens ranked above
+  keep = (rank < top_k) & ((better < sampling.top_p) | (sampling.top_p >= 1) | (rank == 0))
+  cutoff = jnp.min(jnp.where(keep, descending, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits >= cutoff, logits, -jnp.inf)
+
+
+def _checked_sampling(sampling: Sampling) -> Sampling:
+  if not sampling.temperature > 0:
+    raise ValueError(f"temperature must be positive, got {sampling.temperature}.")
+  if sampling.top_k < 0:
+    raise ValueError(f"top_k must be 0 (off) or positive, got {sampling.top_k}.")
+  if not 0 < sampling.top_p <= 1:
+    raise ValueError(f"top_p must be in (0, 1], got {sampling.top_p}.")
+  return Sampling(jnp.float32(sampling.temperature), jnp.int32(sampling.top_k),
+                  jnp.float32(sampling.top_p))
+
+
+class _Decoding(NamedTuple):
   tokens: jax.Array  # (batch, max_new_tokens)
   done: jax.Array  # (batch,)
   step: jax.Array  # tokens chosen so far
   cache: Any
+
+
+class _Settings(NamedTuple):
+  """The traced settings of greedy and sampled decoding; `sampling` None is greedy."""
+
+  min_new_tokens: jax.Array
+  seed: jax.Array
+  sampling: Sampling | None
+
+
+def _choose(state: _Decoding, logits, settings: _Settings, eos_id, pad_id) -> _Decoding:
+  """Appends each row's next token: the best, or one drawn from the warped distribution with a
+  key from the seed and the step (the same seed gives the same tokens)."""
+  logits = _forbid_early_eos(logits, state.step, settings.min_new_tokens, eos_id)
+  if settings.sampling is None:
+    token = jnp.argmax(logits, axis=-1)
+  else:
+    key = jax.random.fold_in(jax.random.key(settings.seed), state.step)
+    token = jax.random.categorical(key, sampling_logits(logits, settings.sampling), axis=-1)
+  token = jnp.where(state.done, pad_id, token).astype(jnp.int32)
+  return state._replace(tokens=state.tokens.at[:, state.step].set(token),
+                        done=state.done | (token == eos_id), step=state.step + 1)
+
+
+def _start(decoder, params, prompt, prompt_mask, context, settings: _Settings, *, max_new_tokens,
+           eos_id, pad_id) -> _Decoding:
+  """The prompt's prefill and the first token."""
+  logits, cache = _prefill(decoder, params, prompt, prompt_mask, context, max_new_tokens)
+  batch = prompt.shape[0]
+  state = _Decoding(jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+                    jnp.zeros((batch,), bool), jnp.zeros((), jnp.int32), cache)
+  return _choose(state, logits, settings, eos_id, pad_id)
+
+
+def _advance(decoder, params, state: _Decoding, context, settings: _Settings, *, eos_id,
+             pad_id) -> _Decoding:
+  """One decoder step on the last tokens, and the next token."""
+  logits, cache = decoder.step(params, state.tokens[:, state.step - 1, None], state.cache, context)
+  return _choose(state._replace(cache=cache), logits[:, -1].astype(jnp.float32), settings, eos_id,
+                 pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "max_new_tokens", "eos_id", "pad_id"))
+def _decode(decoder, params, prompt, prompt_mask, context, settings: _Settings, *, max_new_tokens,
+            eos_id, pad_id):
+  state = _start(decoder, params, prompt, prompt_mask, context, settings,
+                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  advance = functools.partial(_advance, decoder, params, context=context, settings=settings,
+                              eos_id=eos_id, pad_id=pad_id)
+  state = jax.lax.while_loop(lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done), advance,
+                             state)
+  return state.tokens
+
+
+def _checked_decoding(prompt, prompt_mask, max_new_tokens, min_new_tokens, seed: int,
+                      sampling: Sampling | None) -> tuple[jax.Array, jax.Array, _Settings]:
+  prompt, prompt_mask, min_new_tokens = _checked(prompt, prompt_mask, max_new_tokens, min_new_tokens)
+  sampling = None if sampling is None else _checked_sampling(sampling)
+  return prompt, prompt_mask, _Settings(min_new_tokens, jnp.uint32(seed), sampling)
 
 
 def greedy_search(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.Array | None = None,
@@ -110,33 +212,47 @@ def greedy_search(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.
   A row that has produced EOS is padded with `pad_id`; the loop ends when every row is done.
   Compiled once per decoder, shapes and `max_new_tokens`.
   """
-  prompt, prompt_mask, min_new_tokens = _checked(prompt, prompt_mask, max_new_tokens, min_new_tokens)
-  return _greedy_search(decoder, params, prompt, prompt_mask, context, min_new_tokens,
-                        max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
+  prompt, prompt_mask, settings = _checked_decoding(prompt, prompt_mask, max_new_tokens,
+                                                    min_new_tokens, 0, None)
+  return _decode(decoder, params, prompt, prompt_mask, context, settings,
+                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("decoder", "max_new_tokens", "eos_id", "pad_id"))
-def _greedy_search(decoder, params, prompt, prompt_mask, context, min_new_tokens, *,
-                   max_new_tokens, eos_id, pad_id):
-  logits, cache = _prefill(decoder, params, prompt, prompt_mask, context, max_new_tokens)
+def sample(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.Array | None = None,
+           context=None, *, sampling: Sampling = Sampling(), seed: int = 0, max_new_tokens: int,
+           min_new_tokens: int = 0, eos_id: int, pad_id: int) -> jax.Array:
+  """(batch, max_new_tokens) sampled continuations, as `greedy_search` but each token drawn from
+  the `sampling`-warped distribution. Compiled once for all sampling settings and seeds."""
+  prompt, prompt_mask, settings = _checked_decoding(prompt, prompt_mask, max_new_tokens,
+                                                    min_new_tokens, seed, sampling)
+  return _decode(decoder, params, prompt, prompt_mask, context, settings,
+                 max_new_tokens=max_new_tokens, eos_id=eos_id, pad_id=pad_id)
 
-  def choose(state: _Greedy, logits) -> _Greedy:
-    token = jnp.argmax(_forbid_early_eos(logits, state.step, min_new_tokens, eos_id), axis=-1)
-    token = jnp.where(state.done, pad_id, token).astype(jnp.int32)
-    return state._replace(tokens=state.tokens.at[:, state.step].set(token),
-                          done=state.done | (token == eos_id), step=state.step + 1)
 
-  def advance(state: _Greedy) -> _Greedy:
-    last = state.tokens[:, state.step - 1, None]
-    logits, cache = decoder.step(params, last, state.cache, context)
-    return choose(state._replace(cache=cache), logits[:, -1].astype(jnp.float32))
+_jitted_start = jax.jit(_start, static_argnames=("decoder", "max_new_tokens", "eos_id", "pad_id"))
+# The state is donated: each step updates the cache in place rather than copying it.
+_jitted_advance = jax.jit(_advance, static_argnames=("decoder", "eos_id", "pad_id"),
+                          donate_argnames=("state",))
 
-  batch = prompt.shape[0]
-  state = _Greedy(jnp.full((batch, max_new_tokens), pad_id, jnp.int32), jnp.zeros((batch,), bool),
-                  jnp.zeros((), jnp.int32), cache)
-  state = jax.lax.while_loop(lambda s: (s.step < max_new_tokens) & ~jnp.all(s.done), advance,
-                             choose(state, logits))
-  return state.tokens
+
+def stream(decoder: Decoder, params, prompt: jax.Array, prompt_mask: jax.Array | None = None,
+           context=None, *, sampling: Sampling | None = None, seed: int = 0, max_new_tokens: int,
+           min_new_tokens: int = 0, eos_id: int, pad_id: int) -> Iterator[np.ndarray]:
+  """Yields each step's (batch,) tokens as soon as they are chosen: greedy (`sampling` None) or
+  sampled, the same tokens `greedy_search` / `sample` return, until every row is done or
+  `max_new_tokens` are out. The prefill and the step are each compiled once per shapes; the loop
+  over steps is Python's, so that a consumer gets each token before the next step runs."""
+  prompt, prompt_mask, settings = _checked_decoding(prompt, prompt_mask, max_new_tokens,
+                                                    min_new_tokens, seed, sampling)
+  search = dict(eos_id=eos_id, pad_id=pad_id)
+  state = _jitted_start(decoder, params, prompt, prompt_mask, context, settings,
+                        max_new_tokens=max_new_tokens, **search)
+  for step in range(max_new_tokens):
+    tokens, done = jax.device_get((state.tokens[:, step], state.done))
+    yield tokens
+    if done.all() or step + 1 == max_new_tokens:
+      return
+    state = _jitted_advance(decoder, params, state, context, settings, **search)
 
 
 def _gather_beams(x, beams):

@@ -1,6 +1,7 @@
 """Greedy and beam search: agreement with transformers' generate, EOS handling, min_new_tokens."""
 
 import dataclasses
+import functools
 
 import flax.struct
 import jax
@@ -145,3 +146,80 @@ def test_bad_settings_give_clear_errors(params):
   with pytest.raises(ValueError, match="early_stopping must be"):
     generate.beam_search(DECODER, params, PROMPTS, MASK, num_beams=2, early_stopping="sometimes",
                          **SEARCH)
+
+
+# Sampling and streaming.
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [
+    (0.7, 0, 1.0), (1.0, 5, 1.0), (1.3, 0, 0.8), (0.5, 10, 0.6), (1.0, 1, 0.9), (2.0, 3, 0.05)])
+def test_sampling_logits_are_transformers_warpers(temperature, top_k, top_p):
+  logits = 3 * np.random.default_rng(top_k).normal(size=(4, 50)).astype(np.float32)
+  warpers = [transformers.TemperatureLogitsWarper(temperature)]
+  warpers += [transformers.TopKLogitsWarper(top_k)] if top_k else []
+  warpers += [transformers.TopPLogitsWarper(top_p)] if top_p < 1 else []
+  theirs = torch.from_numpy(logits)
+  for warper in warpers:
+    theirs = warper(None, theirs)
+  ours = np.asarray(generate.sampling_logits(jnp.asarray(logits),
+                                             generate.Sampling(temperature, top_k, top_p)))
+  np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(theirs.numpy()))
+  np.testing.assert_allclose(ours[np.isfinite(ours)], theirs.numpy()[np.isfinite(ours)], rtol=1e-6)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedLogits:
+  """A fake model whose every prediction is the same distribution."""
+
+  logits: tuple[float, ...]
+
+  def init_cache(self, batch, max_length):
+    return _Last(jnp.zeros((batch,), jnp.int32))
+
+  def prefill(self, params, tokens, attention_mask, cache, context):
+    return jnp.broadcast_to(jnp.asarray(self.logits), tokens.shape + (len(self.logits),)), cache
+
+  def step(self, params, tokens, cache, context):
+    return self.prefill(params, tokens, None, cache, context)
+
+
+def test_samples_follow_the_warped_distribution():
+  logits = (2.0, 1.0, 0.5, 0.0, -1.0, -3.0)
+  prompts = np.ones((4000, 1), np.int32)
+  sampling = generate.Sampling(temperature=0.8, top_k=4, top_p=0.9)
+  tokens = np.asarray(generate.sample(FixedLogits(logits), {}, prompts, sampling=sampling,
+                                      max_new_tokens=2, eos_id=99, pad_id=0))
+  expected = np.asarray(jax.nn.softmax(generate.sampling_logits(jnp.asarray(logits), sampling)))
+  assert expected[3:].sum() == 0 and expected[2] > 0  # top-p cut off token 3, top-k 4 and 5
+  for column in tokens.T:  # every step draws afresh: the same frequencies
+    frequencies = np.bincount(column, minlength=len(logits)) / len(column)
+    np.testing.assert_allclose(frequencies, expected, atol=0.03)
+  assert (tokens[:, 0] != tokens[:, 1]).mean() > 0.3
+
+
+def test_sampling_is_seeded_and_top_k_one_is_greedy(params):
+  greedy = generate.greedy_search(DECODER, params, PROMPTS, MASK, **SEARCH)
+  top_1 = generate.sample(DECODER, params, PROMPTS, MASK, sampling=generate.Sampling(top_k=1),
+                          seed=3, **SEARCH)
+  np.testing.assert_array_equal(top_1, greedy)
+  hot = functools.partial(generate.sample, DECODER, params, PROMPTS, MASK,
+                          sampling=generate.Sampling(temperature=5.0), **SEARCH)
+  np.testing.assert_array_equal(hot(seed=7), hot(seed=7))
+  assert (np.asarray(hot(seed=7)) != np.asarray(hot(seed=8))).any()
+  with pytest.raises(ValueError, match="top_p must be in"):
+    generate.sample(DECODER, params, PROMPTS, MASK, sampling=generate.Sampling(top_p=0.0), **SEARCH)
+
+
+def test_stream_yields_the_searches_tokens_and_compiles_each_step_once(params):
+  greedy = np.asarray(generate.greedy_search(DECODER, params, PROMPTS, MASK, **SEARCH))
+  streamed = np.stack(list(generate.stream(DECODER, params, PROMPTS, MASK, **SEARCH)), axis=1)
+  np.testing.assert_array_equal(streamed, greedy[:, :streamed.shape[1]])
+  assert (greedy[:, streamed.shape[1]:] == PAD).all()
+  sampling = generate.Sampling(temperature=5.0, top_p=0.9)
+  compiled = generate._jitted_advance._cache_size()
+  streamed = list(generate.stream(DECODER, params, PROMPTS[::-1], MASK[::-1], sampling=sampling,
+                                  seed=4, **SEARCH))
+  sampled = generate.sample(DECODER, params, PROMPTS[::-1], MASK[::-1], sampling=sampling, seed=4,
+                            **SEARCH)
+  np.testing.assert_array_equal(np.stack(streamed, axis=1), sampled)
+  assert len(streamed) == SEARCH["max_new_tokens"]  # the hot rows never say EOS this early
+  assert generate._jitted_advance._cache_size() == compiled + 1  # sampling's step, once

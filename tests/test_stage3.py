@@ -220,6 +220,6 @@ def test_demo_experiment_trains_and_its_params_chat(tmp_path):
   config, params, tokenizer = loading.load_workdir(workdir)
   assert config == experiment.get_config("demo").train.stage.model
   tiles = np.zeros((1, config.image_size, config.image_size, 3), np.float32)
-  answer = Pretrained(config, params, Tokenizer.load(tokenizer)).chat(
-      tiles, "What shape is shown?", max_new_tokens=3)
-  assert isinstance(answer, str)
+  answers = Pretrained(config, params, Tokenizer.load(tokenizer)).chat(
+      [tiles], ["What shape is shown?"], template="vicuna_v1", max_new_tokens=3)
+  assert len(answers) == 1 and isinstance(answers[0], str)

@@ -64,8 +64,8 @@ def evaluate(model, task: str, data: str, *, limit: int | None = None,
     task: "zero_shot", "retrieval", "caption" (InternVL-G) or "chat" (InternVL-Chat).
     data: "tfds:NAME[:SPLIT]", "demo" or "demo:SPLIT" (see `internvl_jax.evaluation.data`).
     limit: evaluate the first `limit` records only.
-    batch_size: images (and texts) per model call; the last batch is padded, so each model
-      function compiles once.
+    batch_size: images (texts, chat questions) per model call; the last batch is padded, so each
+      model function compiles once (chat: once per prompt length bucket).
     mode: "C" or "G" image (and text) embeddings for zero-shot and retrieval.
     data_dir: the TFDS data directory (default $TFDS_DATA_DIR or ~/tensorflow_datasets).
     class_names: zero-shot class names in label order, instead of the dataset's.
@@ -87,7 +87,8 @@ def evaluate(model, task: str, data: str, *, limit: int | None = None,
     results = tasks.caption(model, eval_data, batch_size=batch_size, class_names=class_names,
                             **common)
   else:
-    results = tasks.chat(model, eval_data, template=chat_template, **common)
+    results = tasks.chat(model, eval_data, batch_size=batch_size, template=chat_template,
+                         **common)
   return {f"{task}/{name}": float(value) for name, value in results.items()}
 
 

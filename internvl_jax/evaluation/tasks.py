@@ -97,18 +97,24 @@ def caption(model, data: data_lib.EvalData, *, size: int, limit: int | None, bat
   return {**results, "num_examples": len(predictions)}
 
 
-def chat(model, data: data_lib.EvalData, *, size: int, limit: int | None,
+def chat(model, data: data_lib.EvalData, *, size: int, limit: int | None, batch_size: int,
          template: str) -> dict[str, float]:
   """Exact-match accuracy of greedy answers, each question asked on its own about one image
-  tile (the image resized to the model's tile size)."""
-  predictions, references = [], []
+  tile (the image resized to the model's tile size), `batch_size` questions per call (the last
+  call padded by repeating its last question, so that each prompt length bucket compiles once)."""
+  pairs, references = [], []
   for record, image in data_lib.with_images(data_lib.records(data, limit), "chat"):
     tiles = data_lib.pixels(image, size, crop=False)[None]
     for question, answer in data.question_answers(record):
-      predictions.append(model.chat(tiles, question, template=template))
+      pairs.append((tiles, question))
       references.append(answer)
-  if not predictions:
+  if not pairs:
     raise ValueError(f"chat: no question with an exact-matchable answer in "
                      f"{data.name}[{data.split}].")
+  predictions = []
+  for chunk in batching.chunks(pairs, batch_size):
+    padded = chunk + [chunk[-1]] * (batch_size - len(chunk))
+    images, questions = zip(*padded)
+    predictions += model.chat(images, questions, template=template)[:len(chunk)]
   return {"exact_match": metrics.exact_match(predictions, references),
           "num_questions": len(predictions)}
