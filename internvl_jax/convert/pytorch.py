@@ -35,7 +35,7 @@ def _open_pytorch(directory: str, allow_missing: bool, block_bytes: int):
   fmt = formats.detect(config_data)
   config = fmt.config_from_json(config_data)
   kind = formats.MODELS[fmt.model]
-  source = open_weights(directory).with_prefix(fmt.key_prefixes)
+  source = open_weights(directory).with_prefix(fmt.key_prefixes).renamed(fmt.key_renames)
   abstract = kind.abstract_params(config)
   layout = fmt.layout(config)
   plans = keymap.plan(layout, abstract, block_bytes)
