@@ -50,6 +50,16 @@ def test_a_tied_llm_is_written_untied_to_the_official_layout(tmp_path):
   np.testing.assert_array_equal(llm.pop("lm_head")["kernel"],
                                 params["language_model"]["embed_tokens"]["embedding"].T)
   jax.tree.map(np.testing.assert_array_equal, loaded | {"language_model": llm}, params)
+  # Before the official code untied llm_config too, a tied LLM could be saved without its head.
+  written = SafetensorsFile(str(tmp_path / "model.safetensors"))
+  safetensors.torch.save_file({key: torch.from_numpy(written.read(key)) for key in written.keys()
+                               if key != "language_model.lm_head.weight"},
+                              str(tmp_path / "model.safetensors"))
+  data["llm_config"]["tie_word_embeddings"] = True
+  (tmp_path / "config.json").write_text(json.dumps(data))
+  loaded_config, loaded = import_(tmp_path)
+  assert loaded_config == TINY_TIED
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
 def _written_keys(directory) -> set[str]:

@@ -78,15 +78,15 @@ def _chat_fields(data: dict) -> dict:
   return fields | {"template": official_names.get(template, template)}
 
 
-def _llm_layout(config: ChatConfig, name: str) -> Layout:
-  """The LLM's table in the layout, unprefixed."""
+def _llm_layout(config: ChatConfig, name: str, untie: bool) -> Layout:
+  """The LLM's table in the layout, unprefixed; `untie` writes a tied LLM's embedding as its head
+  too."""
   family = llm_layouts.family(config.llm.architecture)
   if name == TRANSFORMERS:
     return llama_layouts.LAYOUTS[family.transformers_text]
   llm = family.layout(config.llm)
-  if not config.llm.tie_embeddings:
+  if not (untie and config.llm.tie_embeddings):
     return llm
-  # The official config unties: the embedding is written as the head too.
   head = next(rule for rule in llm.rules if rule.flax == "lm_head/kernel")
   return dataclasses.replace(llm, rules=llm.rules + (Rule("embed_tokens/embedding", head.torch,
                                                           Same()),))
@@ -99,16 +99,23 @@ _PARTS = {OFFICIAL: (vit_layouts.OFFICIAL, "vision_model.", ("mlp1.", "0", "1", 
                          ("multi_modal_projector.", "layer_norm", "linear_1", "linear_2"))}
 
 
-def layout(config: ChatConfig, name: str) -> Layout:
+def layout(config: ChatConfig, name: str, *, untie: bool = False) -> Layout:
   """The key map of the layout `name` for the config's LLM family."""
   _check_layout(name)
   vision, vision_prefix, projector = _PARTS[name]
-  llm = _llm_layout(config, name)
+  llm = _llm_layout(config, name, untie)
   return Layout(NAMES[name], prefixed(vit_layouts.LAYOUTS[vision].rules, "vision_model/",
                                       vision_prefix)
                 + _projector_rules(*projector)
                 + prefixed(llm.rules, "language_model/", "language_model."),
                 ignored=tuple(r"language_model\." + pattern for pattern in llm.ignored))
+
+
+def export_layout(config: ChatConfig, name: str) -> Layout:
+  """The key map that writes the layout: the official config unties (chat spec 2.6), so a tied
+  LLM's head is written from its embedding, while a tied official checkpoint (from before the
+  official code untied `llm_config` too) is read without one, as the official code does."""
+  return layout(config, name, untie=name == OFFICIAL)
 
 
 def _check_layout(name: str) -> None:

@@ -49,6 +49,8 @@ class Format:
   key_prefixes: tuple[str, ...] = ()  # where the model may sit inside a larger checkpoint
   # (older prefix, the layout's): keys that older files of the format spell otherwise.
   key_renames: tuple[tuple[str, str], ...] = ()
+  # config -> the key map that writes the format, where it differs from the one that reads it.
+  export_layout: Callable[[Any], Layout] | None = None
 
 
 def _vit(name: str, architecture: str) -> Format:
@@ -70,7 +72,8 @@ FORMATS = (
              functools.partial(chat_layouts.layout, name=name),
              lambda config, strict, name=name: chat_layouts.config_json(config, name),
              functools.partial(chat_layouts.config_from_json, layout=name),
-             key_renames=chat_layouts.KEY_RENAMES.get(name, ()))
+             key_renames=chat_layouts.KEY_RENAMES.get(name, ()),
+             export_layout=functools.partial(chat_layouts.export_layout, name=name))
       for architecture, name in chat_layouts.ARCHITECTURES.items()),
     Format("internvl_g", "official", "InternVLModel",
            lambda config: internvl_layouts.official_layout(config.cross_attention_frequency),

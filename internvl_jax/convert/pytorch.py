@@ -111,7 +111,8 @@ def export_pytorch(config, params: Mapping | Callable, out_dir: str, *, layout: 
   else:
     read_flax = params
   config_data = dict(fmt.config_json(config, strict), torch_dtype=dtype)
-  plans = keymap.plan(fmt.layout(config), kind.abstract_params(config), block_bytes)
+  plans = keymap.plan((fmt.export_layout or fmt.layout)(config), kind.abstract_params(config),
+                      block_bytes)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_data, f, indent=2)
