@@ -19,7 +19,8 @@ from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.models import chat
 from chat_fixtures import batch, export, import_, random_params, transformers_logits
-from test_llm_families import FAMILIES, forward, reference, reference_step, mask_positions
+from test_llm_families import (FAMILIES, LONG_FACTOR, SHORT_FACTOR, forward, mask_positions,
+                               reference, reference_step)
 
 OFFICIAL, TRANSFORMERS = chat_layouts.OFFICIAL, chat_layouts.TRANSFORMERS
 TINY = chat_preset("tiny-v1.5", select_layer=-2)
@@ -269,6 +270,9 @@ def test_official_layout_holds_each_family_under_its_own_names(family, tmp_path)
              "phi3-longrope": ["model.layers.1.self_attn.qkv_proj.weight",
                                "model.layers.1.mlp.gate_up_proj.weight"]}
   assert {"language_model." + key for key in spelled.get(family, [])} <= llm_keys
+  if family == "phi3-longrope":  # InternVL's Phi-3 code takes exactly these three (chat spec 2.2)
+    assert data["llm_config"]["rope_scaling"] == {"type": "su", "short_factor": list(SHORT_FACTOR),
+                                                  "long_factor": list(LONG_FACTOR)}
   # The written LLM, loaded into the family's reference, gives our LLM's logits.
   written = SafetensorsFile(str(tmp_path / "model.safetensors"))
   theirs.load_state_dict({key.removeprefix("language_model."): torch.from_numpy(written.read(key))
