@@ -5,7 +5,8 @@ The Flax params carry transformers' module names, so the tables are mostly renam
 the q/k/v biases, and Phi-3's fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (rows
 in that order), which the key map splits. With tied embeddings the model has no `lm_head` param
 and the layout expects no `lm_head.weight`; a checkpoint that still holds one (a copy of the
-embedding) is read without complaint, as transformers does.
+embedding) is read without complaint, as transformers does. A config read from a config.json
+records the class it names in `LlamaConfig.architecture`.
 """
 
 from internvl_jax.config import LlamaConfig, RopeScaling
