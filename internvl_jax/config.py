@@ -106,6 +106,10 @@ def vision_preset(name: str, **overrides) -> VisionConfig:
 
 ROPE_SCALING_KINDS = ("linear", "dynamic", "longrope")
 ROPE_LENGTHS = ("positions", "keys")
+# The LLM classes of InternVL-Chat's official code, as config.json's `architectures` names them
+# (chat spec 3.3): the same decoder under each family's parameter names and config.json.
+LLM_ARCHITECTURES = ("LlamaForCausalLM", "InternLM2ForCausalLM", "Qwen2ForCausalLM",
+                     "Phi3ForCausalLM")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +164,8 @@ class LlamaConfig:
 
   One decoder serves LLaMA / Yi / LLaMA-3, InternLM2 / 2.5, Qwen2 / 2.5 and Phi-3 (chat spec 2):
   the families differ only in the fields (q/k/v biases, RoPE base and scaling, tied head, sizes).
+  `architecture` names the family, which the computation ignores: it picks the parameter names
+  and config.json that an InternVL-Chat checkpoint holds the LLM under.
   """
 
   vocab_size: int = 49954
@@ -179,9 +185,11 @@ class LlamaConfig:
   pad_id: int = 0
   dtype: str = "float32"  # compute dtype; params are float32
   remat_policy: str = "none"
+  architecture: str = "LlamaForCausalLM"  # one of LLM_ARCHITECTURES
 
   def __post_init__(self):
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("architecture", self.architecture, LLM_ARCHITECTURES)
     _check_choice("dtype", self.dtype, tuple(DTYPES))
     if self.hidden_size % self.num_heads:
       raise ValueError(
@@ -238,7 +246,8 @@ def _internlm2_rope(factor: float) -> RopeScaling:
 
 # InternLM2 / 2.5: <s> 1 and </s> 2 as in LlamaConfig's defaults.
 _INTERNLM2 = LlamaConfig(vocab_size=_internvl_vocab(92544), num_kv_heads=8, norm_eps=1e-5,
-                         max_positions=32768, rope_base=1e6, rope_scaling=_internlm2_rope(2.0))
+                         max_positions=32768, rope_base=1e6, rope_scaling=_internlm2_rope(2.0),
+                         architecture="InternLM2ForCausalLM")
 _INTERNLM2_1_8B = _INTERNLM2.replace(hidden_size=2048, num_layers=24, num_heads=16, mlp_dim=8192)
 _INTERNLM2_20B = _INTERNLM2.replace(hidden_size=6144, num_layers=48, num_heads=48, mlp_dim=16384)
 # Qwen2.5's tokenizer holds 151665 tokens, fewer than the 151936 / 152064 rows the base models
@@ -246,7 +255,8 @@ _INTERNLM2_20B = _INTERNLM2.replace(hidden_size=6144, num_layers=48, num_heads=4
 # and which the official -hf converter writes for InternVL3, whose base-model llm_config says
 # <|endoftext|> (chat spec 1.3, 4.3).
 _QWEN2_5 = LlamaConfig(vocab_size=_internvl_vocab(151665), norm_eps=1e-6, max_positions=32768,
-                       rope_base=1e6, qkv_bias=True, bos_id=151643, eos_id=151645, pad_id=151643)
+                       rope_base=1e6, qkv_bias=True, bos_id=151643, eos_id=151645, pad_id=151643,
+                       architecture="Qwen2ForCausalLM")
 
 LLAMA_PRESETS = {
     "tiny": LlamaConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
@@ -272,7 +282,8 @@ LLAMA_PRESETS = {
     # conversion, so this preset holds the shapes with plain RoPE.
     "phi-3-mini-128k": LlamaConfig(
         vocab_size=_internvl_vocab(32011), hidden_size=3072, num_layers=32, num_heads=32,
-        num_kv_heads=32, mlp_dim=8192, norm_eps=1e-5, max_positions=131072, eos_id=32000),
+        num_kv_heads=32, mlp_dim=8192, norm_eps=1e-5, max_positions=131072, eos_id=32000,
+        architecture="Phi3ForCausalLM"),
     "qwen2.5-0.5b": _QWEN2_5.replace(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
                                      mlp_dim=4864),
     # Unverified (chat spec 7.7): Qwen2.5-1.5B's published shapes, not checked against a config.

@@ -1,16 +1,17 @@
-"""Tiny InternVL-Chat configs, random params, and checkpoint directories in the chat layouts."""
+"""Tiny InternVL-Chat configs, random params, checkpoint directories in the chat layouts, and the
+batch that checks logits against transformers."""
 
 import functools
-import json
-import os
 
 import jax
 import numpy as np
+import torch
 
-from internvl_jax.convert import chat_layouts, keymap
-from internvl_jax.convert.pytorch_dir import read_config
-from internvl_jax.convert.safetensors_io import SafetensorsFile, write_streaming
+from internvl_jax.config import ChatConfig
+from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.models import chat
+
+CONTEXT = 127  # the tiny presets' <IMG_CONTEXT> id
 
 
 @functools.cache
@@ -22,27 +23,35 @@ def random_params(config, seed: int = 0) -> dict:
 
 
 def export(config, params, directory, layout: str) -> None:
-  """config.json and model.safetensors in the layout, block by block."""
-  plans, flat = keymap.plan(chat_layouts.LAYOUTS[layout], params), keymap.flatten(params)
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "config.json"), "w") as f:
-    json.dump(chat_layouts.config_json(config, layout) | {"torch_dtype": "float32"}, f, indent=2)
-  tensors = ((tensor.key, blocks) for tensor, blocks in
-             keymap.export_tensors(plans, lambda path, index: flat[path][index]))
-  write_streaming(str(directory), {t.key: (t.torch_shape, np.dtype(np.float32)) for t in plans},
-                  tensors)
+  """config.json and model.safetensors in the layout, in blocks of a few rows, so that each part
+  of a fused tensor spans several blocks."""
+  export_pytorch(config, params, str(directory), layout=layout, block_bytes=512)
 
 
-def import_(directory, layout: str):
-  """(config, params) of a directory in the layout; every key checked first."""
-  config = chat_layouts.config_from_json(read_config(str(directory)), layout)
-  source = SafetensorsFile(os.path.join(directory, "model.safetensors"))
-  abstract = chat.abstract_params(config)
-  plans = keymap.plan(chat_layouts.LAYOUTS[layout], abstract)
-  keymap.check_source(chat_layouts.LAYOUTS[layout], plans, set(source.keys()), source.shape,
-                      source.dtype, allow_missing=False)
-  arrays = {path: np.empty(leaf.shape, leaf.dtype)
-            for path, leaf in keymap.flatten(abstract).items()}
-  for path, index, block in keymap.import_tensors(plans, source.read, abstract):
-    arrays[path][index] = block
-  return config, keymap.unflatten(arrays)
+def import_(directory):
+  """(config, params) of a directory in either layout; every key checked first."""
+  return import_pytorch(str(directory), block_bytes=512)
+
+
+def batch(config: ChatConfig, text: int = 0, seed: int = 0):
+  """Two right-padded rows: two tiles, then one tile in two slots; text around the images, the
+  first row `text` tokens longer."""
+  n = config.num_image_tokens
+  rows = [[1, 17, *[CONTEXT] * (2 * n), 30, 99, *range(5, 5 + text), 4], [1, *[CONTEXT] * n, 5, 6]]
+  tokens = np.zeros((2, max(map(len, rows))), np.int32)
+  for i, row in enumerate(rows):
+    tokens[i, :len(row)] = row
+  size = config.image_size
+  tiles = np.random.default_rng(seed).normal(size=(2, 2, size, size, 3)).astype(np.float32)
+  tiles[1, 1] = 0.0  # an empty slot, as the data side leaves it
+  return tiles, np.array([2, 1], np.int32), tokens, tokens != 0
+
+
+def transformers_logits(model, tiles, tile_count, tokens, mask) -> np.ndarray:
+  """The logits of transformers' InternVLForConditionalGeneration on a `batch`."""
+  real_tiles = np.concatenate([row[:count] for row, count in zip(tiles, tile_count)])
+  with torch.no_grad():
+    return model(input_ids=torch.from_numpy(tokens).long(),
+                 attention_mask=torch.from_numpy(mask).long(),
+                 pixel_values=torch.from_numpy(real_tiles.transpose(0, 3, 1, 2).copy())
+                 ).logits.numpy()

@@ -8,32 +8,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 import transformers
 from scipy.special import erf
 
 from internvl_jax import generate
-from internvl_jax.config import ChatConfig, chat_preset, llama_preset
+from internvl_jax.config import chat_preset, llama_preset
 from internvl_jax.convert import chat_layouts
 from internvl_jax.models import chat, llama
 from internvl_jax.models.intern_vit import InternViT, select_layer
 from internvl_jax.models.qllama import QLlama
-from chat_fixtures import export, random_params
-
-CONTEXT = 127  # the tiny presets' <IMG_CONTEXT> id
-
-
-def _batch(config: ChatConfig, seed: int = 0):
-  """Two right-padded rows: two tiles, then one tile in two slots; text around the images."""
-  n = config.num_image_tokens
-  rows = [[1, 17, *[CONTEXT] * (2 * n), 30, 99, 4], [1, *[CONTEXT] * n, 5, 6]]
-  tokens = np.zeros((2, max(map(len, rows))), np.int32)
-  for i, row in enumerate(rows):
-    tokens[i, :len(row)] = row
-  size = config.image_size
-  tiles = np.random.default_rng(seed).normal(size=(2, 2, size, size, 3)).astype(np.float32)
-  tiles[1, 1] = 0.0  # an empty slot, as the data side leaves it
-  return tiles, np.array([2, 1], np.int32), tokens, tokens != 0
+from chat_fixtures import CONTEXT, batch, export, random_params, transformers_logits
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -94,7 +78,7 @@ def test_splice_names_rows_whose_counts_differ():
 
 def test_the_model_refuses_bad_batches_before_computing():
   config = chat_preset("tiny-v1.5")
-  tiles, tile_count, tokens, mask = _batch(config)
+  tiles, tile_count, tokens, mask = batch(config)
   model = chat.InternVLChat(config)
   with pytest.raises(ValueError, match=r"row 0: 8 tokens, 4 features"):
     model.apply({"params": {}}, tiles, np.array([1, 1], np.int32), tokens, mask)
@@ -125,13 +109,8 @@ def hf_model(request, tmp_path_factory):
 
 def test_logits_match_transformers_with_spliced_images(hf_model):
   config, params, reference = hf_model
-  tiles, tile_count, tokens, mask = _batch(config)
-  real_tiles = np.concatenate([tiles[0, :2], tiles[1, :1]])  # transformers' flat list of tiles
-  with torch.no_grad():
-    theirs = reference(input_ids=torch.from_numpy(tokens).long(),
-                       attention_mask=torch.from_numpy(mask).long(),
-                       pixel_values=torch.from_numpy(real_tiles.transpose(0, 3, 1, 2).copy())
-                       ).logits.numpy()
+  tiles, tile_count, tokens, mask = batch(config)
+  theirs = transformers_logits(reference, tiles, tile_count, tokens, mask)
   ours = _logits(config, params, tiles, tile_count, tokens, mask)
   assert ours.shape == theirs.shape and ours.dtype == jnp.float32
   np.testing.assert_allclose(ours[mask], theirs[mask], atol=1e-5, rtol=1e-5)
@@ -166,7 +145,7 @@ def _vision_parts(config, params, tiles):
 def test_tile_features_are_the_variants_composition(preset):
   config = chat_preset(preset)
   params = random_params(config)
-  tiles = _batch(config)[0][0]
+  tiles = batch(config)[0][0]
   ours = jax.jit(lambda p, t: chat.InternVLChat(config).apply(
       {"params": p}, t, method=chat.InternVLChat.encode_tiles))(params, tiles)
   patches, queries = _vision_parts(config, params, tiles)
@@ -185,7 +164,7 @@ def test_tile_features_are_the_variants_composition(preset):
 def test_logits_are_the_llm_on_spliced_embeddings():
   config = chat_preset("tiny-qllama")
   params = random_params(config)
-  tiles, tile_count, tokens, mask = _batch(config)
+  tiles, tile_count, tokens, mask = batch(config)
   features = jax.jit(lambda p, t: chat.InternVLChat(config).apply(
       {"params": p}, t, method=chat.InternVLChat.encode_tiles))(params, tiles.reshape(
           (4,) + tiles.shape[2:]))
@@ -254,7 +233,7 @@ def test_every_param_names_its_logical_axes():
 def test_gradients_reach_the_llm_the_projector_and_the_vision_tower():
   config = chat_preset("tiny-v1.5")
   params = random_params(config)
-  tiles, tile_count, tokens, mask = _batch(config)
+  tiles, tile_count, tokens, mask = batch(config)
   loss = lambda p: jnp.sum(chat.InternVLChat(config).apply(
       {"params": p}, tiles, tile_count, tokens, mask)[mask]**2)
   grads = jax.jit(jax.grad(loss))(params)
@@ -273,7 +252,7 @@ def test_gradients_reach_the_llm_the_projector_and_the_vision_tower():
 def test_greedy_chat_equals_the_full_forward_argmax():
   config = chat_preset("tiny-v1.5")
   params = random_params(config)
-  tiles, tile_count, prompt, mask = _batch(config)
+  tiles, tile_count, prompt, mask = batch(config)
   context = {"tiles": tiles, "tile_count": tile_count}
   decoder = chat.ChatDecoder(config)
   search = dict(max_new_tokens=5, eos_id=config.llm.eos_id, pad_id=config.llm.pad_id)

@@ -1,6 +1,7 @@
 """InternVL-Chat in OpenGVLab's `InternVLChatModel` and transformers'
-`InternVLForConditionalGeneration` layouts: bit-exact round trips, the key sets of the reference
-code, config.json both ways, and named errors."""
+`InternVLForConditionalGeneration` layouts, for each LLM family: bit-exact round trips, the key
+sets of the reference code, logits against transformers and the family references, config.json
+both ways, and named errors."""
 
 import json
 import os
@@ -8,49 +9,74 @@ import os
 import jax
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
-from internvl_jax.config import chat_preset, llama_preset
-from internvl_jax.convert import chat_layouts, keymap
+from internvl_jax.config import LLM_ARCHITECTURES, chat_preset, llama_preset
+from internvl_jax.convert import chat_layouts, keymap, llm_layouts
 from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.models import chat
-from chat_fixtures import export, import_, random_params
+from chat_fixtures import batch, export, import_, random_params, transformers_logits
+from test_llm_families import (FAMILIES, LONG_FACTOR, SHORT_FACTOR, forward, mask_positions,
+                               reference, reference_step)
 
 OFFICIAL, TRANSFORMERS = chat_layouts.OFFICIAL, chat_layouts.TRANSFORMERS
 TINY = chat_preset("tiny-v1.5", select_layer=-2)
-# Tied embeddings and grouped-query attention: the LLM writes no lm_head.
+# Tied embeddings and grouped-query attention.
 TINY_TIED = chat_preset("tiny-v1.5", ps_version="v1", llm=llama_preset(
     "tiny", num_kv_heads=2, tie_embeddings=True))
 
 
 @pytest.mark.parametrize("layout", [OFFICIAL, TRANSFORMERS])
 def test_round_trip_is_bit_exact(layout, tmp_path):
-  configs = [TINY] + ([TINY_TIED] if layout == OFFICIAL else [])  # transformers has no ps v1
-  for i, config in enumerate(configs):
-    params = random_params(config)
-    export(config, params, tmp_path / str(i), layout)
-    loaded_config, loaded = import_(tmp_path / str(i), layout)
-    assert loaded_config == config
-    assert jax.tree.structure(loaded) == jax.tree.structure(params)
-    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  params = random_params(TINY)
+  export(TINY, params, tmp_path, layout)
+  loaded_config, loaded = import_(tmp_path)
+  assert loaded_config == TINY
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+def test_a_tied_llm_is_written_untied_to_the_official_layout(tmp_path):
+  # The official config always unties (chat spec 2.6): the embedding is written as the head too.
+  params = random_params(TINY_TIED)
+  export(TINY_TIED, params, tmp_path, OFFICIAL)
+  data = json.loads((tmp_path / "config.json").read_text())
+  assert data["tie_word_embeddings"] is data["llm_config"]["tie_word_embeddings"] is False
+  loaded_config, loaded = import_(tmp_path)
+  assert loaded_config == TINY_TIED.replace(llm=TINY_TIED.llm.replace(tie_embeddings=False))
+  llm = loaded.pop("language_model")
+  np.testing.assert_array_equal(llm.pop("lm_head")["kernel"],
+                                params["language_model"]["embed_tokens"]["embedding"].T)
+  jax.tree.map(np.testing.assert_array_equal, loaded | {"language_model": llm}, params)
+  # Before the official code untied llm_config too, a tied LLM could be saved without its head.
+  written = SafetensorsFile(str(tmp_path / "model.safetensors"))
+  safetensors.torch.save_file({key: torch.from_numpy(written.read(key)) for key in written.keys()
+                               if key != "language_model.lm_head.weight"},
+                              str(tmp_path / "model.safetensors"))
+  data["llm_config"]["tie_word_embeddings"] = True
+  (tmp_path / "config.json").write_text(json.dumps(data))
+  loaded_config, loaded = import_(tmp_path)
+  assert loaded_config == TINY_TIED
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
 
 
 def _written_keys(directory) -> set[str]:
   return set(SafetensorsFile(os.path.join(directory, "model.safetensors")).keys())
 
 
-def test_transformers_keys_are_the_models_own(tmp_path):
-  export(TINY, random_params(TINY), tmp_path, TRANSFORMERS)
+def test_transformers_keys_are_what_save_pretrained_writes(tmp_path):
+  export(TINY, random_params(TINY), tmp_path / "ours", TRANSFORMERS)
   hf_config = transformers.InternVLConfig(**chat_layouts.config_json(TINY, TRANSFORMERS))
-  with torch.device("meta"):
-    reference = transformers.InternVLForConditionalGeneration(hf_config)
-  assert _written_keys(tmp_path) == set(reference.state_dict())
-  assert reference.config.text_config.model_type == "llama"
+  transformers.InternVLForConditionalGeneration(hf_config).save_pretrained(tmp_path / "theirs")
+  assert _written_keys(tmp_path / "ours") == _written_keys(tmp_path / "theirs")
+  assert "language_model.model.embed_tokens.weight" in _written_keys(tmp_path / "ours")
+  assert hf_config.text_config.model_type == "llama"
 
 
-def _spec_5_5_keys(vision_layers: int, llm_layers: int, tied: bool) -> set[str]:
+def _spec_5_5_keys(vision_layers: int, llm_layers: int) -> set[str]:
   """Spec 5.5's InternVLChatModel keys with a LLaMA LLM and a LayerNorm ViT, written out."""
   vit_layer = ("attn.qkv.weight", "attn.q_norm.weight", "attn.k_norm.weight", "attn.proj.weight",
                "attn.proj.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
@@ -63,21 +89,21 @@ def _spec_5_5_keys(vision_layers: int, llm_layers: int, tied: bool) -> set[str]:
   llm_layer = [f"self_attn.{p}_proj.weight" for p in "qkvo"] + [
       f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")] + [
       "input_layernorm.weight", "post_attention_layernorm.weight"]
-  keys |= {"language_model.model.embed_tokens.weight", "language_model.model.norm.weight"}
-  keys |= {f"language_model.model.layers.{i}.{name}" for i in range(llm_layers)
-           for name in llm_layer}
-  return keys if tied else keys | {"language_model.lm_head.weight"}
+  keys |= {"language_model.model.embed_tokens.weight", "language_model.model.norm.weight",
+           "language_model.lm_head.weight"}
+  return keys | {f"language_model.model.layers.{i}.{name}" for i in range(llm_layers)
+                 for name in llm_layer}
 
 
-@pytest.mark.parametrize("config, tied", [(TINY, False), (TINY_TIED, True)])
-def test_official_keys_are_spec_5_5s(config, tied, tmp_path):
+@pytest.mark.parametrize("config", [TINY, TINY_TIED], ids=["untied", "tied"])
+def test_official_keys_are_spec_5_5s(config, tmp_path):
   export(config, random_params(config), tmp_path, OFFICIAL)
-  assert _written_keys(tmp_path) == _spec_5_5_keys(2, 2, tied)
+  assert _written_keys(tmp_path) == _spec_5_5_keys(2, 2)
 
 
 def test_v1_5_shapes_at_full_size():
   config = chat_preset("v1.1-llama2-13b")
-  plans = keymap.plan(chat_layouts.LAYOUTS[OFFICIAL], chat.abstract_params(config))
+  plans = keymap.plan(chat_layouts.layout(config, OFFICIAL), chat.abstract_params(config))
   shapes = {tensor.key: tensor.torch_shape for tensor in plans}
   assert shapes["mlp1.0.weight"] == (12800,)
   assert shapes["mlp1.1.weight"] == (5120, 12800)
@@ -106,10 +132,11 @@ def test_official_config_json_is_what_the_official_code_reads():
   assert chat_layouts.config_from_json(released, OFFICIAL, image_context_id=32002) == config
   with pytest.raises(ValueError, match="use_llm_lora=16: LoRA-wrapped checkpoints"):
     chat_layouts.config_from_json(data | {"use_llm_lora": 16}, OFFICIAL)
-  internlm2 = data | {
-      "llm_config": data["llm_config"] | {"architectures": ["InternLM2ForCausalLM"]}}
-  with pytest.raises(ValueError, match="InternLM2ForCausalLM; only LlamaForCausalLM"):
-    chat_layouts.config_from_json(internlm2, OFFICIAL)
+  internlm3 = data | {
+      "llm_config": data["llm_config"] | {"architectures": ["InternLM3ForCausalLM"]}}
+  with pytest.raises(ValueError, match="The LLM is InternLM3ForCausalLM; supported: "
+                     "InternLM2ForCausalLM, LlamaForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM"):
+    chat_layouts.config_from_json(internlm3, OFFICIAL)
 
 
 # What the official chat() reads, none of it at its default (chat families spec 3.3).
@@ -163,7 +190,8 @@ def test_transformers_config_json_round_trip_and_refusals():
   for change, message in (
       ({"vision_feature_select_strategy": "full"}, "drops the CLS token"),
       ({"vision_feature_layer": [-1, -2]}, "selects several layers"),
-      ({"text_config": data["text_config"] | {"model_type": "qwen2"}}, "only 'llama'"),
+      ({"text_config": data["text_config"] | {"model_type": "gemma"}},
+       "The text model is 'gemma'; supported: llama, phi3, qwen2"),
       ({"projector_hidden_act": "silu"}, "projector_hidden_act 'silu'")):
     with pytest.raises(ValueError, match=message):
       chat_layouts.config_from_json(data | change, TRANSFORMERS)
@@ -185,16 +213,16 @@ def test_layouts_refuse_configs_their_code_cannot_run():
 
 def test_mismatched_checkpoints_are_named(tmp_path):
   export(TINY, random_params(TINY), tmp_path, TRANSFORMERS)
-  layout = chat_layouts.LAYOUTS[TRANSFORMERS]
+  layout = chat_layouts.layout(TINY, TRANSFORMERS)
   source = SafetensorsFile(os.path.join(tmp_path, "model.safetensors"))
   plans = keymap.plan(layout, chat.abstract_params(TINY))
   keys = set(source.keys())
   check = lambda keys: keymap.check_source(layout, plans, keys, source.shape, source.dtype,
                                            allow_missing=False)
-  check(keys | {"model.language_model.rotary_emb.inv_freq"})  # buffers some versions save
+  check(keys | {"language_model.model.rotary_emb.inv_freq"})  # buffers some versions save
   with pytest.raises(keymap.ConversionError,
-                     match="missing keys: model.multi_modal_projector.layer_norm.bias"):
-    check(keys - {"model.multi_modal_projector.layer_norm.bias"})
+                     match="missing keys: multi_modal_projector.layer_norm.bias"):
+    check(keys - {"multi_modal_projector.layer_norm.bias"})
   with pytest.raises(keymap.ConversionError, match="unexpected keys .*: mlp1.0.weight"):
     check(keys | {"mlp1.0.weight"})
 
@@ -212,3 +240,99 @@ def test_released_official_configs_take_the_context_id_from_added_tokens(tmp_pat
   loaded_config, loaded = import_pytorch(str(tmp_path))
   assert loaded_config == TINY
   jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+# Each LLM family in both layouts (chat spec 2-4).
+
+def _chat(family: str):
+  return chat_preset("tiny-v1.5", llm=FAMILIES[family])
+
+
+def test_each_official_llm_class_has_a_family():
+  assert set(llm_layouts.FAMILIES) == set(LLM_ARCHITECTURES)
+
+
+@pytest.mark.parametrize("family", ["llama", "internlm2-dynamic", "qwen2-tied-dynamic",
+                                    "qwen2-untied", "phi3-longrope"])
+def test_official_layout_holds_each_family_under_its_own_names(family, tmp_path):
+  config = _chat(family)
+  params = random_params(config)
+  export(config, params, tmp_path, OFFICIAL)
+  data = json.loads((tmp_path / "config.json").read_text())
+  assert data["llm_config"]["architectures"] == [config.llm.architecture]
+  # The LLM's keys are its reference class's own (chat spec 2), under `language_model.`.
+  theirs = reference(family)
+  llm_keys = {key for key in _written_keys(tmp_path) if key.startswith("language_model.")}
+  assert llm_keys == {"language_model." + key for key in theirs.state_dict()}
+  assert _written_keys(tmp_path) - llm_keys == _spec_5_5_keys(2, 2) - {
+      key for key in _spec_5_5_keys(2, 2) if key.startswith("language_model.")}
+  spelled = {"internlm2-dynamic": ["model.layers.1.attention.wqkv.weight", "output.weight"],
+             "phi3-longrope": ["model.layers.1.self_attn.qkv_proj.weight",
+                               "model.layers.1.mlp.gate_up_proj.weight"]}
+  assert {"language_model." + key for key in spelled.get(family, [])} <= llm_keys
+  if family == "phi3-longrope":  # InternVL's Phi-3 code takes exactly these three (chat spec 2.2)
+    assert data["llm_config"]["rope_scaling"] == {"type": "su", "short_factor": list(SHORT_FACTOR),
+                                                  "long_factor": list(LONG_FACTOR)}
+  # The written LLM, loaded into the family's reference, gives our LLM's logits.
+  written = SafetensorsFile(str(tmp_path / "model.safetensors"))
+  theirs.load_state_dict({key.removeprefix("language_model."): torch.from_numpy(written.read(key))
+                          for key in llm_keys}, strict=True)
+  tokens, mask = batch(config, text=30)[2:]
+  their_logits, _ = reference_step(theirs, tokens, mask, mask_positions(mask), None)
+  ours = forward(config.llm, params["language_model"], tokens, mask).logits
+  np.testing.assert_allclose(ours[mask], their_logits[mask], atol=1e-5, rtol=1e-5)
+  loaded_config, loaded = import_(tmp_path)
+  assert loaded_config == config.replace(llm=config.llm.replace(tie_embeddings=False))
+  if config.llm.tie_embeddings:
+    llm = params["language_model"]
+    params = params | {"language_model": llm | {
+        "lm_head": {"kernel": llm["embed_tokens"]["embedding"].T}}}
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+
+
+@pytest.mark.parametrize("family, text_type", [
+    ("llama", "llama"), ("internlm2-linear", "llama"), ("qwen2-tied-dynamic", "qwen2"),
+    ("qwen2-untied", "qwen2"), ("phi3-longrope", "phi3")])
+def test_transformers_layout_runs_each_family_in_transformers(family, text_type, tmp_path):
+  config = _chat(family)
+  params = random_params(config)
+  export(config, params, tmp_path / "ours", TRANSFORMERS)
+  theirs, info = transformers.InternVLForConditionalGeneration.from_pretrained(
+      str(tmp_path / "ours"), output_loading_info=True, attn_implementation="eager")
+  assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+  assert theirs.config.text_config.model_type == text_type
+  # 46 tokens: past the 32 positions where dynamic NTK and LongRoPE's long factors start.
+  tiles, tile_count, tokens, mask = batch(config, text=30)
+  their_logits = transformers_logits(theirs.eval(), tiles, tile_count, tokens, mask)
+  ours = chat.InternVLChat(config).apply({"params": params}, tiles, tile_count, tokens, mask)
+  np.testing.assert_allclose(ours[mask], their_logits[mask], atol=1e-5, rtol=1e-5)
+  # What transformers writes back reads bit-exact; InternLM2 is held as LLaMA there.
+  theirs.save_pretrained(tmp_path / "theirs")
+  assert _written_keys(tmp_path / "theirs") == _written_keys(tmp_path / "ours")
+  loaded_config, loaded = import_(tmp_path / "theirs")
+  assert loaded_config == config.replace(llm=config.llm.replace(architecture={
+      "llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "phi3": "Phi3ForCausalLM"}[
+          text_type]))
+  jax.tree.map(np.testing.assert_array_equal, loaded, params)
+  # Older files hold the runtime names (`model.language_model.*`, `lm_head.weight`, ...).
+  # (A tied head is saved as a copy, as torch.save keeps it.)
+  state = {key: tensor.clone() for key, tensor in theirs.state_dict().items()}
+  safetensors.torch.save_file(state, str(tmp_path / "theirs" / "model.safetensors"))
+  assert "model.language_model.embed_tokens.weight" in _written_keys(tmp_path / "theirs")
+  jax.tree.map(np.testing.assert_array_equal, import_(tmp_path / "theirs")[1], params)
+
+
+def test_transformers_layout_refuses_internlm2s_dynamic_ntk():
+  # InternLM2 keys it on the key length, transformers' llama on the positions.
+  with pytest.raises(ValueError, match="no transformers LLaMA / Qwen2 equivalent"):
+    chat_layouts.config_json(_chat("internlm2-dynamic"), TRANSFORMERS)
+
+
+def test_a_file_with_both_spellings_of_a_key_is_refused(tmp_path):
+  export(TINY, random_params(TINY), tmp_path, TRANSFORMERS)
+  written = SafetensorsFile(str(tmp_path / "model.safetensors"))
+  tensors = {key: torch.from_numpy(written.read(key)) for key in written.keys()}
+  tensors["lm_head.weight"] = tensors["language_model.lm_head.weight"].clone()
+  safetensors.torch.save_file(tensors, str(tmp_path / "model.safetensors"))
+  with pytest.raises(ValueError, match="holds language_model.lm_head.weight twice"):
+    import_(tmp_path)

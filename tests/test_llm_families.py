@@ -37,19 +37,21 @@ FAMILIES = {
     "llama": LlamaConfig(**TINY, rope_base=5e6, norm_eps=1e-5),
     # Qwen2-0.5B / InternVL3-1B: q/k/v biases, tied head, transformers' dynamic NTK.
     "qwen2-tied-dynamic": LlamaConfig(
-        **TINY, rope_base=1e4, qkv_bias=True, tie_embeddings=True,
+        **TINY, rope_base=1e4, qkv_bias=True, tie_embeddings=True, architecture="Qwen2ForCausalLM",
         rope_scaling=RopeScaling("dynamic", 2.0, original_max_positions=32)),
-    "qwen2-untied": LlamaConfig(**TINY, rope_base=1e6, qkv_bias=True),
+    "qwen2-untied": LlamaConfig(**TINY, rope_base=1e6, qkv_bias=True,
+                                architecture="Qwen2ForCausalLM"),
     # Phi-3-mini-128k: "su" / longrope, 32 original positions stretched to 128 (factor 4).
     "phi3-longrope": LlamaConfig(
-        **dict(TINY, max_positions=128), norm_eps=1e-5,
+        **dict(TINY, max_positions=128), norm_eps=1e-5, architecture="Phi3ForCausalLM",
         rope_scaling=RopeScaling("longrope", 4.0, original_max_positions=32,
                                  short_factor=SHORT_FACTOR, long_factor=LONG_FACTOR)),
     # InternLM2 / 2.5: dynamic NTK keyed on the key length, and the linear variant.
     "internlm2-dynamic": LlamaConfig(
-        **TINY, rope_base=1e4, norm_eps=1e-5,
+        **TINY, rope_base=1e4, norm_eps=1e-5, architecture="InternLM2ForCausalLM",
         rope_scaling=RopeScaling("dynamic", 2.5, original_max_positions=32, length="keys")),
     "internlm2-linear": LlamaConfig(**TINY, rope_base=1e4, norm_eps=1e-5,
+                                    architecture="InternLM2ForCausalLM",
                                     rope_scaling=RopeScaling("linear", 3.0)),
 }
 

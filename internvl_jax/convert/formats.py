@@ -10,8 +10,7 @@ import typing
 from typing import Any, Callable
 
 from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
-from internvl_jax.convert import (chat_layouts, intern_vit_layouts, internlm2_layouts,
-                                  internvl_layouts, llama_layouts)
+from internvl_jax.convert import chat_layouts, intern_vit_layouts, internvl_layouts, llm_layouts
 from internvl_jax.convert.keymap import Layout
 from internvl_jax.models import chat, intern_vit, internvl, llama
 
@@ -48,6 +47,10 @@ class Format:
   config_json: Callable[[Any, bool], dict]
   config_from_json: Callable[[dict], Any]
   key_prefixes: tuple[str, ...] = ()  # where the model may sit inside a larger checkpoint
+  # (older prefix, the layout's): keys that older files of the format spell otherwise.
+  key_renames: tuple[tuple[str, str], ...] = ()
+  # config -> the key map that writes the format, where it differs from the one that reads it.
+  export_layout: Callable[[Any], Layout] | None = None
 
 
 def _vit(name: str, architecture: str) -> Format:
@@ -61,16 +64,16 @@ def _vit(name: str, architecture: str) -> Format:
 FORMATS = (
     _vit(intern_vit_layouts.OFFICIAL, "InternVisionModel"),
     _vit(intern_vit_layouts.TRANSFORMERS, "InternVLVisionModel"),
-    *(Format("llama", name, architecture, lambda config, name=name: llama_layouts.LAYOUTS[name],
-             lambda config, strict, name=name: llama_layouts.config_json(config, name),
-             functools.partial(llama_layouts.config_from_json, layout=name))
-      for architecture, name in llama_layouts.ARCHITECTURES.items()),
-    Format("llama", internlm2_layouts.OFFICIAL, internlm2_layouts.ARCHITECTURE,
-           internlm2_layouts.layout, lambda config, strict: internlm2_layouts.config_json(config),
-           internlm2_layouts.config_from_json),
-    *(Format("internvl_chat", name, architecture, lambda config, name=name: chat_layouts.LAYOUTS[name],
+    *(Format("llama", family.name, architecture, family.layout,
+             lambda config, strict, family=family: family.config_json(config),
+             family.config_from_json)
+      for architecture, family in llm_layouts.FAMILIES.items()),
+    *(Format("internvl_chat", name, architecture,
+             functools.partial(chat_layouts.layout, name=name),
              lambda config, strict, name=name: chat_layouts.config_json(config, name),
-             functools.partial(chat_layouts.config_from_json, layout=name))
+             functools.partial(chat_layouts.config_from_json, layout=name),
+             key_renames=chat_layouts.KEY_RENAMES.get(name, ()),
+             export_layout=functools.partial(chat_layouts.export_layout, name=name))
       for architecture, name in chat_layouts.ARCHITECTURES.items()),
     Format("internvl_g", "official", "InternVLModel",
            lambda config: internvl_layouts.official_layout(config.cross_attention_frequency),

@@ -73,6 +73,7 @@ def config_from_json(data: dict) -> LlamaConfig:
       scaling = (RopeScaling("linear", float(rope["factor"])) if rope["type"] == "linear" else
                  RopeScaling("dynamic", float(rope["factor"]), max_positions, length="keys"))
     return llama_layouts.family_config_from_json(
-        data, rope_base=float(data.get("rope_theta", 10000.0)), rope_scaling=scaling)
+        data, rope_base=float(data.get("rope_theta", 10000.0)), rope_scaling=scaling,
+        architecture=ARCHITECTURE)
   except KeyError as missing:
     raise ValueError(f"config.json lacks the field {missing} that an InternLM2 config has.") from None

@@ -5,7 +5,8 @@ The Flax params carry transformers' module names, so the tables are mostly renam
 the q/k/v biases, and Phi-3's fuses q/k/v into `qkv_proj` and gate/up into `gate_up_proj` (rows
 in that order), which the key map splits. With tied embeddings the model has no `lm_head` param
 and the layout expects no `lm_head.weight`; a checkpoint that still holds one (a copy of the
-embedding) is read without complaint, as transformers does.
+embedding) is read without complaint, as transformers does. A config read from a config.json
+records the class it names in `LlamaConfig.architecture`.
 """
 
 from internvl_jax.config import LlamaConfig, RopeScaling
@@ -55,7 +56,9 @@ LAYOUTS = {
 }
 ARCHITECTURES = {"LlamaForCausalLM": TRANSFORMERS, "Qwen2ForCausalLM": QWEN2,
                  "Phi3ForCausalLM": PHI3}
-_MODEL_TYPES = {TRANSFORMERS: "llama", QWEN2: "qwen2", PHI3: "phi3"}
+_ARCHITECTURE = {name: architecture for architecture, name in ARCHITECTURES.items()}
+# config.json's `model_type` per layout: what a composite model's text config names.
+MODEL_TYPES = {TRANSFORMERS: "llama", QWEN2: "qwen2", PHI3: "phi3"}
 
 
 def _check_layout(layout: str):
@@ -134,8 +137,8 @@ def config_json(config: LlamaConfig, layout: str = TRANSFORMERS) -> dict:
                      f"{LAYOUTS[layout].name} layout; use the {fitting!r} one.")
   rope = _rope_parameters(config, layout)
   data = {
-      "architectures": [next(a for a, name in ARCHITECTURES.items() if name == layout)],
-      "model_type": _MODEL_TYPES[layout],
+      "architectures": [_ARCHITECTURE[layout]],
+      "model_type": MODEL_TYPES[layout],
       **family_config_json(config),
       "head_dim": config.head_dim,
       "rope_parameters": rope,
@@ -150,6 +153,16 @@ def config_json(config: LlamaConfig, layout: str = TRANSFORMERS) -> dict:
         config.rope_scaling.original_max_positions)
     return data | {"original_max_position_embeddings": original, "sliding_window": None}
   return data | {"attention_bias": False, "mlp_bias": False}
+
+
+def internvl_phi3_config_json(config: LlamaConfig) -> dict:
+  """Phi3ForCausalLM's config.json as InternVL's own Phi-3 code reads it (chat spec 2.2): it
+  takes LongRoPE only under its older name "su", in a `rope_scaling` of exactly three fields."""
+  data = {k: v for k, v in config_json(config, PHI3).items() if k != "rope_parameters"}
+  scaling = config.rope_scaling
+  return data | {"rope_scaling": None if scaling is None else {
+      "type": "su", "short_factor": list(scaling.short_factor),
+      "long_factor": list(scaling.long_factor)}}
 
 
 def _rope_scaling(rope: dict, data: dict, layout: str) -> RopeScaling | None:
@@ -198,6 +211,7 @@ def config_from_json(data: dict, layout: str = TRANSFORMERS) -> LlamaConfig:
       raise ValueError(f"head_dim {data['head_dim']} differs from hidden_size / num_attention_heads.")
     return family_config_from_json(
         data, rope_base=float(rope.get("rope_theta", theta)),
-        rope_scaling=_rope_scaling(rope, data, layout), qkv_bias=layout == QWEN2)
+        rope_scaling=_rope_scaling(rope, data, layout), qkv_bias=layout == QWEN2,
+        architecture=_ARCHITECTURE[layout])
   except KeyError as missing:
     raise ValueError(f"config.json lacks the field {missing} that a LLaMA config has.") from None

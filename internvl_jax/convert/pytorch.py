@@ -35,7 +35,7 @@ def _open_pytorch(directory: str, allow_missing: bool, block_bytes: int):
   fmt = formats.detect(config_data)
   config = fmt.config_from_json(config_data)
   kind = formats.MODELS[fmt.model]
-  source = open_weights(directory).with_prefix(fmt.key_prefixes)
+  source = open_weights(directory).with_prefix(fmt.key_prefixes).renamed(fmt.key_renames)
   abstract = kind.abstract_params(config)
   layout = fmt.layout(config)
   plans = keymap.plan(layout, abstract, block_bytes)
@@ -111,7 +111,8 @@ def export_pytorch(config, params: Mapping | Callable, out_dir: str, *, layout: 
   else:
     read_flax = params
   config_data = dict(fmt.config_json(config, strict), torch_dtype=dtype)
-  plans = keymap.plan(fmt.layout(config), kind.abstract_params(config), block_bytes)
+  plans = keymap.plan((fmt.export_layout or fmt.layout)(config), kind.abstract_params(config),
+                      block_bytes)
   os.makedirs(out_dir, exist_ok=True)
   with open(os.path.join(out_dir, "config.json"), "w") as f:
     json.dump(config_data, f, indent=2)

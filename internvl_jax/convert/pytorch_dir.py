@@ -17,30 +17,43 @@ _TORCH_INDEX_FILE = "pytorch_model.bin.index.json"
 
 
 class TensorSource:
-  """Tensors of a checkpoint by key, read one at a time; `prefix` is stripped from keys."""
+  """Tensors of a checkpoint by key, read one at a time, under the names the layout reads."""
 
-  def __init__(self, readers: dict, prefix: str = ""):
-    self._readers = readers  # key -> object with .read(key)
-    self.prefix = prefix
+  def __init__(self, readers: dict):
+    self._readers = readers  # key -> (object with .read(key), the key in the file)
 
   def keys(self) -> set[str]:
-    return {k[len(self.prefix):] for k in self._readers if k.startswith(self.prefix)}
+    return set(self._readers)
 
   def shape(self, key: str) -> tuple[int, ...]:
-    return self._readers[self.prefix + key].shape(self.prefix + key)
+    reader, stored = self._readers[key]
+    return reader.shape(stored)
 
   def dtype(self, key: str) -> np.dtype:
-    return self._readers[self.prefix + key].dtype(self.prefix + key)
+    reader, stored = self._readers[key]
+    return reader.dtype(stored)
 
   def read(self, key: str, rows: slice = slice(None)) -> np.ndarray:
-    return self._readers[self.prefix + key].read(self.prefix + key, rows)
+    reader, stored = self._readers[key]
+    return reader.read(stored, rows)
 
   def with_prefix(self, prefixes: tuple[str, ...]) -> "TensorSource":
     """Strips the first of `prefixes` under which every key lies (none if no prefix fits)."""
     for prefix in prefixes:
       if self._readers and all(k.startswith(prefix) for k in self._readers):
-        return TensorSource(self._readers, prefix)
+        return TensorSource({k[len(prefix):]: v for k, v in self._readers.items()})
     return self
+
+  def renamed(self, renames: tuple[tuple[str, str], ...]) -> "TensorSource":
+    """Keys that begin with an older prefix under the newer one, as transformers' checkpoint
+    conversion mapping reads them; a key that then names a tensor twice raises."""
+    readers = {}
+    for key, value in self._readers.items():
+      new = next((new + key[len(old):] for old, new in renames if key.startswith(old)), key)
+      if new in readers:
+        raise ValueError(f"The checkpoint holds {new} twice, under older and newer names.")
+      readers[new] = value
+    return TensorSource(readers)
 
 
 class _TorchFile:
@@ -116,5 +129,5 @@ def open_weights(directory: str) -> TensorSource:
   for path in files:
     reader = opener(path)
     for key in reader.keys():
-      readers[key] = reader
+      readers[key] = (reader, key)
   return TensorSource(readers)
