@@ -9,6 +9,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from internvl_jax.data import templates
+from internvl_jax.data import tokenizer as tokenizer_lib
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_TYPES = ("rms_norm", "layer_norm")
@@ -103,9 +104,60 @@ def vision_preset(name: str, **overrides) -> VisionConfig:
   return VISION_PRESETS[name].replace(**overrides)
 
 
+ROPE_SCALING_KINDS = ("linear", "dynamic", "longrope")
+ROPE_LENGTHS = ("positions", "keys")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """How rotary positions stretch past the pretraining length (chat spec 2.1-2.3).
+
+  "linear"   positions are divided by `factor` (InternLM2, transformers).
+  "dynamic"  NTK-aware: for a sequence of L > `original_max_positions` tokens the base becomes
+             base * (factor * L / original_max_positions - (factor - 1))**(d / (d - 2)), d the
+             head dim (InternLM2.5, InternVL3's Qwen2.5, transformers).
+  "longrope" Phi-3's "su": frequency i is divided by `short_factor[i]` while L <=
+             `original_max_positions`, else by `long_factor[i]`, and cos and sin are scaled by
+             sqrt(1 + ln(factor) / ln(original_max_positions)) (1 when factor <= 1), `factor`
+             being the context extension max_position_embeddings / original_max_positions.
+  `length` says what L is: "positions" is the largest position in the batch plus one
+  (transformers' dynamic and longrope, Phi-3's su); "keys" the number of key slots including the
+  cache and any padding (InternLM2's dynamic NTK, which passes its kv_seq_len). Keys already in a
+  KV cache keep the rotation they were written with, as both references' caches do.
+  """
+
+  kind: str
+  factor: float = 1.0
+  original_max_positions: int = 0  # dynamic: max_position_embeddings; longrope: the original one
+  length: str = "positions"
+  short_factor: tuple[float, ...] = ()  # longrope: one divisor per frequency (head_dim / 2)
+  long_factor: tuple[float, ...] = ()
+
+  def __post_init__(self):
+    _check_choice("rope_scaling.kind", self.kind, ROPE_SCALING_KINDS)
+    _check_choice("rope_scaling.length", self.length, ROPE_LENGTHS)
+    # Lists from config.json become tuples, so that the config stays hashable (a static jit arg).
+    for field in ("short_factor", "long_factor"):
+      object.__setattr__(self, field, tuple(float(f) for f in getattr(self, field)))
+    longrope = self.kind == "longrope"
+    if not (self.factor > 0 if longrope else self.factor >= 1):
+      raise ValueError(f"RopeScaling: {self.kind} factor {self.factor} must be "
+                       f"{'> 0' if longrope else '>= 1'}.")
+    if self.kind != "linear" and self.original_max_positions < 1:
+      raise ValueError(f"RopeScaling: {self.kind} scaling needs original_max_positions (the length "
+                       "it scales beyond).")
+    if longrope != bool(self.short_factor and self.long_factor):
+      raise ValueError(f"RopeScaling: short_factor and long_factor are "
+                       f"{'needed' if longrope else 'only'} for longrope scaling.")
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """LLaMA decoder hyper-parameters (spec section 2.1), named after their config.json fields."""
+  """LLaMA-family decoder hyper-parameters (spec section 2.1), named after their config.json fields.
+
+  One decoder serves LLaMA / Yi / LLaMA-3, InternLM2 / 2.5, Qwen2 / 2.5 and Phi-3 (chat spec 2):
+  the families differ only in the fields (q/k/v biases, RoPE base and scaling, tied head, sizes).
+  """
 
   vocab_size: int = 49954
   hidden_size: int = 4096
@@ -116,6 +168,8 @@ class LlamaConfig:
   norm_eps: float = 1e-6
   max_positions: int = 2048
   rope_base: float = 10000.0
+  rope_scaling: RopeScaling | None = None
+  qkv_bias: bool = False  # biases on the query, key and value projections (Qwen2), none on o
   tie_embeddings: bool = False
   bos_id: int = 1
   eos_id: int = 2
@@ -135,6 +189,12 @@ class LlamaConfig:
           f"{self.num_kv_heads} (each key/value head serves a whole group of query heads).")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig: head_dim {self.head_dim} must be even for rotary embeddings.")
+    scaling = self.rope_scaling
+    if scaling is not None and scaling.kind == "longrope":
+      for field in ("short_factor", "long_factor"):
+        if len(getattr(scaling, field)) != self.head_dim // 2:
+          raise ValueError(f"LlamaConfig: rope_scaling.{field} has {len(getattr(scaling, field))} "
+                           f"factors; head_dim {self.head_dim} has {self.head_dim // 2} frequencies.")
     for field in ("bos_id", "eos_id", "pad_id"):
       if not 0 <= getattr(self, field) < self.vocab_size:
         raise ValueError(f"LlamaConfig: {field}={getattr(self, field)} is outside the vocabulary "
@@ -155,6 +215,36 @@ class LlamaConfig:
 # The multilingual LLaMA-7B that InternVL's text encoder and QLLaMA start from (Chinese-Alpaca).
 _LLAMA_7B = LlamaConfig()
 
+# The LLMs of the released InternVL-Chat 1.5-3 checkpoints are held as InternVL holds them (chat
+# spec 1.3): the vocabulary is the base tokenizer's plus the tokens the fine-tune scripts append,
+# in this order, resizing the embeddings to fit; and the head is untied, because
+# InternVLChatConfig forces tie_word_embeddings False (spec 2.6) even where the base LLM ties it
+# (Qwen2.5 up to 3B). Instruct and base models of one size share a preset.
+INTERNVL_ADDED_TOKENS = tokenizer_lib.IMAGE_TOKENS + ("<quad>", "</quad>", "<ref>", "</ref>",
+                                                     "<box>", "</box>")
+
+
+def _internvl_vocab(tokenizer_size: int) -> int:
+  return tokenizer_size + len(INTERNVL_ADDED_TOKENS)
+
+
+def _internlm2_rope(factor: float) -> RopeScaling:
+  # InternLM2's own dynamic NTK keys on the kv length (chat spec 2.1).
+  return RopeScaling("dynamic", factor, original_max_positions=32768, length="keys")
+
+
+# InternLM2 / 2.5: <s> 1 and </s> 2 as in LlamaConfig's defaults.
+_INTERNLM2 = LlamaConfig(vocab_size=_internvl_vocab(92544), num_kv_heads=8, norm_eps=1e-5,
+                         max_positions=32768, rope_base=1e6, rope_scaling=_internlm2_rope(2.0))
+_INTERNLM2_1_8B = _INTERNLM2.replace(hidden_size=2048, num_layers=24, num_heads=16, mlp_dim=8192)
+_INTERNLM2_20B = _INTERNLM2.replace(hidden_size=6144, num_layers=48, num_heads=48, mlp_dim=16384)
+# Qwen2.5's tokenizer holds 151665 tokens, fewer than the 151936 / 152064 rows the base models
+# ship. <|endoftext|> begins and pads, as in Qwen's configs; eos is <|im_end|>, which chat stops on
+# and which the official -hf converter writes for InternVL3, whose base-model llm_config says
+# <|endoftext|> (chat spec 1.3, 4.3).
+_QWEN2_5 = LlamaConfig(vocab_size=_internvl_vocab(151665), norm_eps=1e-6, max_positions=32768,
+                       rope_base=1e6, qkv_bias=True, bos_id=151643, eos_id=151645, pad_id=151643)
+
 LLAMA_PRESETS = {
     "tiny": LlamaConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=4,
                         mlp_dim=160, max_positions=128),
@@ -165,6 +255,32 @@ LLAMA_PRESETS = {
     "vicuna-7b": _LLAMA_7B.replace(vocab_size=32000),
     "vicuna-13b": _LLAMA_7B.replace(vocab_size=32000, hidden_size=5120, num_layers=40, num_heads=40,
                                     num_kv_heads=40, mlp_dim=13824),
+    "internlm2-chat-1.8b": _INTERNLM2_1_8B,
+    "internlm2-chat-20b": _INTERNLM2_20B.replace(rope_scaling=_internlm2_rope(3.0)),
+    # Unverified beyond the shapes (chat spec 7.8): theta, scaling and eps are internlm2-chat-1.8b's.
+    "internlm2.5-1.8b-chat": _INTERNLM2_1_8B,
+    "internlm2.5-7b-chat": _INTERNLM2.replace(hidden_size=4096, num_layers=32, num_heads=32,
+                                               mlp_dim=14336),
+    "internlm2.5-20b-chat": _INTERNLM2_20B.replace(rope_base=5e7,
+                                                   rope_scaling=_internlm2_rope(2.5)),
+    # InternVL's tokens take ids 32011-32019, shrinking the 32064-row table. The LongRoPE ("su")
+    # divisors, 48 per list, exist in two revisions, and which one the checkpoints carry is
+    # unverified (chat spec 2.2): rope_scaling comes from the checkpoint's llm_config on
+    # conversion, so this preset holds the shapes with plain RoPE.
+    "phi-3-mini-128k": LlamaConfig(
+        vocab_size=_internvl_vocab(32011), hidden_size=3072, num_layers=32, num_heads=32,
+        num_kv_heads=32, mlp_dim=8192, norm_eps=1e-5, max_positions=131072, eos_id=32000),
+    "qwen2.5-0.5b": _QWEN2_5.replace(hidden_size=896, num_layers=24, num_heads=14, num_kv_heads=2,
+                                     mlp_dim=4864),
+    # Unverified (chat spec 7.7): Qwen2.5-1.5B's published shapes, not checked against a config.
+    "qwen2.5-1.5b": _QWEN2_5.replace(hidden_size=1536, num_layers=28, num_heads=12, num_kv_heads=2,
+                                     mlp_dim=8960),
+    "qwen2.5-3b": _QWEN2_5.replace(hidden_size=2048, num_layers=36, num_heads=16, num_kv_heads=2,
+                                   mlp_dim=11008),
+    "qwen2.5-7b": _QWEN2_5.replace(hidden_size=3584, num_layers=28, num_heads=28, num_kv_heads=4,
+                                   mlp_dim=18944),
+    "qwen2.5-32b": _QWEN2_5.replace(hidden_size=5120, num_layers=64, num_heads=40, num_kv_heads=8,
+                                    mlp_dim=27648),
 }
 
 
@@ -291,6 +407,11 @@ def _image_context_id(llm: LlamaConfig) -> int:
   return llm.vocab_size - 1  # <IMG_CONTEXT> is the last of the appended image tokens
 
 
+def _added_token_id(llm: LlamaConfig, token: str) -> int:
+  """The id of one of InternVL's added tokens, which end the released LLMs' vocabularies."""
+  return llm.vocab_size - len(INTERNVL_ADDED_TOKENS) + INTERNVL_ADDED_TOKENS.index(token)
+
+
 _DEFAULT_CHAT_LLM = _chat_llm("vicuna-13b")
 
 
@@ -397,6 +518,50 @@ def _paper_chat(variant: str, llm_preset: str) -> ChatConfig:
                     qllama=QLlamaConfig() if variant == "qllama" else None, template="vicuna_v1")
 
 
+def _released_chat(vision: str, llm: LlamaConfig, template: str) -> ChatConfig:
+  """A released 1.5-3 checkpoint (chat spec 1.1, 1.4): the last ViT block's 448-px tiles, pixel
+  shuffle v2 to 256 tokens, up to 12 tiles plus a thumbnail. V1-5 and Mini-V1-5's ps_version is
+  unverified; v2 is what their official 2nd-finetune scripts pass."""
+  return ChatConfig(
+      vision=VISION_PRESETS[vision], llm=llm, variant="v1.5", image_size=448, select_layer=-1,
+      downsample_ratio=0.5, ps_version="v2", template=template, dynamic_image_size=True,
+      use_thumbnail=True, min_dynamic_patch=1, max_dynamic_patch=12,
+      image_context_id=_added_token_id(llm, tokenizer_lib.IMAGE_CONTEXT))
+
+
+# InternVL3's llm_config adds transformers' dynamic NTK to the Qwen2.5 base config; seen for
+# InternVL3-1B only (chat spec 2.3), taken for every size. InternVL2.5's is unverified (spec 7.7):
+# its Qwen2.5-Instruct presets keep the base configs' none.
+_INTERNVL3_ROPE = RopeScaling("dynamic", 2.0, original_max_positions=32768)
+
+
+def _internvl3_llm(preset: str) -> LlamaConfig:
+  return LLAMA_PRESETS[preset].replace(rope_scaling=_INTERNVL3_ROPE)
+
+
+# Checkpoint: (vision tower, LLM, template) (chat spec 1.1). The V2_5 ViTs are the V1-5 / 300M
+# ones trained further, with the same shapes (spec 1.2).
+_RELEASED_CHATS = {
+    "InternVL-Chat-V1-5": ("6b-448-v1.5", LLAMA_PRESETS["internlm2-chat-20b"], "internlm2-chat"),
+    "Mini-InternVL-Chat-2B-V1-5": ("300m-448", LLAMA_PRESETS["internlm2-chat-1.8b"],
+                                   "internlm2-chat"),
+    "Mini-InternVL-Chat-4B-V1-5": ("300m-448", LLAMA_PRESETS["phi-3-mini-128k"], "phi3-chat"),
+    "InternVL2-2B": ("300m-448", LLAMA_PRESETS["internlm2-chat-1.8b"], "internlm2-chat"),
+    "InternVL2-4B": ("300m-448", LLAMA_PRESETS["phi-3-mini-128k"], "phi3-chat"),
+    "InternVL2-8B": ("300m-448", LLAMA_PRESETS["internlm2.5-7b-chat"], "internlm2-chat"),
+    "InternVL2-26B": ("6b-448-v1.5", LLAMA_PRESETS["internlm2-chat-20b"], "internlm2-chat"),
+    "InternVL2_5-1B": ("300m-448", LLAMA_PRESETS["qwen2.5-0.5b"], "internvl2_5"),
+    "InternVL2_5-2B": ("300m-448", LLAMA_PRESETS["internlm2.5-1.8b-chat"], "internvl2_5"),
+    "InternVL2_5-4B": ("300m-448", LLAMA_PRESETS["qwen2.5-3b"], "internvl2_5"),
+    "InternVL2_5-8B": ("300m-448", LLAMA_PRESETS["internlm2.5-7b-chat"], "internvl2_5"),
+    "InternVL2_5-26B": ("6b-448-v1.5", LLAMA_PRESETS["internlm2.5-20b-chat"], "internvl2_5"),
+    "InternVL2_5-38B": ("6b-448-v1.5", LLAMA_PRESETS["qwen2.5-32b"], "internvl2_5"),
+    "InternVL3-1B": ("300m-448", _internvl3_llm("qwen2.5-0.5b"), "internvl2_5"),
+    "InternVL3-2B": ("300m-448", _internvl3_llm("qwen2.5-1.5b"), "internvl2_5"),
+    "InternVL3-8B": ("300m-448", _internvl3_llm("qwen2.5-7b"), "internvl2_5"),
+    "InternVL3-38B": ("6b-448-v1.5", _internvl3_llm("qwen2.5-32b"), "internvl2_5"),
+}
+
 _TINY_VISION = VISION_PRESETS["tiny"]
 _TINY_LLM = LLAMA_PRESETS["tiny"]
 _TINY_CHAT = dict(vision=_TINY_VISION, llm=_TINY_LLM, image_context_id=_image_context_id(_TINY_LLM))
@@ -421,6 +586,8 @@ CHAT_PRESETS = {
         vision=VISION_PRESETS["6b-448-v1.0"], llm=_chat_llm("vicuna-13b"), select_layer=-4,
         ps_version="v1", image_context_id=_image_context_id(_chat_llm("vicuna-13b")),
         template="vicuna_v1"),
+    # The released checkpoints, named as on the hub.
+    **{name: _released_chat(*parts) for name, parts in _RELEASED_CHATS.items()},
 }
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 
-from internvl_jax.config import llama_preset
+from internvl_jax.config import RopeScaling, llama_preset
 from internvl_jax.convert import keymap, llama_layouts
 from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.models import llama
@@ -120,9 +120,21 @@ def test_config_json_round_trip_and_bad_fields():
     assert llama_layouts.config_from_json(llama_layouts.config_json(config)) == config
   older = {k: v for k, v in llama_layouts.config_json(MHA).items() if k != "rope_parameters"}
   assert llama_layouts.config_from_json(older) == MHA
-  scaled = llama_layouts.config_json(MHA) | {"rope_parameters": {"rope_type": "linear", "factor": 2.0}}
+  for scaling in (RopeScaling("linear", 2.0), RopeScaling("dynamic", 3.0, MHA.max_positions)):
+    scaled = MHA.replace(rope_scaling=scaling)
+    assert llama_layouts.config_from_json(llama_layouts.config_json(scaled)) == scaled
+  # InternVL3's llm_config spelling (chat spec 2.3): only the older field, no theta in it.
+  older_dynamic = older | {"rope_scaling": {"type": "dynamic", "factor": 2.0}}
+  assert llama_layouts.config_from_json(older_dynamic).rope_scaling == RopeScaling(
+      "dynamic", 2.0, MHA.max_positions)
+  scaled = llama_layouts.config_json(MHA) | {"rope_parameters": {"rope_type": "yarn", "factor": 2.0}}
   with pytest.raises(ValueError, match="RoPE scaling .* is not supported"):
     llama_layouts.config_from_json(scaled)
+  internlm2_dynamic = RopeScaling("dynamic", 2.0, MHA.max_positions, length="keys")
+  with pytest.raises(ValueError, match="has no transformers LLaMA / Qwen2 equivalent"):
+    llama_layouts.config_json(MHA.replace(rope_scaling=internlm2_dynamic))
+  with pytest.raises(ValueError, match="with q/k/v biases has no LlamaForCausalLM .* use the 'qwen2'"):
+    llama_layouts.config_json(MHA.replace(qkv_bias=True))
   with pytest.raises(ValueError, match="lacks the field 'vocab_size'"):
     llama_layouts.config_from_json({"hidden_size": 64, "num_attention_heads": 4})
 

@@ -60,9 +60,10 @@ def _vit(name: str, architecture: str) -> Format:
 FORMATS = (
     _vit(intern_vit_layouts.OFFICIAL, "InternVisionModel"),
     _vit(intern_vit_layouts.TRANSFORMERS, "InternVLVisionModel"),
-    Format("llama", "transformers", "LlamaForCausalLM",
-           lambda config: llama_layouts.LAYOUTS[llama_layouts.TRANSFORMERS],
-           lambda config, strict: llama_layouts.config_json(config), llama_layouts.config_from_json),
+    *(Format("llama", name, architecture, lambda config, name=name: llama_layouts.LAYOUTS[name],
+             lambda config, strict, name=name: llama_layouts.config_json(config, name),
+             functools.partial(llama_layouts.config_from_json, layout=name))
+      for architecture, name in llama_layouts.ARCHITECTURES.items()),
     *(Format("internvl_chat", name, architecture, lambda config, name=name: chat_layouts.LAYOUTS[name],
              lambda config, strict, name=name: chat_layouts.config_json(config, name),
              functools.partial(chat_layouts.config_from_json, layout=name))

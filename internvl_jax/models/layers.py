@@ -10,11 +10,14 @@ KV cache, and cross-attention whose keys and values come from another sequence).
 """
 
 import functools
+import math
 from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from internvl_jax.config import RopeScaling
 
 # BEiT-style init (the paper's stage-1 recipe): truncated normal with std 0.02, zero biases.
 default_kernel_init = nn.initializers.truncated_normal(0.02)
@@ -128,16 +131,53 @@ def dot_product_attention(q, k, v, mask=None):
   return out.reshape(batch, q_length, heads, head_dim)
 
 
-def rotary_embedding(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = None,
+                     length: jax.Array | None = None) -> tuple[jax.Array, float]:
+  """(head_dim / 2,) inverse frequencies and the factor on cos and sin.
+
+  `length` (a traced int) is the sequence length that dynamic and LongRoPE scaling key on (see
+  `RopeScaling.length`); linear scaling divides the positions instead (`rotary_embedding`). Every
+  operation is float32, as in the references.
+  """
+  exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+  if scaling is None or scaling.kind == "linear":
+    return 1.0 / base**exponents, 1.0
+  if length is None:
+    raise ValueError(f"{scaling.kind} RoPE scaling needs the sequence length.")
+  original, factor = scaling.original_max_positions, scaling.factor
+  if scaling.kind == "dynamic":
+    # max(): below the original length the formula gives the base unchanged, as both references.
+    length = jnp.maximum(length, original).astype(jnp.float32)
+    base = base * (factor * length / original - (factor - 1))**(head_dim / (head_dim - 2))
+    return 1.0 / base**exponents, 1.0
+  divisors = jnp.where(length > original, jnp.asarray(scaling.long_factor, jnp.float32),
+                       jnp.asarray(scaling.short_factor, jnp.float32))
+  scale = math.sqrt(1 + math.log(factor) / math.log(original)) if factor > 1 else 1.0
+  return 1.0 / (divisors * base**exponents), scale
+
+
+def rope_length(scaling: RopeScaling | None, positions: jax.Array, num_keys) -> jax.Array | None:
+  """The sequence length `scaling` keys on: the batch's largest position plus one, or the number
+  of keys (cache slots included); None when the scaling needs none."""
+  if scaling is None or scaling.kind == "linear":
+    return None
+  return jnp.asarray(num_keys) if scaling.length == "keys" else jnp.max(positions) + 1
+
+
+def rotary_embedding(x: jax.Array, positions: jax.Array, base: float,
+                     scaling: RopeScaling | None = None, length: jax.Array | None = None) -> jax.Array:
   """Rotates (batch, length, heads, head_dim) by (batch, length) positions, in float32.
 
   transformers' "rotate half" convention: dimension i < head_dim / 2 pairs with i + head_dim / 2
-  and turns by the angle position * base**(-2i / head_dim).
+  and turns by the angle position * base**(-2i / head_dim), as changed by `scaling`
+  (`rope_frequencies`).
   """
-  head_dim = x.shape[-1]
-  inv_freq = 1.0 / (base**(jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
-  angles = positions.astype(jnp.float32)[:, :, None, None] * inv_freq
-  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  inv_freq, scale = rope_frequencies(x.shape[-1], base, scaling, length)
+  positions = positions.astype(jnp.float32)
+  if scaling is not None and scaling.kind == "linear":
+    positions = positions / scaling.factor  # InternLM2's order: t / factor, then times inv_freq
+  angles = positions[:, :, None, None] * inv_freq
+  cos, sin = jnp.cos(angles) * scale, jnp.sin(angles) * scale
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
@@ -178,8 +218,10 @@ class Attention(nn.Module):
 
   Self-attention (`kv_inputs` None) or cross-attention (keys and values from `kv_inputs`, of any
   width), multi-head or grouped-query (`num_kv_heads` < `num_heads`), with rotary positions when
-  `rope_base` is set. `query`, `keys_values` and `attend` are exposed so that a caller can keep a
-  KV cache, or compute cross-attention keys and values once and reuse them.
+  `rope_base` is set (and `rope_scaling`, see `RopeScaling`). `query`, `keys_values` and `attend`
+  are exposed so that a caller can keep a KV cache, or compute cross-attention keys and values once
+  and reuse them; with dynamic or LongRoPE scaling that caller passes the `rope_length` of the
+  whole sequence (`rope_length`), which the new tokens alone do not tell.
   """
 
   num_heads: int
@@ -187,30 +229,36 @@ class Attention(nn.Module):
   out_features: int
   num_kv_heads: int | None = None  # None: as many as query heads
   use_bias: bool = False
+  out_bias: bool | None = None  # None: as use_bias (Qwen2 has q/k/v biases but none on o)
   rope_base: float | None = None
+  rope_scaling: RopeScaling | None = None
   dtype: jnp.dtype = jnp.float32
 
   def setup(self):
     kv_heads = self.num_kv_heads or self.num_heads
+    out_bias = self.use_bias if self.out_bias is None else self.out_bias
     proj = functools.partial(dense, use_bias=self.use_bias, dtype=self.dtype)
     self.q_proj = proj((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"))
     self.k_proj = proj((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"))
     self.v_proj = proj((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"))
-    self.o_proj = proj(self.out_features, ("heads", "head_dim", "embed"), axis=(-2, -1))
+    self.o_proj = proj(self.out_features, ("heads", "head_dim", "embed"), axis=(-2, -1),
+                       use_bias=out_bias)
 
-  def _rotate(self, x, positions):
+  def _rotate(self, x, positions, rope_length):
     if self.rope_base is None:
       return x
     if positions is None:
       raise ValueError("Attention with rotary embeddings needs the token positions.")
-    return rotary_embedding(x, positions, self.rope_base)
+    return rotary_embedding(x, positions, self.rope_base, self.rope_scaling, rope_length)
 
-  def query(self, x: jax.Array, positions: jax.Array | None = None) -> jax.Array:
-    q = self._rotate(self.q_proj(x), positions)
+  def query(self, x: jax.Array, positions: jax.Array | None = None,
+            rope_length: jax.Array | None = None) -> jax.Array:
+    q = self._rotate(self.q_proj(x), positions, rope_length)
     return constrain(q, ("act_batch", "act_len", "act_heads", None))
 
-  def keys_values(self, x: jax.Array, positions: jax.Array | None = None):
-    return self._rotate(self.k_proj(x), positions), self.v_proj(x)
+  def keys_values(self, x: jax.Array, positions: jax.Array | None = None,
+                  rope_length: jax.Array | None = None):
+    return self._rotate(self.k_proj(x), positions, rope_length), self.v_proj(x)
 
   def attend(self, q, k, v, mask=None) -> jax.Array:
     return self.o_proj(dot_product_attention(q, k, v, mask))
@@ -220,8 +268,9 @@ class Attention(nn.Module):
     if kv_inputs is not None and self.rope_base is not None:
       raise ValueError("Cross-attention takes no rotary embeddings: queries and keys have no "
                        "common positions.")
-    k, v = self.keys_values(x if kv_inputs is None else kv_inputs, positions)
-    return self.attend(self.query(x, positions), k, v, mask)
+    length = None if positions is None else rope_length(self.rope_scaling, positions, x.shape[1])
+    k, v = self.keys_values(x if kv_inputs is None else kv_inputs, positions, length)
+    return self.attend(self.query(x, positions, length), k, v, mask)
 
 
 class Mlp(nn.Module):

@@ -1,5 +1,8 @@
 """LLaMA decoder (spec 2.1): InternVL's text encoder, QLLaMA's base and the chat LLMs.
 
+The chat LLM families (LLaMA / Yi / LLaMA-3, InternLM2, Qwen2, Phi-3; chat spec 2) are this one
+decoder configured by `LlamaConfig`: q/k/v biases, RoPE base and scaling, tied head, sizes.
+
 Token embedding -> scanned pre-norm layers (RMSNorm, causal self-attention with rotary positions
 and multi-head or grouped-query heads, RMSNorm, SwiGLU MLP) -> final RMSNorm -> LM head (or the
 transposed embedding when tied). Params are named after transformers' `LlamaForCausalLM`, so the
@@ -99,14 +102,17 @@ class DecoderLayer(nn.Module):
     cfg, dtype = self.config, self.config.compute_dtype
     self.input_layernorm = layers.RMSNorm(cfg.norm_eps, dtype)
     self.self_attn = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.num_kv_heads,
-                                      rope_base=cfg.rope_base, dtype=dtype)
+                                      use_bias=cfg.qkv_bias, out_bias=False, rope_base=cfg.rope_base,
+                                      rope_scaling=cfg.rope_scaling, dtype=dtype)
     self.post_attention_layernorm = layers.RMSNorm(cfg.norm_eps, dtype)
     self.mlp = layers.GatedMlp(cfg.mlp_dim, dtype)
 
   def attention_step(self, x, mask, positions, cache_index, layer_cache):
     h = self.input_layernorm(x)
-    q = self.self_attn.query(h, positions)
-    k, v = self.self_attn.keys_values(h, positions)
+    num_keys = x.shape[1] if layer_cache is None else cache_index + x.shape[1]
+    rope_length = layers.rope_length(self.config.rope_scaling, positions, num_keys)
+    q = self.self_attn.query(h, positions, rope_length)
+    k, v = self.self_attn.keys_values(h, positions, rope_length)
     if layer_cache is not None:
       layer_cache = tuple(
           jax.lax.dynamic_update_slice_in_dim(cached, new.astype(cached.dtype), cache_index, axis=1)
