@@ -223,7 +223,7 @@ PRESETS = {"demo": demo_config, "gpu": gpu_config, "paper-pretrain": paper_pretr
            "paper": paper_config,
            **{f"demo-{family}": functools.partial(demo_family_config, family)
               for family in _DEMO_FAMILIES},
-           "demo-lora": functools.partial(demo_family_config, "internlm2", LoraConfig(llm_rank=8)),
+           "demo-lora": functools.partial(demo_family_config, "llama", LoraConfig(llm_rank=8)),
            **{f"finetune-{name}": functools.partial(finetune_config, name) for name in _FINETUNES},
            **{f"finetune-{name}-lora": functools.partial(finetune_config, name, use_lora=True)
               for name in _FINETUNES if not name.startswith("InternVL3")}}
