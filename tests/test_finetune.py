@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from internvl_jax import loading
-from internvl_jax.config import chat_preset
+from internvl_jax.config import LoraConfig, chat_preset
 from internvl_jax.models import chat
 from internvl_jax.stages.sft import ChatStage
 
@@ -63,3 +63,15 @@ def test_a_checkpoint_unlike_the_presets_model_fails_by_the_field():
   started = stage.warm_start(params, model.replace(template="internvl2_5", llm=model.llm.replace(
       dtype="bfloat16")), jax.tree.map(np.zeros_like, params), "/ckpt/same")
   assert not any(np.any(x) for x in jax.tree.leaves(started))
+
+
+def test_finetune_presets_hold_the_official_recipe():
+  full = EXPERIMENT.get_config("finetune-InternVL2_5-8B")
+  stage, released = full.train.stage, chat_preset("InternVL2_5-8B")
+  assert (stage.max_len, stage.max_tiles, stage.template) == (8192, 6, "internvl2_5")
+  assert stage.model.llm.replace(dtype="float32", remat_policy="none") == released.llm
+  assert full.train.global_batch_size == 128 and stage.model.lora is None
+  lora = EXPERIMENT.get_config("finetune-InternVL2_5-8B-lora").train
+  assert lora.stage.model.lora == LoraConfig(llm_rank=16, alpha_per_rank=2.0, dropout=0.05)
+  assert lora.global_batch_size == 16
+  assert "finetune-InternVL3-8B-lora" not in EXPERIMENT.PRESETS  # no official LoRA script

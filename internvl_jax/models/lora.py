@@ -1,7 +1,8 @@
 """LoRA (Hu et al., 2021) on the layers the official fine-tuning wraps with PEFT (chat spec 6.1).
 
 An adapter is two params beside a `layers.Dense` kernel: `lora_a` (inputs..., r), `lora_b`
-(r, outputs...), B zero so that a fresh adapter changes nothing. The layer then computes
+(r, outputs...), initialised as PEFT does, B zero so that a fresh adapter changes nothing. The
+layer then computes
 
   y = dense(x) + (alpha / r) * dropout(x) A B
 
@@ -60,7 +61,10 @@ def adapters(config: LoraConfig | None, train: bool = False):
     (x,) = args
     axis = tuple(sorted(a % x.ndim for a in module.axis))
     in_names = module.names[:len(axis)]
-    a = module.param("lora_a", layers.logical_param(layers.default_kernel_init, in_names + (None,)),
+    # PEFT's init of A: kaiming_uniform(a=sqrt(5)), i.e. uniform within 1 / sqrt(fan_in).
+    a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform",
+                                              in_axis=tuple(range(len(axis))), out_axis=-1)
+    a = module.param("lora_a", layers.logical_param(a_init, in_names + (None,)),
                      tuple(x.shape[i] for i in axis) + (rank,))
     b = module.param("lora_b", layers.logical_param(nn.initializers.zeros,
                                                     (None,) + module.names[len(axis):]),
