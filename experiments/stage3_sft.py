@@ -6,6 +6,10 @@
       --init /ckpt/vicuna-7b-v1.5 --set data.tokenizer=/ckpt/vicuna-7b-v1.5/tokenizer.model
   python experiments/stage3_sft.py --preset paper \
       --set data.tokenizer=/ckpt/vicuna-7b-v1.5/tokenizer.model   # from paper-pretrain's run
+  python experiments/stage3_sft.py --preset demo-internlm2   # or demo-llama / -qwen2 / -phi3
+  python experiments/stage3_sft.py --preset demo-lora         # LLM LoRA, all else frozen
+  python experiments/stage3_sft.py --preset finetune-InternVL2_5-8B --init /ckpt/InternVL2_5-8B \
+      --set data.tokenizer=/ckpt/InternVL2_5-8B/tokenizer.model   # or finetune-...-lora
 
 "demo": InternVL-Chat v1.0-style (layer features, MLP projector, no pixel shuffle, one 64-px
 tile) on the stage-2 demo's tiny InternViT, frozen, and a tiny LLaMA trained from scratch with
@@ -19,6 +23,11 @@ at 336 px (layer -4, frozen) + Vicuna-7B v1.5; step 1 trains the MLP alone on LG
 "plain" template (lr 1e-3, batch 256), step 2 the MLP and the LLM on LLaVA-Mix-665K in
 vicuna_v1 (lr 2e-5, batch 128); each one epoch, AdamW without weight decay, warm-up 3% of the
 steps, cosine. Step 1 takes the ViT and the LLM from two `--init`s; step 2 starts from step 1.
+"finetune-CHECKPOINT" / "finetune-CHECKPOINT-lora": the official 2nd-stage fine-tune of a released
+checkpoint (chat spec 6.2), from its converted checkpoint; the -lora variants train LLM LoRA
+adapters (rank 16, alpha 32) alone, and the workdir loads and exports with them merged.
+"demo-FAMILY" / "demo-lora": a tiny chat model of each LLM family fine-tuned on the demo
+conversations in its template for 40 steps on CPU.
 """
 
 import dataclasses

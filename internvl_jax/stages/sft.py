@@ -146,7 +146,8 @@ class ChatStage:
     with lora.adapters(self.model.lora, train):
       out = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
                                batch["tokens"], batch["token_mask"], return_logits=False,
-                               method=InternVLChat.llm_output, rngs={"dropout": rng})
+                               method=InternVLChat.llm_output,
+                               rngs=None if rng is None else {"dropout": rng})
     nll, tokens = losses.chunked_lm_example_losses(
         out.hidden_state, llama.head_kernel(self.model.llm, params["language_model"]),
         batch["labels"], block_size=self.loss_block_size, ignore_index=IGNORE_LABEL,
