@@ -437,6 +437,27 @@ _DEFAULT_CHAT_LLM = _chat_llm("vicuna-13b")
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA adapters of a chat model in fine-tuning (chat spec 6.1: `use_backbone_lora` and
+  `use_llm_lora`; `models/lora.py`). A rank of 0 leaves that tower without adapters.
+
+  The official code fixes alpha = 2 r, so the adapters' scale alpha / r is `alpha_per_rank`.
+  """
+
+  vision_rank: int = 0  # the ViT's attn qkv / proj and mlp fc1 / fc2
+  llm_rank: int = 0  # the LLM's q/k/v/o and gate/up/down projections (InternLM2's wqkv/wo/w1-3)
+  alpha_per_rank: float = 2.0
+  dropout: float = 0.05  # on the adapters' inputs, in training
+
+  def __post_init__(self):
+    if min(self.vision_rank, self.llm_rank) < 0 or not (self.vision_rank or self.llm_rank):
+      raise ValueError(f"LoraConfig: ranks must be >= 0 and one positive, got vision_rank "
+                       f"{self.vision_rank}, llm_rank {self.llm_rank}.")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraConfig: dropout must be in [0, 1), got {self.dropout}.")
+
+
+@dataclasses.dataclass(frozen=True)
 class ChatConfig:
   """InternVL-Chat (spec 4.4): InternViT -> projector -> a LLaMA-family LLM.
 
@@ -452,10 +473,11 @@ class ChatConfig:
   Image features overwrite the embeddings of the `image_context_id` tokens in order; the prompt
   holds `num_image_tokens` of them per tile. The defaults are V1-5's vision side on a 13B LLaMA.
 
-  The last fields are what the official chat() reads from config.json (chat families spec 3.3):
+  The fields from `template` to `max_dynamic_patch` are what the official chat() reads from config.json (chat families spec 3.3):
   the conversation template (`data/templates.py`) and its system message, and how an image is
   cut into tiles. Their defaults are the official config class's, which a config.json without
   them gets; the released 1.5-3 checkpoints store dynamic tiling with a thumbnail, 1-12 tiles.
+  `lora`, as the official config's LoRA ranks, says which adapters the params hold.
   """
 
   vision: VisionConfig = VISION_PRESETS["6b-448-v1.5"]
@@ -474,6 +496,8 @@ class ChatConfig:
   use_thumbnail: bool = False  # add the whole image as one more tile when it has several
   min_dynamic_patch: int = 1
   max_dynamic_patch: int = 6
+  # Adapters while fine-tuning; None in released checkpoints (`lora.merge` folds them in).
+  lora: LoraConfig | None = None
 
   def __post_init__(self):
     _check_choice("variant", self.variant, CHAT_VARIANTS)

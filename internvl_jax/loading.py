@@ -25,6 +25,7 @@ import orbax.checkpoint as ocp
 
 from internvl_jax.convert import formats, orbax_io
 from internvl_jax.convert.pytorch import TOKENIZER_FILE, import_pytorch
+from internvl_jax.models import lora
 
 MODEL_FILE = "model.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -44,7 +45,8 @@ def checkpoint_steps(workdir: str) -> list[int]:
 
 def load_workdir(workdir: str, step: int | None = None) -> tuple[object, dict, str | None]:
   """(model config, params as numpy, tokenizer path or None) of a checkpoint of the workdir:
-  `step`, or the latest. Only the params are read, not the optimizer state."""
+  `step`, or the latest, LoRA adapters merged (`lora.merge`). Only the params are read, not the
+  optimizer state."""
   if not is_workdir(workdir):
     raise ValueError(f"{workdir} is not a training workdir ({MODEL_FILE} is missing).")
   steps = checkpoint_steps(workdir)
@@ -60,7 +62,9 @@ def load_workdir(workdir: str, step: int | None = None) -> tuple[object, dict, s
   restored = ocp.PyTreeCheckpointer().restore(state_dir, args=ocp.args.PyTreeRestore(
       item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
       partial_restore=True))
-  return config, jax.tree.map(np.asarray, restored["params"]), _tokenizer(workdir)
+  # A LoRA fine-tune's adapters are folded in, so that every reader gets a plain model.
+  config, params = lora.merge(config, restored["params"])
+  return config, jax.tree.map(np.asarray, params), _tokenizer(workdir)
 
 
 def load_arrays(path: str, *, allow_missing: bool = False) -> tuple[object, dict, str | None]:

@@ -12,6 +12,11 @@ trainable params only:
 
 `tx` (from `make_optimizer`) works on the full tree too (frozen updates are zero), but the
 partitioned step does no work at all for frozen params.
+
+A scanned stack holds every layer in one array, so training some of its layers (the official
+`unfreeze_vit_layers`) cannot leave the others out of the state: `trainable_layers` makes the
+mask of such a leaf a boolean vector over its leading axis; the leaf keeps its optimizer state,
+and the frozen layers' gradients and updates (weight decay included) are zero.
 """
 
 import dataclasses
@@ -105,6 +110,9 @@ class OptimizerConfig:
   layer_decay: tuple[LayerDecay, ...] = ()  # the first whose prefix matches applies
   trainable: tuple[str, ...] = ("",)  # a param trains if it matches one of these ...
   frozen: tuple[str, ...] = ()  # ... and none of these
+  # (regex, start): the layers [start:] (a Python slice of the leading axis) of the scanned
+  # params matching the regex train, whatever `trainable` and `frozen` say of the others.
+  trainable_layers: tuple[tuple[str, int], ...] = ()
 
   def __post_init__(self):
     if not 0 <= self.warmup_steps < self.total_steps:
@@ -131,7 +139,21 @@ class OptimizerConfig:
                 self.learning_rate)
 
   def is_trainable(self, name: str) -> bool:
+    """Whether the whole param trains (a param with some trainable layers is not)."""
     return _matches(self.trainable, name) and not _matches(self.frozen, name)
+
+  def layer_mask(self, name: str, shape: tuple[int, ...]) -> bool | np.ndarray:
+    """True / False for the whole param, or a bool vector over a scanned stack's layers."""
+    whole = self.is_trainable(name)
+    start = next((s for pattern, s in self.trainable_layers if re.search(pattern, name)), None)
+    if whole or start is None:
+      return whole
+    if not shape:
+      raise ValueError(f"OptimizerConfig.trainable_layers: {name} is a scalar, not a stack of "
+                       "layers.")
+    layers = np.zeros(shape[0], bool)
+    layers[start:] = True
+    return layers if not layers.all() else True
 
 
 def schedule(config: OptimizerConfig):
@@ -150,7 +172,17 @@ def learning_rates(config: OptimizerConfig, step) -> dict[str, jax.Array]:
 
 
 def trainable_mask(config: OptimizerConfig, params):
-  return _map_named(lambda name, _: config.is_trainable(name), params)
+  """Per param: True, False or a bool vector over its leading (layer) axis (`layer_mask`)."""
+  return _map_named(lambda name, leaf: config.layer_mask(name, np.shape(leaf)), params)
+
+
+def _trains(mask) -> bool:
+  return bool(np.any(mask))
+
+
+def _layer_scale(mask, ndim: int) -> np.ndarray:
+  """The mask as a float32 multiplier broadcasting over a param of rank `ndim`."""
+  return np.asarray(mask, np.float32).reshape(np.shape(mask) + (1,) * (ndim - np.ndim(mask)))
 
 
 def weight_decay_mask(config: OptimizerConfig, params):
@@ -162,7 +194,9 @@ def lr_multipliers(config: OptimizerConfig, params):
   def multiplier(name, leaf):
     decay = next((d for d in config.layer_decay if re.search(d.prefix, name)), None)
     scale = 1.0 if decay is None else decay.scale(name, np.shape(leaf))
-    return np.float32(config.peak_lr(name)) * np.asarray(scale, np.float32)
+    # Zero on frozen layers, so that weight decay does not move them either.
+    layers = _layer_scale(config.layer_mask(name, np.shape(leaf)), np.ndim(leaf))
+    return np.float32(config.peak_lr(name)) * np.asarray(scale, np.float32) * layers
 
   return _map_named(multiplier, params)
 
@@ -177,6 +211,18 @@ def _scale_by_lr_multipliers(config: OptimizerConfig) -> optax.GradientTransform
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 
 
+def _zero_frozen_layers(config: OptimizerConfig) -> optax.GradientTransformation:
+  """Zeroes the gradients of frozen layers, before clipping counts them in the norm."""
+  def update(updates, state, params=None):
+    del params
+    masked = _map_named(
+        lambda name, u: u * _layer_scale(config.layer_mask(name, u.shape), u.ndim).astype(u.dtype),
+        updates)
+    return masked, state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
   """The AdamW transformation; `update` needs the params (for weight decay).
 
@@ -186,6 +232,7 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
           else optax.identity())
   step_fraction = schedule(config)
   adamw = optax.chain(
+      _zero_frozen_layers(config),
       clip,
       optax.scale_by_adam(b1=config.b1, b2=config.b2, eps=config.eps),
       optax.add_decayed_weights(config.weight_decay,
@@ -194,8 +241,8 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
       optax.scale_by_schedule(lambda step: -step_fraction(step)))
 
   def labels(params):
-    return _map_named(lambda name, _: "trainable" if config.is_trainable(name) else "frozen",
-                      params)
+    return jax.tree.map(lambda m: "trainable" if _trains(m) else "frozen",
+                        trainable_mask(config, params))
 
   return optax.multi_transform({"trainable": adamw, "frozen": optax.set_to_zero()}, labels)
 
@@ -204,8 +251,8 @@ def partition(params, mask):
   """(trainable, frozen): two trees shaped like `params`, each with `optax.MaskedNode()` holes
   where the other holds the leaf. Holes are empty pytrees: grads and optimizer state skip them."""
   hole = optax.MaskedNode()
-  trainable = jax.tree.map(lambda p, m: p if m else hole, params, mask)
-  frozen = jax.tree.map(lambda p, m: hole if m else p, params, mask)
+  trainable = jax.tree.map(lambda p, m: p if _trains(m) else hole, params, mask)
+  frozen = jax.tree.map(lambda p, m: hole if _trains(m) else p, params, mask)
   return trainable, frozen
 
 

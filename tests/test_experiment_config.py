@@ -13,6 +13,7 @@ from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert import formats
 from internvl_jax.data.config import Source
 from internvl_jax.models import internvl, llama, qllama
+from internvl_jax.models.lora import ADAPTER_PARAMS
 from internvl_jax.optim import OptimizerConfig
 from internvl_jax.pretrained import load_pretrained
 from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, ContrastiveStage
@@ -246,6 +247,16 @@ PRESET_OPTIMIZERS = {
                                            trainable=(PROJECTOR_PARAMS,)),
     ("stage3_sft", "paper"): dict(learning_rate=2e-5, warmup_steps=156, total_steps=5198,
                                   trainable=_SFT),
+    # One epoch of LLaVA-Mix-665K at 128 (the LoRA scripts: 16), the recipe's lr and decay.
+    ("stage3_sft", "finetune-InternVL2_5-8B"): dict(
+        learning_rate=4e-5, weight_decay=0.05, warmup_steps=156, total_steps=5198,
+        trainable=(PROJECTOR_PARAMS, r"^language_model/")),
+    ("stage3_sft", "finetune-InternVL2_5-8B-lora"): dict(
+        learning_rate=4e-5, weight_decay=0.05, warmup_steps=1248, total_steps=41582,
+        trainable=(ADAPTER_PARAMS,)),
+    ("stage3_sft", "demo-qwen2"): dict(learning_rate=2e-3, b2=0.98, warmup_steps=4,
+                                       total_steps=40, trainable=(PROJECTOR_PARAMS,
+                                                                  r"^language_model/")),
     ("retrieval_finetune", "demo"): dict(_RETRIEVAL, learning_rate=1e-4, warmup_steps=10,
                                          total_steps=200),
     ("retrieval_finetune", "paper"): dict(_RETRIEVAL, learning_rate=1e-6, warmup_steps=100,

@@ -176,3 +176,31 @@ def test_a_frozen_6b_vision_tower_holds_no_adam_moments():
 def test_bad_configs_fail_with_a_message(changes, message):
   with pytest.raises(ValueError, match=message):
     optim.OptimizerConfig(**changes)
+
+
+def test_trainable_layers_train_a_slice_of_a_frozen_stack():
+  # As the official freeze_backbone + unfreeze_vit_layers=-1: the last of DEPTH blocks trains.
+  config = optim.OptimizerConfig(learning_rate=1e-2, weight_decay=0.1, trainable=("^text/",),
+                                 trainable_layers=(("^vision/blocks/", -1),))
+  params = toy_params()
+  mask = optim.trainable_mask(config, params)
+  np.testing.assert_array_equal(mask["vision"]["blocks"]["mlp"]["kernel"], [False, True])
+  assert mask["vision"]["embeddings"]["pos_embed"] is False
+  trainable, frozen = optim.partition(params, mask)
+  tx = optim.make_optimizer(config)
+  state = tx.init(trainable)
+  # The stack keeps its state whole; the rest of the frozen tower holds none.
+  assert size(state) == 2 * (size(params["text"]) + size(params["vision"]["blocks"])) + 2
+
+  loss = lambda p: sum(jnp.sum(jnp.sin(x)) for x in jax.tree.leaves(p))
+  grads = jax.grad(lambda t: loss(optim.merge(t, frozen)))(trainable)
+  updates, _ = tx.update(grads, state, trainable)
+  new = optim.merge(optax.apply_updates(trainable, updates), frozen)
+  for before, after in ((params["vision"]["blocks"]["mlp"]["kernel"],
+                         new["vision"]["blocks"]["mlp"]["kernel"]),
+                        (params["vision"]["blocks"]["ls1"], new["vision"]["blocks"]["ls1"])):
+    np.testing.assert_array_equal(after[0], before[0])
+    assert not np.any(after[1] == before[1])
+  np.testing.assert_array_equal(new["vision"]["embeddings"]["pos_embed"],
+                                params["vision"]["embeddings"]["pos_embed"])
+  assert not np.array_equal(new["text"]["kernel"], params["text"]["kernel"])

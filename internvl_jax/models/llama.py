@@ -181,7 +181,8 @@ class Llama(nn.Module):
     self.embed_tokens = token_embedding(cfg)
     self.layers = nn.scan(
         layers.remat(DecoderLayer, cfg.remat_policy), variable_axes={"params": 0},
-        split_rngs={"params": True}, in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     self.norm = layers.RMSNorm(cfg.norm_eps, cfg.compute_dtype)
     self.lm_head = lm_head(cfg)

@@ -5,9 +5,11 @@ Batches (`data.pipeline.chat_pipeline`) hold "tiles" (B, T, S, S, 3) float32 wit
 (B,) real ones per row; "tokens" / "labels" (B, L) int32, labels IGNORE_LABEL off the answers;
 "token_mask" (B, L) bool; "valid" (B,) bool (False on padding rows: no loss).
 
-The vision tower is frozen (the optimizer's `trainable` regexes leave it out, so it holds no
-optimizer state and gets no gradient). The v1.0 recipe trains in two steps: the projector alone
-(`PROJECTOR_PARAMS`), then the projector and the LLM (`PROJECTOR_AND_LLM_PARAMS`).
+What trains is the optimizer's `trainable` regexes (frozen params hold no optimizer state and get
+no gradient); `Freeze` spells the official fine-tuning switches as such regexes. The v1.0 recipe
+trains in two steps: the projector alone (`PROJECTOR_PARAMS`), then the projector and the LLM
+(`PROJECTOR_AND_LLM_PARAMS`). With `ChatConfig.lora` the model has LoRA adapters
+(`models/lora.py`) beside its frozen weights.
 
 The loss is exact under feature-cached accumulation: `encode` keeps per-row sums of token
 losses and token counts, so the mean is over every answer token of the whole batch.
@@ -20,16 +22,67 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax import flops, losses
-from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, VisionConfig
+from internvl_jax.config import ChatConfig, InternVLConfig, LlamaConfig, LoraConfig, VisionConfig
 from internvl_jax.data import templates
 from internvl_jax.data.tokenizer import IGNORE_LABEL, IMAGE_TOKENS
-from internvl_jax.models import llama
+from internvl_jax.models import llama, lora
 from internvl_jax.models.chat import InternVLChat
 from internvl_jax.train import warm_start
 
 # v1.0 step 1 trains the projector(s) only; step 2 the projector(s) and the LLM.
 PROJECTOR_PARAMS = r"^mlp[12]/"
 PROJECTOR_AND_LLM_PARAMS = r"^(mlp[12]|language_model)/"
+
+
+@dataclasses.dataclass(frozen=True)
+class Freeze:
+  """The official fine-tuning switches (chat spec 6.1), as the optimizer's regexes (`masks`).
+
+  A tower with LoRA adapters trains them and not its own weights (PEFT freezes what it wraps);
+  `unfreeze_vision_layers` k != 0 then trains the ViT blocks [k:] whole, a Python slice as the
+  official `unfreeze_vit_layers`: -k the last k blocks, +k the blocks from k on.
+  """
+
+  vision: bool = True  # freeze_backbone
+  projector: bool = False  # freeze_mlp
+  llm: bool = False  # freeze_llm
+  unfreeze_vision_layers: int = 0  # unfreeze_vit_layers
+
+  def masks(self, lora_config: LoraConfig | None = None) -> dict:
+    """`trainable` and `trainable_layers` of an `OptimizerConfig`."""
+    vision_lora = lora_config is not None and lora_config.vision_rank > 0
+    llm_lora = lora_config is not None and lora_config.llm_rank > 0
+    towers = ((r"^vision_model/", self.vision or vision_lora), (PROJECTOR_PARAMS, self.projector),
+              (r"^language_model/", self.llm or llm_lora))
+    trainable = tuple(pattern for pattern, frozen in towers if not frozen)
+    if lora_config is not None:
+      trainable += (lora.ADAPTER_PARAMS,)
+    layers = (((r"^vision_model/blocks/", self.unfreeze_vision_layers),)
+              if self.unfreeze_vision_layers else ())
+    return {"trainable": trainable, "trainable_layers": layers}
+
+
+# Fields that say how a model runs or is prompted, not what its params are: a fine-tune may set
+# them unlike the checkpoint it starts from.
+_RUN_FIELDS = ("dtype", "remat_policy", "drop_path_rate", "drop_path_schedule", "lora", "template",
+               "system_message", "dynamic_image_size", "use_thumbnail", "min_dynamic_patch",
+               "max_dynamic_patch")
+
+
+def _check_same_model(model, source_model, source: str, prefix: str = "") -> None:
+  """Raises naming the first field in which a chat checkpoint's config differs from the
+  preset's, e.g. a Qwen2 checkpoint under a preset of InternLM2."""
+  for field in dataclasses.fields(model):
+    name, ours, theirs = field.name, getattr(model, field.name), getattr(source_model, field.name)
+    if name in _RUN_FIELDS:
+      continue
+    if dataclasses.is_dataclass(ours) and dataclasses.is_dataclass(theirs):
+      _check_same_model(ours, theirs, source, f"{prefix}{name}.")
+    elif ours != theirs:
+      raise ValueError(
+          f"Warm start from {source}: its model has {prefix}{name}={theirs!r}, this one "
+          f"{ours!r}; pick the preset of that checkpoint, or --set "
+          f"train.stage.model.{prefix}{name}={theirs!r}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,14 +130,18 @@ class ChatStage:
     model = self.model
     size, channels = model.image_size, model.vision.num_channels
     tokens = jnp.full((1, model.num_image_tokens), model.image_context_id, jnp.int32)
-    return self._module.init(rng, jnp.zeros((1, 1, size, size, channels)),
-                             jnp.ones((1,), jnp.int32), tokens)["params"]
+    with lora.adapters(model.lora):
+      return self._module.init(rng, jnp.zeros((1, 1, size, size, channels)),
+                               jnp.ones((1,), jnp.int32), tokens)["params"]
 
   def encode(self, params, batch, rng, train: bool = True):
-    del rng, train  # InternVL-Chat has no dropout or drop path
-    out = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
-                             batch["tokens"], batch["token_mask"], return_logits=False,
-                             method=InternVLChat.llm_output)
+    # The LoRA adapters' dropout is the only randomness: InternVL-Chat has no dropout, and its
+    # ViT runs without drop path.
+    with lora.adapters(self.model.lora, train):
+      out = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
+                               batch["tokens"], batch["token_mask"], return_logits=False,
+                               method=InternVLChat.llm_output,
+                               rngs=None if rng is None else {"dropout": rng})
     nll, tokens = losses.chunked_lm_example_losses(
         out.hidden_state, llama.head_kernel(self.model.llm, params["language_model"]),
         batch["labels"], block_size=self.loss_block_size, ignore_index=IGNORE_LABEL,
@@ -115,7 +172,8 @@ class ChatStage:
   def warm_start(self, params, source_config, source_params, source):
     """From InternVL (stage 1 or 2: the vision tower; for the "qllama" variant also stage 2's
     QLLaMA), InternViT (the vision tower), LLaMA (the LLM, e.g. Vicuna) or InternVL-Chat (every
-    param it has, e.g. step 2 from step 1)."""
+    param it has, e.g. step 2 from step 1, or a released checkpoint to fine-tune: the same model
+    but for how it runs; LoRA adapters stay fresh)."""
     warm_start.require(source_config, (InternVLConfig, VisionConfig, LlamaConfig, ChatConfig),
                        source, "InternVL-Chat")
     if isinstance(source_config, VisionConfig):
@@ -125,8 +183,10 @@ class ChatStage:
           params, {"language_model": self._llm_params(params["language_model"], source_params,
                                                       source)}, source)
     if isinstance(source_config, ChatConfig):
-      return warm_start.graft(
-          params, {name: source_params[name] for name in params if name in source_params}, source)
+      _check_same_model(self.model, source_config, source)
+      parts = {name: lora.with_base(source_params[name], params[name])
+               for name in params if name in source_params}
+      return warm_start.graft(params, parts, source)
     parts = {"vision_model": source_params["vision_model"]}
     if "qllama" in params and source_config.variant == "G":
       # InternVL-G's QLLaMA also has the token embeddings and LM head the chat one lacks.

@@ -15,6 +15,7 @@ import jax
 
 from internvl_jax import evaluation, loading, sharding
 from internvl_jax.data.tokenizer import Tokenizer
+from internvl_jax.models import lora
 from internvl_jax.pretrained import Pretrained
 from internvl_jax.train import config as config_lib
 from internvl_jax.train import loop
@@ -83,7 +84,7 @@ def run(config: config_lib.ExperimentConfig, data, workdir: str, title: str = ""
 
 
 def _evaluate(config: config_lib.ExperimentConfig, tokenizer: Tokenizer, params) -> dict:
-  model = Pretrained(config.train.stage.model, params, tokenizer)
+  model = Pretrained(*lora.merge(config.train.stage.model, params), tokenizer)
   results = {}
   for task in config.eval.tasks:
     results.update(evaluation.evaluate(model, task, config.eval.data, limit=config.eval.limit,

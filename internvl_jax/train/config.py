@@ -10,10 +10,11 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from internvl_jax import sharding
 from internvl_jax.data.config import IMAGE_IDS, ITM_NEGATIVES, Source
-from internvl_jax.optim import OptimizerConfig, path_name
+from internvl_jax.optim import OptimizerConfig, path_name, trainable_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -183,13 +184,14 @@ def check_patterns(optimizer: OptimizerConfig, abstract_params):
   """Trainable, frozen and lr-group regexes that select no param are typos: fail by name."""
   names = [path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(abstract_params)[0]]
   used = [("trainable", p) for p in optimizer.trainable] + [("frozen", p) for p in optimizer.frozen]
+  used += [("trainable_layers", p) for p, _ in optimizer.trainable_layers]
   used += [(f"lr_groups[{group!r}]", p) for group, p, _ in optimizer.lr_groups]
   for field, pattern in used:
     if not any(re.search(pattern, name) for name in names):
       raise ValueError(
           f"OptimizerConfig.{field}: the regex {pattern!r} matches no param; fix it or remove it. "
           f"Param names look like {names[:3]}.")
-  if not any(optimizer.is_trainable(name) for name in names):
+  if not any(np.any(mask) for mask in jax.tree.leaves(trainable_mask(optimizer, abstract_params))):
     raise ValueError("OptimizerConfig: trainable / frozen leave no param to train.")
 
 
