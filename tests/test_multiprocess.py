@@ -23,7 +23,7 @@ import pytest
 import multiprocess
 import train_fixtures
 from internvl_jax.sharding import HEARTBEAT_TIMEOUT_ENV
-from internvl_jax.train import workdir as workdir_lib
+from internvl_jax import loading
 
 PROCESSES, DEVICES = 2, 2
 STEPS = 8  # the tiny config checkpoints every 3 steps and keeps 2: steps 6 and 8 remain
@@ -102,14 +102,14 @@ def test_sigkill_of_every_process_then_a_restart_gives_the_same_losses(reference
   workdir = str(tmp_path)
   with multiprocess.Cluster([*TRAIN, workdir, "--steps", str(STEPS), "--batch-delay", "0.3"],
                             PROCESSES, env) as cluster:
-    wait_for(cluster, lambda: 3 in workdir_lib.checkpoint_steps(workdir), "checkpoint 3")
+    wait_for(cluster, lambda: 3 in loading.checkpoint_steps(workdir), "checkpoint 3")
     cluster.signal(signal.SIGKILL)
     cluster.wait(60)
   killed_at = max(r["step"] for r in read_metrics(workdir))
   assert killed_at < STEPS
   train(workdir, env)
   assert losses_by_step(read_metrics(workdir)) == reference["losses"]
-  assert workdir_lib.checkpoint_steps(workdir)[-1] == STEPS
+  assert loading.checkpoint_steps(workdir)[-1] == STEPS
 
 
 def test_sigterm_to_every_process_saves_one_step_and_the_run_resumes_exactly(reference, env,
@@ -122,7 +122,7 @@ def test_sigterm_to_every_process_saves_one_step_and_the_run_resumes_exactly(ref
     results = multiprocess.check(cluster.wait(120))
   stopped_at = max(r["step"] for r in read_metrics(workdir))
   assert f"Preempted: saved step {stopped_at}" in results[0].output
-  assert stopped_at < STEPS and workdir_lib.checkpoint_steps(workdir)[-1] == stopped_at
+  assert stopped_at < STEPS and loading.checkpoint_steps(workdir)[-1] == stopped_at
   train(workdir, env)
   assert losses_by_step(read_metrics(workdir)) == reference["losses"]
 
@@ -133,12 +133,12 @@ def test_a_run_continues_on_another_process_count(reference, env, tmp_path):
   cross-process sums) stay the same."""
   workdir = str(tmp_path)
   shutil.copytree(reference["workdir"], workdir, dirs_exist_ok=True)
-  shutil.rmtree(os.path.join(workdir, workdir_lib.CHECKPOINT_DIR, str(STEPS)))
+  shutil.rmtree(os.path.join(workdir, loading.CHECKPOINT_DIR, str(STEPS)))
   os.remove(os.path.join(workdir, "metrics.jsonl"))
   one = multiprocess.environment(env, devices=PROCESSES * DEVICES)
-  assert workdir_lib.checkpoint_steps(workdir) == [6]
+  assert loading.checkpoint_steps(workdir) == [6]
   train(workdir, one, STEPS - 1, 1)
-  assert workdir_lib.checkpoint_steps(workdir)[-1] == STEPS - 1
+  assert loading.checkpoint_steps(workdir)[-1] == STEPS - 1
   train(workdir, env)
   losses = losses_by_step(read_metrics(workdir))
   assert list(losses) == [7, 8]
@@ -186,6 +186,6 @@ def test_the_demo_experiments_run_on_two_processes(env, tmp_path, experiment, se
   records = read_metrics(workdir)
   assert [r["step"] for r in records] == list(range(1, steps + 1))
   assert all(np.isfinite(r["loss"]) for r in records)
-  assert workdir_lib.checkpoint_steps(workdir)[-1] == steps
+  assert loading.checkpoint_steps(workdir)[-1] == steps
   assert f"done, step {steps}" in results[0].output  # the summary: process 0 alone prints it
   assert "done, step" not in results[1].output

@@ -59,7 +59,8 @@ def chat_batch():
 STAGES = {
     "intern_vit-and-llama": (train_fixtures.tiny_config().stage,
                              lambda: train_fixtures.make_batch(0)),
-    "qllama": (GenerativeStage(train_fixtures.MODEL, text_len=TEXT_LEN), generative_batch),
+    "qllama": (GenerativeStage(train_fixtures.MODEL.replace(variant="G"), text_len=TEXT_LEN),
+               generative_batch),
     "chat-llm": (ChatStage(CHAT, max_len=CHAT_LEN), chat_batch),
 }
 
