@@ -11,7 +11,6 @@ jax 0.10.2.
 """
 
 import importlib.util
-import json
 import os
 import shutil
 import signal
@@ -22,6 +21,7 @@ import pytest
 
 import multiprocess
 import train_fixtures
+from train_fixtures import losses_by_step, read_metrics
 from internvl_jax.sharding import HEARTBEAT_TIMEOUT_ENV
 from internvl_jax import loading
 
@@ -31,20 +31,6 @@ TESTS = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(TESTS)
 TRAIN = [multiprocess.PYTHON, os.path.join(TESTS, "train_run.py")]
 TIMEOUT = 600
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def losses_by_step(records):
-  """The loss of each step; a step logged twice (re-run after a resume) must agree with itself."""
-  losses = {}
-  for record in records:
-    if "loss" in record:
-      assert losses.setdefault(record["step"], record["loss"]) == record["loss"], record["step"]
-  return losses
 
 
 @pytest.fixture(scope="module")

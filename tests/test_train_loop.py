@@ -1,7 +1,6 @@
 """The training loop: metrics, checkpoints, resume (in process, after SIGKILL and SIGTERM, onto
 another mesh), a crash during a save, and stopping on non-finite steps."""
 
-import json
 import os
 import shutil
 import signal
@@ -18,23 +17,10 @@ from internvl_jax import sharding
 from internvl_jax.train import loop
 from internvl_jax.train.checkpoint import Checkpoints
 from internvl_jax.train.state import StateFactory
-from train_fixtures import InMemoryPairs, tiny_config
+from train_fixtures import InMemoryPairs, losses_by_step, read_metrics, tiny_config
 
 STEPS = 12
 RUN_SCRIPT = os.path.join(os.path.dirname(__file__), "train_run.py")
-
-
-def read_metrics(workdir):
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f]
-
-
-def losses_by_step(records):
-  """The loss of each step; a step logged twice (re-run after a resume) must agree with itself."""
-  losses = {}
-  for record in records:
-    assert losses.setdefault(record["step"], record["loss"]) == record["loss"], record["step"]
-  return losses
 
 
 def final_checkpoint(workdir, config):

@@ -8,6 +8,7 @@ batches do not depend on the process count.
 """
 
 import importlib.util
+import json
 import os
 
 import numpy as np
@@ -113,3 +114,18 @@ def load_experiment(name: str):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  """A run's metrics.jsonl records, in the order written."""
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+def losses_by_step(records: list[dict]) -> dict[int, float]:
+  """The loss of each step; a step logged twice (re-run after a resume) must agree with itself."""
+  losses = {}
+  for record in records:
+    if "loss" in record:  # evaluation records carry none
+      assert losses.setdefault(record["step"], record["loss"]) == record["loss"], record["step"]
+  return losses
