@@ -25,6 +25,8 @@ from train_fixtures import losses_by_step, read_metrics
 from internvl_jax.sharding import HEARTBEAT_TIMEOUT_ENV
 from internvl_jax import loading
 
+pytestmark = pytest.mark.long_running
+
 PROCESSES, DEVICES = 2, 2
 STEPS = 8  # the tiny config checkpoints every 3 steps and keeps 2: steps 6 and 8 remain
 TESTS = os.path.dirname(os.path.abspath(__file__))
