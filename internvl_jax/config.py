@@ -413,15 +413,13 @@ def internvl_preset(name: str, **overrides) -> InternVLConfig:
 
 CHAT_VARIANTS = ("v1.0", "qllama", "v1.5")
 PS_VERSIONS = ("v1", "v2")
-# The tokenizer appends <img>, </img>, <IMG_CONTEXT> to the LLM's vocabulary, in this order
-# (`data/tokenizer.py`), so the chat LLM's vocabulary is 3 tokens larger.
-NUM_IMAGE_TOKEN_TYPES = 3
 
 
 def _chat_llm(preset: str) -> LlamaConfig:
-  """A LLaMA preset whose vocabulary holds the image tokens the chat tokenizer appends."""
+  """A LLaMA preset whose vocabulary holds the image tokens the chat tokenizer appends
+  (<img>, </img>, <IMG_CONTEXT>, in this order: `data/tokenizer.py`)."""
   llm = LLAMA_PRESETS[preset]
-  return llm.replace(vocab_size=llm.vocab_size + NUM_IMAGE_TOKEN_TYPES)
+  return llm.replace(vocab_size=llm.vocab_size + len(tokenizer_lib.IMAGE_TOKENS))
 
 
 def _image_context_id(llm: LlamaConfig) -> int:
