@@ -73,6 +73,22 @@ def test_a_step_after_a_padded_prompt_continues_each_row(model, forward):
   np.testing.assert_allclose(step.logits[1, 0], full.logits[1, 4], atol=1e-5, rtol=1e-5)
 
 
+def test_a_packed_row_equals_its_samples_run_one_per_row(model, forward):
+  config, params, _, _ = model
+  # Row 0's first four tokens and row 1's real ones packed into one row, then padding.
+  packed = np.concatenate([TOKENS[0, :4], TOKENS[1, :4], [0, 0]])[None]
+  segments = np.array([[1, 1, 1, 1, 2, 2, 2, 2, 0, 0]], np.int32)
+  ours = forward(config, params, packed, segments, None).logits[0]
+  alone = forward(config, params, TOKENS[:, :4], MASK[:, :4], None).logits
+  np.testing.assert_allclose(ours[:8], alone.reshape(8, -1), atol=1e-5, rtol=1e-5)
+
+
+def test_segment_positions_restart_per_sample_and_keep_left_and_right_padding():
+  segments = np.array([[1, 1, 1, 2, 2, 0], [0, 0, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0]], np.int32)
+  np.testing.assert_array_equal(llama.segment_positions(jnp.asarray(segments)),
+                                [[0, 1, 2, 0, 1, 1], [0, 0, 0, 1, 2, 3], [0, 1, 1, 1, 1, 1]])
+
+
 def test_transformers_layout_round_trip_is_bit_exact(model):
   config, params, _, directory = model
   loaded_config, loaded = import_transformers(directory)

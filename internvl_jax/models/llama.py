@@ -67,26 +67,50 @@ class LlamaOutput:
   cache: KVCache | None = None
 
 
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+  """(batch, length) positions: the number of real tokens before each token in its own sample.
+
+  `segment_ids` are 0 for padding and non-decreasing over each row's real tokens (1, 1, 2, 2, 2,
+  0, ...: a packed row); a sample starts where the id exceeds every id before it, so a 0/1 mask
+  counts 0, 1, 2, ... from its first real token whether padded on the left or right. Padding
+  continues the count of the sample before it (right padding: the reference's arange clipped).
+  """
+  real = segment_ids > 0
+  counts = jnp.cumsum(real, axis=1)
+  earlier_max = jax.lax.cummax(jnp.pad(segment_ids, ((0, 0), (1, 0)))[:, :-1], axis=1)
+  slots = jnp.arange(segment_ids.shape[1])
+  start = jax.lax.cummax(jnp.where(segment_ids > earlier_max, slots, -1), axis=1)
+  before_start = jnp.take_along_axis(counts - real, jnp.maximum(start, 0), axis=1)
+  return jnp.maximum(counts - 1 - jnp.where(start >= 0, before_start, 0), 0).astype(jnp.int32)
+
+
 def attention_mask_and_positions(attention_mask: jax.Array, cache: KVCache | None):
   """The (batch, 1, length, keys) visibility, the cache's new `valid` and default positions.
 
-  A token sees the real tokens at or before its slot. Its default position is the number of real
-  tokens before it, so right-padded rows count 0, 1, 2, ... as transformers' default, and a
-  decoding step continues each row where its own prompt ended.
+  `attention_mask` is transformers' (True / 1 for real tokens) or, for packed rows, segment ids
+  (`segment_positions`). A token sees the real tokens of its own sample at or before its slot;
+  padding queries see the real tokens before them, as transformers' mask. Positions restart at
+  each sample; a decoding step continues each row where its own prompt ended (the cache holds one
+  sample per row).
   """
   length = attention_mask.shape[1]
+  segments = attention_mask.astype(jnp.int32)
   if cache is None:
     query_slots = key_slots = jnp.arange(length)
-    key_valid, before = attention_mask, 0
+    key_segments = segments
+    positions = segment_positions(segments)
   else:
     query_slots = cache.index + jnp.arange(length)
     key_slots = jnp.arange(cache.max_length)
-    key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
+    key_segments = jax.lax.dynamic_update_slice(cache.valid, segments > 0, (0, cache.index))
+    key_segments = key_segments.astype(jnp.int32)
     before = jnp.sum(cache.valid, axis=1, keepdims=True)
+    positions = jnp.maximum(before + jnp.cumsum(segments > 0, axis=1) - 1, 0).astype(jnp.int32)
+    segments = (segments > 0).astype(jnp.int32)
   causal = key_slots[None, :] <= query_slots[:, None]
-  mask = causal[None, None] & key_valid[:, None, None, :]
-  positions = jnp.maximum(before + jnp.cumsum(attention_mask, axis=1) - 1, 0)
-  return mask, key_valid, positions.astype(jnp.int32)
+  same_sample = ((segments[:, :, None] == key_segments[:, None, :]) | (segments[:, :, None] == 0))
+  mask = causal[None, None] & (same_sample & (key_segments[:, None, :] > 0))[:, None]
+  return mask, key_segments > 0, positions
 
 
 class DecoderLayer(nn.Module):
@@ -196,8 +220,9 @@ class Llama(nn.Module):
                cache: KVCache | None = None, return_logits: bool = True) -> LlamaOutput:
     """`tokens` (batch, length), or None with `embeddings` (batch, length, width) given instead.
 
-    `attention_mask` is transformers': 1 for real tokens, 0 for padding (default: all real).
-    `positions` default to the number of real tokens before each token (cache included).
+    `attention_mask` is transformers': 1 for real tokens, 0 for padding (default: all real), or
+    a packed row's segment ids (`segment_positions`). `positions` default to the number of real
+    tokens before each token in its sample (cache included).
     """
     if (tokens is None) == (embeddings is None):
       raise ValueError("Llama takes either tokens or embeddings, not both or neither.")
@@ -212,8 +237,7 @@ class Llama(nn.Module):
                        f"{embeddings.shape[:2]}.")
     if attention_mask is None:
       attention_mask = jnp.ones(embeddings.shape[:2], bool)
-    mask, key_valid, default_positions = attention_mask_and_positions(
-        attention_mask.astype(bool), cache)
+    mask, key_valid, default_positions = attention_mask_and_positions(attention_mask, cache)
     positions = default_positions if positions is None else positions
 
     x = layers.constrain(embeddings.astype(self.config.compute_dtype), ACTIVATION)
