@@ -16,11 +16,40 @@ NORM_TYPES = ("rms_norm", "layer_norm")
 DROP_PATH_SCHEDULES = ("linear", "uniform")
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch_saveable")
 INTERNVL_VARIANTS = ("C", "G")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def _check_choice(field: str, value, choices):
   if value not in choices:
     raise ValueError(f"{field}={value!r} is not one of {choices}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """Which kernel computes a tower's attention (`models/attention.py`); results agree to float
+  rounding on every real query.
+
+  "xla"     the einsum reference, with a (batch, 1, queries, keys) boolean mask;
+  "cudnn"   cuDNN flash attention (NVIDIA GPUs; bfloat16 or float16);
+  "splash"  Pallas splash attention (TPUs; Pallas interpret mode elsewhere, for tests);
+  "auto"    splash on TPU, cuDNN on GPU for half-precision inputs, else XLA: the platform is the
+            mesh's in `jax.set_mesh`, else JAX's default backend.
+  The block sizes are splash's tiles (its backward kernels use the same), shrunk to the padded
+  sequence when shorter; `block_kv_compute` divides `block_kv` and is a multiple of 128.
+  """
+
+  implementation: str = "auto"
+  block_q: int = 512
+  block_kv: int = 512
+  block_kv_compute: int = 512
+
+  def __post_init__(self):
+    _check_choice("attention.implementation", self.implementation, ATTENTION_IMPLEMENTATIONS)
+    if (any(b < 128 or b % 128 for b in (self.block_q, self.block_kv_compute))
+        or self.block_kv % self.block_kv_compute):
+      raise ValueError(f"AttentionConfig: block_q {self.block_q} and block_kv_compute "
+                       f"{self.block_kv_compute} must be positive multiples of 128, and block_kv "
+                       f"{self.block_kv} a multiple of block_kv_compute.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +74,7 @@ class VisionConfig:
   drop_path_schedule: str = "linear"
   dtype: str = "float32"  # compute dtype; params are float32
   remat_policy: str = "none"
+  attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
     _check_choice("norm_type", self.norm_type, NORM_TYPES)
@@ -186,6 +216,7 @@ class LlamaConfig:
   dtype: str = "float32"  # compute dtype; params are float32
   remat_policy: str = "none"
   architecture: str = "LlamaForCausalLM"  # one of LLM_ARCHITECTURES
+  attention: AttentionConfig = AttentionConfig()  # QLLaMA's self- and cross-attention too
 
   def __post_init__(self):
     _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)

@@ -1,4 +1,5 @@
-"""The shared attention: grouped-query heads, rotary positions, cross-attention, clear errors."""
+"""The attention layers: rotary positions, cross-attention, clear errors (the attention core and
+its masks: test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -8,22 +9,11 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from internvl_jax.models import layers
+from internvl_jax.models.attention import AttentionMask
 
 
 def _normal(*shape, seed=0):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
-
-
-def test_grouped_query_attention_equals_repeated_keys_and_values():
-  q, k, v = _normal(2, 5, 6, 8, seed=0), _normal(2, 7, 2, 8, seed=1), _normal(2, 7, 2, 8, seed=2)
-  mask = np.random.default_rng(3).random((2, 1, 5, 7)) > 0.3
-  mask[..., 0] = True
-  grouped = layers.dot_product_attention(q, k, v, mask)
-  # transformers' repeat_kv: query head h reads key/value head h // 3.
-  repeated = layers.dot_product_attention(q, np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2), mask)
-  np.testing.assert_allclose(grouped, repeated, atol=1e-6)
-  with pytest.raises(ValueError, match="6 query heads cannot be grouped over 4"):
-    layers.dot_product_attention(q, _normal(2, 7, 4, 8), _normal(2, 7, 4, 8))
 
 
 def test_rotary_embedding_matches_transformers():
@@ -42,8 +32,7 @@ def test_cross_attention_reads_other_widths_and_ignores_masked_keys():
   x, vision = _normal(2, 3, 32), _normal(2, 6, 48, seed=1)
   params = attention.init(jax.random.key(0), x, vision)
   assert params["params"]["k_proj"]["kernel"].value.shape == (48, 2, 8)
-  visible = np.ones((2, 1, 1, 6), bool)
-  visible[:, :, :, 4:] = False
+  visible = AttentionMask(np.ones((2, 3), np.int32), np.array([[1, 1, 1, 1, 0, 0]] * 2, np.int32))
   out = attention.apply(params, x, vision, mask=visible)
   changed = vision.copy()
   changed[:, 4:] += 10.0

@@ -12,7 +12,7 @@ import torch
 import transformers
 
 from internvl_jax.config import QLlamaConfig, llama_preset
-from internvl_jax.models import llama, qllama
+from internvl_jax.models import attention, llama, qllama
 from llama_fixtures import export_transformers
 
 # Four layers in two blocks: cross-attention in layers 0 and 2. The vision width differs from
@@ -142,19 +142,21 @@ def test_padding_is_invisible(mode):
 
 def test_masks_and_positions_per_mode():
   text_mask = jnp.asarray([[True, True, False]])
+  dense = lambda mask, length: np.asarray(attention.dense_mask(mask, length, length))[0, 0]
+  # The last row is a padding query, which no output uses.
   for mode, visible in {
-      "itc": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]],
+      "itc": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [1, 1, 1, 1, 0]],
       "itm": [[1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]],
       "itg": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]],
   }.items():
     mask, positions = qllama.attention_mask_and_positions(mode, text_mask, num_queries=2)
-    np.testing.assert_array_equal(mask[0, 0], np.asarray(visible, bool), err_msg=mode)
+    np.testing.assert_array_equal(dense(mask, 5), np.asarray(visible, bool), err_msg=mode)
     np.testing.assert_array_equal(positions, [[0, 1, 2, 3, 3]])
   mask, positions = qllama.attention_mask_and_positions("text", text_mask, num_queries=2)
-  np.testing.assert_array_equal(mask[0, 0], [[1, 0, 0], [1, 1, 0], [1, 1, 0]])
+  np.testing.assert_array_equal(dense(mask, 3), [[1, 0, 0], [1, 1, 0], [1, 1, 0]])
   np.testing.assert_array_equal(positions, [[0, 1, 1]])
   mask, positions = qllama.attention_mask_and_positions("image", jnp.ones((1, 0), bool), 2)
-  assert mask.shape == (1, 1, 2, 2) and bool(mask.all())
+  assert bool(dense(mask, 2).all())
   np.testing.assert_array_equal(positions, [[0, 1]])
 
 
@@ -232,7 +234,9 @@ def test_matches_a_pytorch_transcription_of_the_reference(tmp_path, mode):
   export_transformers(CONFIG.text, qllama.llama_params(PARAMS, CONFIG), tmp_path)
   model = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), attn_implementation="eager")
   mask, _ = qllama.attention_mask_and_positions(mode, jnp.asarray(MASK), Q)
-  theirs = _torch_qllama(model.eval(), PARAMS, TOKENS, np.asarray(mask), torch.from_numpy(VISION),
+  length = Q + MASK.shape[1]
+  theirs = _torch_qllama(model.eval(), PARAMS, TOKENS, np.asarray(
+      attention.dense_mask(mask, length, length)), torch.from_numpy(VISION),
                          CONFIG)
   queries, text = run(mode)
   np.testing.assert_allclose(queries, theirs[:, :Q], atol=1e-5, rtol=1e-5)

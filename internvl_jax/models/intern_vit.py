@@ -105,7 +105,8 @@ class Block(nn.Module):
 
     h = layers.make_norm(cfg.norm_type, cfg.norm_eps, dtype, "norm1")(x)
     h = layers.SelfAttention(
-        cfg.num_heads, cfg.head_dim, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, dtype, name="attn")(h)
+        cfg.num_heads, cfg.head_dim, cfg.qkv_bias, cfg.qk_norm, cfg.norm_eps, dtype,
+        attention_config=cfg.attention, name="attn")(h)
     x = residual(x, h, ls1)
     h = layers.make_norm(cfg.norm_type, cfg.norm_eps, dtype, "norm2")(x)
     x = residual(x, layers.Mlp(cfg.mlp_dim, dtype, name="mlp")(h), ls2)

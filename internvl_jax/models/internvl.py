@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from internvl_jax.config import InternVLConfig
+from internvl_jax.config import AttentionConfig, InternVLConfig
 from internvl_jax.models import layers
 from internvl_jax.models.intern_vit import InternViT
 from internvl_jax.models.llama import Llama
@@ -40,13 +40,15 @@ class AttentionPooling(nn.Module):
   out_dim: int
   eps: float = 1e-5
   dtype: jnp.dtype = jnp.float32
+  attention_config: AttentionConfig = AttentionConfig()
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     norm = lambda name: layers.make_norm("layer_norm", self.eps, self.dtype, name)
     attn = layers.Attention(self.num_heads, width // self.num_heads, self.out_dim, use_bias=True,
-                            dtype=self.dtype, name="cross_attn")
+                            dtype=self.dtype, attention_config=self.attention_config,
+                            name="cross_attn")
     query = norm("norm_q")(jnp.mean(x, axis=1, keepdims=True))
     keys, values = attn.k_proj(norm("norm_k")(x)), attn.v_proj(norm("norm_v")(x))
     return attn.attend(attn.query(query), keys, values)[:, 0]
@@ -68,7 +70,7 @@ class _DualEncoder(nn.Module):
     cfg = self.config
     self.vision_model = InternViT(cfg.vision)
     self.clip_projector = AttentionPooling(cfg.attn_pool_heads, cfg.embed_dim, cfg.attn_pool_eps,
-                                           cfg.vision.compute_dtype)
+                                           cfg.vision.compute_dtype, cfg.vision.attention)
     self.text_projection = self.param(
         "text_projection", layers.logical_param(layers.default_kernel_init, ("embed", None)),
         (cfg.text.hidden_size, cfg.embed_dim))
@@ -129,7 +131,7 @@ class InternVLG(_DualEncoder):
     cfg = self.config
     self.qllama = QLlama(cfg.qllama)
     self.clip_projector2 = AttentionPooling(cfg.attn_pool_heads, cfg.embed_dim, cfg.attn_pool_eps,
-                                            cfg.text.compute_dtype)
+                                            cfg.text.compute_dtype, cfg.text.attention)
     self.itm_head = layers.dense(2, ("embed", None), dtype=cfg.text.compute_dtype)
 
   def encode_image(self, pixels, *, mode: str = "G") -> jax.Array:

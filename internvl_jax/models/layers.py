@@ -3,8 +3,8 @@
 Modules name the logical axes of their params and activations; `sharding.py` maps those names to
 mesh axes. Params are float32; matmuls run in the module's `dtype`.
 
-Attention is one core, `dot_product_attention` (scaling, masking, float32 softmax, grouped-query
-heads), with two projection variants around it: `SelfAttention` (InternViT's fused qkv and
+Attention is one core, `attention.attention` (masks, grouped-query heads, the kernel the config
+picks), with two projection variants around it: `SelfAttention` (InternViT's fused qkv and
 QK-norm) and `Attention` (separate q/k/v/o projections: LLaMA's causal attention with RoPE and a
 KV cache, and cross-attention whose keys and values come from another sequence).
 """
@@ -17,7 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from internvl_jax.config import RopeScaling
+from internvl_jax.config import AttentionConfig, RopeScaling
+from internvl_jax.models import attention
 
 # BEiT-style init (the paper's stage-1 recipe): truncated normal with std 0.02, zero biases.
 default_kernel_init = nn.initializers.truncated_normal(0.02)
@@ -121,29 +122,6 @@ def dense(features, names, *, axis=-1, use_bias=True, dtype=jnp.float32, name=No
   return Dense(features, axis, tuple(names), use_bias, dtype, name=name)
 
 
-def dot_product_attention(q, k, v, mask=None):
-  """Softmax attention over (batch, length, heads, head_dim) inputs; softmax in float32.
-
-  k and v may have fewer heads than q (grouped-query attention): query head h uses key/value head
-  h // (q_heads // kv_heads), the grouping of transformers' `repeat_kv`. The groups are a reshape
-  of q, so keys and values are never copied. `mask` is boolean, broadcastable to
-  (batch, q_heads, q_length, kv_length); True means visible.
-  """
-  batch, q_length, heads, head_dim = q.shape
-  kv_heads = k.shape[2]
-  if heads % kv_heads:
-    raise ValueError(f"{heads} query heads cannot be grouped over {kv_heads} key/value heads.")
-  q = q.reshape(batch, q_length, kv_heads, heads // kv_heads, head_dim)
-  logits = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-  logits = logits.reshape(batch, heads, q_length, k.shape[1])
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  weights = weights.reshape(batch, kv_heads, heads // kv_heads, q_length, k.shape[1])
-  out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, v)
-  return out.reshape(batch, q_length, heads, head_dim)
-
-
 def rope_frequencies(head_dim: int, base: float, scaling: RopeScaling | None = None,
                      length: jax.Array | None = None) -> tuple[jax.Array, float]:
   """(head_dim / 2,) inverse frequencies and the factor on cos and sin.
@@ -210,9 +188,10 @@ class SelfAttention(nn.Module):
   qk_norm: bool = False
   norm_eps: float = 1e-6
   dtype: jnp.dtype = jnp.float32
+  attention_config: AttentionConfig = AttentionConfig()
 
   @nn.compact
-  def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+  def __call__(self, x: jax.Array, mask: attention.Masks | None = None) -> jax.Array:
     batch, length, width = x.shape
     qkv = dense((3, self.num_heads, self.head_dim), ("embed", None, "vit_heads", "head_dim"),
                 use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
@@ -222,13 +201,13 @@ class SelfAttention(nn.Module):
       q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q.reshape(full_width)).reshape(q.shape)
       k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k.reshape(full_width)).reshape(k.shape)
     q = constrain(q, ("activation_batch", "activation_length", "activation_vit_heads", None))
-    out = dot_product_attention(q, k, v, mask)
+    out = attention.attention(q, k, v, mask, self.attention_config)
     return dense(width, ("vit_heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
                  name="proj")(out)
 
 
 class Attention(nn.Module):
-  """Attention with separate q/k/v/o projections around `dot_product_attention`.
+  """Attention with separate q/k/v/o projections around `attention.attention`.
 
   Self-attention (`kv_inputs` None) or cross-attention (keys and values from `kv_inputs`, of any
   width), multi-head or grouped-query (`num_kv_heads` < `num_heads`), with rotary positions when
@@ -247,6 +226,7 @@ class Attention(nn.Module):
   rope_base: float | None = None
   rope_scaling: RopeScaling | None = None
   dtype: jnp.dtype = jnp.float32
+  attention_config: AttentionConfig = AttentionConfig()
 
   def setup(self):
     kv_heads = self.num_kv_heads or self.num_heads
@@ -276,8 +256,8 @@ class Attention(nn.Module):
     return (constrain(self._rotate(self.k_proj(x), positions, rope_length), names),
             constrain(self.v_proj(x), names))
 
-  def attend(self, q, k, v, mask=None) -> jax.Array:
-    return self.o_proj(dot_product_attention(q, k, v, mask))
+  def attend(self, q, k, v, mask: attention.Masks | None = None) -> jax.Array:
+    return self.o_proj(attention.attention(q, k, v, mask, self.attention_config))
 
   def __call__(self, x: jax.Array, kv_inputs: jax.Array | None = None, *, mask=None,
                positions: jax.Array | None = None) -> jax.Array:

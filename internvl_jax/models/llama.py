@@ -22,6 +22,7 @@ import numpy as np
 
 from internvl_jax.config import LlamaConfig
 from internvl_jax.models import layers
+from internvl_jax.models.attention import AttentionMask
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
 
@@ -85,32 +86,23 @@ def segment_positions(segment_ids: jax.Array) -> jax.Array:
 
 
 def attention_mask_and_positions(attention_mask: jax.Array, cache: KVCache | None):
-  """The (batch, 1, length, keys) visibility, the cache's new `valid` and default positions.
+  """The causal `AttentionMask`, the cache's new `valid` and default positions.
 
   `attention_mask` is transformers' (True / 1 for real tokens) or, for packed rows, segment ids
-  (`segment_positions`). A token sees the real tokens of its own sample at or before its slot;
-  padding queries see the real tokens before them, as transformers' mask. Positions restart at
-  each sample; a decoding step continues each row where its own prompt ended (the cache holds one
-  sample per row).
+  (`segment_positions`). A token sees the real tokens of its own sample at or before its slot.
+  Positions restart at each sample; a decoding step continues each row where its own prompt
+  ended (the cache holds one sample per row).
   """
-  length = attention_mask.shape[1]
   segments = attention_mask.astype(jnp.int32)
   if cache is None:
-    query_slots = key_slots = jnp.arange(length)
-    key_segments = segments
-    positions = segment_positions(segments)
-  else:
-    query_slots = cache.index + jnp.arange(length)
-    key_slots = jnp.arange(cache.max_length)
-    key_segments = jax.lax.dynamic_update_slice(cache.valid, segments > 0, (0, cache.index))
-    key_segments = key_segments.astype(jnp.int32)
-    before = jnp.sum(cache.valid, axis=1, keepdims=True)
-    positions = jnp.maximum(before + jnp.cumsum(segments > 0, axis=1) - 1, 0).astype(jnp.int32)
-    segments = (segments > 0).astype(jnp.int32)
-  causal = key_slots[None, :] <= query_slots[:, None]
-  same_sample = ((segments[:, :, None] == key_segments[:, None, :]) | (segments[:, :, None] == 0))
-  mask = causal[None, None] & (same_sample & (key_segments[:, None, :] > 0))[:, None]
-  return mask, key_segments > 0, positions
+    mask = AttentionMask(segments, segments, causal=True)
+    return mask, segments > 0, segment_positions(segments)
+  key_valid = jax.lax.dynamic_update_slice(cache.valid, segments > 0, (0, cache.index))
+  before = jnp.sum(cache.valid, axis=1, keepdims=True)
+  positions = jnp.maximum(before + jnp.cumsum(segments > 0, axis=1) - 1, 0).astype(jnp.int32)
+  mask = AttentionMask((segments > 0).astype(jnp.int32), key_valid.astype(jnp.int32),
+                       query_start=cache.index, causal=True)
+  return mask, key_valid, positions
 
 
 class DecoderLayer(nn.Module):
@@ -127,7 +119,8 @@ class DecoderLayer(nn.Module):
     self.input_layernorm = layers.RMSNorm(cfg.norm_eps, dtype)
     self.self_attn = layers.Attention(cfg.num_heads, cfg.head_dim, cfg.hidden_size, cfg.num_kv_heads,
                                       use_bias=cfg.qkv_bias, out_bias=False, rope_base=cfg.rope_base,
-                                      rope_scaling=cfg.rope_scaling, dtype=dtype)
+                                      rope_scaling=cfg.rope_scaling, dtype=dtype,
+                                      attention_config=cfg.attention)
     self.post_attention_layernorm = layers.RMSNorm(cfg.norm_eps, dtype)
     self.mlp = layers.GatedMlp(cfg.mlp_dim, dtype)
 

@@ -25,48 +25,43 @@ import numpy as np
 
 from internvl_jax.config import QLlamaConfig
 from internvl_jax.models import layers, llama
+from internvl_jax.models.attention import AttentionMask
 from internvl_jax.models.llama import ACTIVATION
 
 MODES = ("text", "image", "itc", "itm", "itg")
-# The modes with queries: (queries see the text, the text sees the queries, text sees text
-# causally). Queries always see each other; padded text is never seen.
-_JOINT_MODES = {
-    "image": (False, False, True),  # no text at all
-    "itc": (False, False, True),  # two separate encoders in one pass
-    "itm": (True, True, False),  # one bidirectional joint encoder
-    "itg": (False, True, True),  # the text decodes from the queries
-}
 
 
 def attention_mask_and_positions(mode: str, text_mask: jax.Array, num_queries: int):
-  """The (batch, 1, T, T) boolean visibility over the mode's sequence and its (batch, T) positions.
+  """The `AttentionMask` over the mode's sequence and its (batch, T) positions.
 
   The sequence is [queries; text] (T = num_queries + length), the text alone in "text" mode, the
   queries alone in "image" mode (where `text_mask` has length 0). `text_mask` is True for real
-  tokens. Queries sit at positions 0..num_queries-1 and the text follows; text positions count
-  the real tokens before each token, as LLaMA's, so with right padding they are the reference's
-  arange and, RoPE being relative, the "itc" text equals the "text" mode text.
+  tokens. Queries always see each other and padded text is never seen; beyond that:
+    "itc"  two separate encoders in one pass: the queries and the causal text are two segments;
+    "itm"  one bidirectional joint encoder;
+    "itg"  the text decodes from the queries: causal after a bidirectional prefix of queries.
+  Queries sit at positions 0..num_queries-1 and the text follows; text positions count the real
+  tokens before each token, as LLaMA's, so with right padding they are the reference's arange
+  and, RoPE being relative, the "itc" text equals the "text" mode text.
   """
   if mode not in MODES:
     raise ValueError(f"Unknown QLLaMA mode {mode!r}; known: {MODES}.")
-  text_to_text, _, text_positions = llama.attention_mask_and_positions(text_mask, None)
+  text_only_mask, _, text_positions = llama.attention_mask_and_positions(text_mask, None)
   if mode == "text":
-    return text_to_text, text_positions
+    return text_only_mask, text_positions
   batch, length = text_mask.shape
   if mode == "image" and length:
     raise ValueError("QLLaMA's image mode has no text.")
-  queries_see_text, text_sees_queries, causal = _JOINT_MODES[mode]
-  keys = text_mask[:, None, None, :]
-  if not causal:
-    text_to_text = jnp.broadcast_to(keys, (batch, 1, length, length))
-  query_rows = jnp.concatenate([
-      jnp.ones((batch, 1, num_queries, num_queries), bool),
-      jnp.broadcast_to(keys & queries_see_text, (batch, 1, num_queries, length))], axis=-1)
-  text_rows = jnp.concatenate([
-      jnp.full((batch, 1, length, num_queries), text_sees_queries), text_to_text], axis=-1)
   query_positions = jnp.broadcast_to(jnp.arange(num_queries, dtype=jnp.int32), (batch, num_queries))
-  return (jnp.concatenate([query_rows, text_rows], axis=-2),
-          jnp.concatenate([query_positions, num_queries + text_positions], axis=1))
+  positions = jnp.concatenate([query_positions, num_queries + text_positions], axis=1)
+  if mode == "image":
+    return AttentionMask(), positions
+  text_segment = 2 if mode == "itc" else 1
+  segments = jnp.concatenate([jnp.ones((batch, num_queries), jnp.int32),
+                              text_segment * text_mask.astype(jnp.int32)], axis=1)
+  causal = mode != "itm"
+  mask = AttentionMask(segments, segments, causal=causal, prefix=num_queries if causal else 0)
+  return mask, positions
 
 
 class CrossAttention(layers.Attention):
@@ -99,7 +94,8 @@ class CrossAttentionDecoderLayer(llama.DecoderLayer):
     super().setup()
     cfg = self.config
     self.cross_attn = CrossAttention(cfg.num_heads, cfg.head_dim, cfg.hidden_size,
-                                     norm_eps=cfg.norm_eps, dtype=cfg.compute_dtype)
+                                     norm_eps=cfg.norm_eps, dtype=cfg.compute_dtype,
+                                     attention_config=cfg.attention)
 
   def __call__(self, x, vision, mask, positions, cache_index, layer_cache):
     x, layer_cache = self.attention_step(x, mask, positions, cache_index, layer_cache)
@@ -212,9 +208,10 @@ class QLlama(nn.Module):
     if modes != ("image",):
       parts.append(self.embed_tokens(tokens))
     x = layers.constrain(jnp.concatenate(parts, axis=1), ACTIVATION)
-    chunks = [attention_mask_and_positions(m, chunk, cfg.num_queries)
-              for m, chunk in zip(modes, jnp.split(text_mask, len(modes)))]
-    mask, positions = (jnp.concatenate(arrays, axis=0) for arrays in zip(*chunks))
+    masks, positions = zip(*(attention_mask_and_positions(m, chunk, cfg.num_queries)
+                             for m, chunk in zip(modes, jnp.split(text_mask, len(modes)))))
+    mask = masks[0] if len(masks) == 1 else masks
+    positions = jnp.concatenate(positions, axis=0)
 
     x, _ = self.layers(x, vision, mask, positions, None, None)
     x = self.norm(x)
@@ -244,9 +241,10 @@ class QLlama(nn.Module):
                        f"a cache of {cache.max_length} slots.")
     mask, positions = attention_mask_and_positions("itg", text_mask, cfg.num_queries)
     free = cache.max_length - used
-    mask = jnp.pad(mask, ((0, 0), (0, 0), (0, 0), (0, free)))
-    valid = jnp.pad(jnp.concatenate([jnp.ones((batch, cfg.num_queries), bool), text_mask], axis=1),
-                    ((0, 0), (0, free)))
+    # The keys are the whole cache, its free slots padding; the queries start it.
+    kv_segments = jnp.pad(mask.kv_segments, ((0, 0), (0, free)))
+    mask = mask.replace(kv_segments=kv_segments, query_start=jnp.zeros((), jnp.int32))
+    valid = kv_segments > 0
     x = jnp.concatenate([self._queries(batch), self.embed_tokens(tokens)], axis=1)
     x, cache = self._cached_layers(x, vision, mask, positions, cache.replace(
         valid=valid, index=jnp.zeros((), jnp.int32)))
