@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from internvl_jax.config import AttentionConfig
-from internvl_jax.models import attention, llama, qllama
+from internvl_jax.config import AttentionConfig, internvl_preset
+from internvl_jax.models import attention, internvl, llama, qllama
 
 LENGTH, HEADS, HEAD_DIM = 12, 4, 8
 SPLASH = AttentionConfig("splash", block_q=128, block_kv=128, block_kv_compute=128)
@@ -94,11 +94,56 @@ def test_matches_the_xla_reference_on_real_queries(case, implementation):
 def test_grouped_query_heads_read_the_key_value_head_of_their_group():
   q, k, v = _inputs(kv_heads=2)
   mask = _llama_mask(PACKED)
-  grouped = attention.attention(q, k, v, mask, AttentionConfig("xla"))
+  reference = jax.jit(attention.attention, static_argnums=4)
+  grouped = reference(q, k, v, mask, AttentionConfig("xla"))
   # transformers' repeat_kv: query head h reads key/value head h // 2.
-  repeated = attention.attention(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask,
-                                 AttentionConfig("xla"))
+  repeated = reference(q, jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2), mask,
+                       AttentionConfig("xla"))
   np.testing.assert_allclose(grouped, repeated, atol=1e-6)
   with pytest.raises(ValueError, match="4 query heads cannot be grouped over 3"):
     attention.attention(q, k[:, :, :1].repeat(3, axis=2), v[:, :, :1].repeat(3, axis=2), None,
                         AttentionConfig("xla"))
+
+
+def test_splash_gradients_match_the_xla_reference():
+  mask, (q, k, v) = CASES["grouped_query_packed"]
+  real = jnp.asarray(_real_queries(mask, LENGTH))[:, :, None, None]
+  cotangent = jax.random.normal(jax.random.key(1), q.shape) * real
+
+  def grads(implementation):
+    loss = lambda *qkv: jnp.sum(implementation(*qkv, mask) * cotangent)
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  for expected, actual in zip(grads(attention.xla_attention),
+                              grads(IMPLEMENTATIONS["splash_interpret"])):
+    np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+def _count_primitive(jaxpr, name: str) -> int:
+  """Equations of primitive `name` in `jaxpr` and the jaxprs nested in its equations."""
+  count = 0
+  for eqn in jaxpr.eqns:
+    count += eqn.primitive.name == name
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, (jax.extend.core.Jaxpr, jax.extend.core.ClosedJaxpr)):
+          count += _count_primitive(getattr(sub, "jaxpr", sub), name)
+  return count
+
+
+def test_every_attention_of_internvl_g_runs_the_configured_kernel():
+  """InternViT, QLLaMA's three stage-2 masks and its cross-attention, both attention poolings: ten
+  attention calls, each a splash kernel when the towers' configs say so, none otherwise."""
+  def kernels(attention_config):
+    config = internvl_preset("tiny").replace(
+        vision=internvl_preset("tiny").vision.replace(attention=attention_config),
+        text=internvl_preset("tiny").text.replace(attention=attention_config))
+    size = config.vision.image_size
+    pixels = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    tokens = jax.ShapeDtypeStruct((3, 2, 6), jnp.int32)
+    forward = lambda params, *inputs: internvl.InternVLG(config).apply({"params": params}, *inputs)
+    jaxpr = jax.make_jaxpr(forward)(internvl.abstract_params(config), pixels, tokens, tokens)
+    return _count_primitive(jaxpr.jaxpr, "pallas_call")
+
+  assert kernels(SPLASH) == 10
+  assert kernels(AttentionConfig("xla")) == 0

@@ -12,10 +12,13 @@ description, so no (queries, keys) array exists unless the implementation needs 
 import functools
 import math
 
+import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+from jax.sharding import PartitionSpec
 
 from internvl_jax.config import AttentionConfig
 
@@ -66,9 +69,12 @@ def dense_mask(mask: Masks, q_length: int, kv_length: int) -> jax.Array:
   return visible
 
 
-def attention(q, k, v, mask: Masks | None, config: AttentionConfig) -> jax.Array:
+def attention(q, k, v, mask: Masks | None, config: AttentionConfig,
+              head_names: tuple[str, str] = ("activation_heads", "activation_kv_heads"),
+              ) -> jax.Array:
   """Softmax attention, softmax in float32, by the implementation `config` names; see the module
-  docstring. `mask` None: every query sees every key."""
+  docstring. `mask` None: every query sees every key. `head_names` are the logical axes of the
+  query and key/value heads, which a kernel in `shard_map` is split over."""
   batch, _, heads, head_dim = q.shape
   if heads % k.shape[2]:
     raise ValueError(f"{heads} query heads cannot be grouped over {k.shape[2]} key/value heads.")
@@ -83,7 +89,7 @@ def attention(q, k, v, mask: Masks | None, config: AttentionConfig) -> jax.Array
     return xla_attention(q, k, v, mask)
   kernel = (cudnn_attention if implementation == "cudnn" else
             functools.partial(splash_attention, config=config,
-                              interpret=target_platform() != "tpu"))
+                              interpret=target_platform() != "tpu", head_names=head_names))
   return per_chunk(kernel, q, k, v, mask)
 
 
@@ -157,47 +163,69 @@ def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
 
 
-def splash_attention(q, k, v, mask: AttentionMask, config: AttentionConfig,
-                     interpret: bool) -> jax.Array:
+def splash_attention(q, k, v, mask: AttentionMask, config: AttentionConfig, interpret: bool,
+                     head_names: tuple[str, str] = ("activation_heads", "activation_kv_heads"),
+                     ) -> jax.Array:
   """Pallas splash attention, one kernel call per batch row (vmapped), heads grouped natively.
+
+  Under a mesh the kernel runs in `shard_map` (Mosaic kernels cannot be partitioned by XLA),
+  split as the logical rules split the batch and the query and key/value heads (`head_names`);
+  the sequence is whole on each device.
+  """
+  local = functools.partial(_splash_local, causal=mask.causal, prefix=mask.prefix, config=config,
+                            interpret=interpret)
+  segments = () if mask.q_segments is None else (mask.q_segments, mask.kv_segments)
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return local(q, k, v, *segments)
+  q_spec = nn.logical_to_mesh_axes(("activation_batch", None, head_names[0], None))
+  kv_spec = nn.logical_to_mesh_axes(("activation_batch", None, head_names[1], None))
+  segment_spec = PartitionSpec(q_spec[0], None)
+  return jax.shard_map(local, mesh=mesh, out_specs=q_spec, check_vma=False,
+                       in_specs=(q_spec, kv_spec, kv_spec) + (segment_spec,) * len(segments))(
+                           q, k, v, *segments)
+
+
+def _splash_local(q, k, v, q_segments=None, kv_segments=None, *, causal: bool, prefix: int,
+                  config: AttentionConfig, interpret: bool) -> jax.Array:
+  """Splash attention on one device's rows and heads.
 
   The lengths are padded to whole blocks. Padding keys get segment id 0, which no real query has;
   with segment ids the queries and keys are one sequence (self-attention), padded alike, so every
   padding query sees at least itself. Without them the padding queries take id 1, as every real
   key, and so see some key.
   """
-  from jax.experimental.pallas.ops.tpu import splash_attention as splash  # pylint: disable=g-import-not-at-top
-
   batch, q_length, heads, head_dim = q.shape
   kv_length = k.shape[1]
   block_q = min(config.block_q, _round_up(q_length, 128))
   block_kv_compute = min(config.block_kv_compute, _round_up(kv_length, 128))
   block_kv = min(config.block_kv, _round_up(kv_length, block_kv_compute))
-  if mask.q_segments is not None:
+  if q_segments is not None:
     if q_length != kv_length:
       raise ValueError(f"splash attention with segment ids needs self-attention; got "
                        f"{q_length} queries and {kv_length} keys.")
     padded_q = padded_kv = _round_up(q_length, math.lcm(block_q, block_kv))
-    q_segments = jnp.pad(mask.q_segments, ((0, 0), (0, padded_q - q_length)))
-    kv_segments = jnp.pad(mask.kv_segments, ((0, 0), (0, padded_kv - kv_length)))
   else:
     padded_q, padded_kv = _round_up(q_length, block_q), _round_up(kv_length, block_kv)
-    q_segments = jnp.ones((batch, padded_q), jnp.int32)
-    kv_segments = jnp.pad(jnp.ones((batch, kv_length), jnp.int32),
-                          ((0, 0), (0, padded_kv - kv_length)))
-  segments = splash.SegmentIds(q_segments.astype(jnp.int32), kv_segments.astype(jnp.int32))
-  if mask.q_segments is None and (padded_q, padded_kv) == (q_length, kv_length):
-    segments = None
+  segment_ids = None
+  if q_segments is not None:
+    segment_ids = splash.SegmentIds(
+        jnp.pad(q_segments.astype(jnp.int32), ((0, 0), (0, padded_q - q_length))),
+        jnp.pad(kv_segments.astype(jnp.int32), ((0, 0), (0, padded_kv - kv_length))))
+  elif (padded_q, padded_kv) != (q_length, kv_length):
+    segment_ids = splash.SegmentIds(
+        jnp.ones((batch, padded_q), jnp.int32),
+        jnp.pad(jnp.ones((batch, kv_length), jnp.int32), ((0, 0), (0, padded_kv - kv_length))))
 
   shape = (padded_q, padded_kv)
-  if not mask.causal:
+  if not causal:
     head_mask = splash.FullMask(shape)
   else:
     head_mask = splash.CausalMask(shape)
-    if mask.prefix:
-      prefix = np.zeros(shape, bool)
-      prefix[:, :mask.prefix] = True
-      head_mask = head_mask | splash.NumpyMask(prefix)
+    if prefix:
+      prefix_mask = np.zeros(shape, bool)
+      prefix_mask[:, :prefix] = True
+      head_mask = head_mask | splash.NumpyMask(prefix_mask)
   block_sizes = splash.BlockSizes(
       block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv_compute,
       block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv_compute,
@@ -211,8 +239,8 @@ def splash_attention(q, k, v, mask: AttentionMask, config: AttentionConfig,
 
   q = heads_first(q * jnp.asarray(head_dim**-0.5, q.dtype), padded_q)
   k, v = heads_first(k, padded_kv), heads_first(v, padded_kv)
-  if segments is None:
+  if segment_ids is None:
     out = jax.vmap(kernel)(q, k, v)
   else:
-    out = jax.vmap(kernel)(q, k, v, segment_ids=segments)
+    out = jax.vmap(kernel)(q, k, v, segment_ids=segment_ids)
   return out.transpose(0, 2, 1, 3)[:, :q_length]

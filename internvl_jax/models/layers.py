@@ -201,7 +201,8 @@ class SelfAttention(nn.Module):
       q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q.reshape(full_width)).reshape(q.shape)
       k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k.reshape(full_width)).reshape(k.shape)
     q = constrain(q, ("activation_batch", "activation_length", "activation_vit_heads", None))
-    out = attention.attention(q, k, v, mask, self.attention_config)
+    out = attention.attention(q, k, v, mask, self.attention_config,
+                              head_names=("activation_vit_heads",) * 2)
     return dense(width, ("vit_heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
                  name="proj")(out)
 
