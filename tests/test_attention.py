@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from internvl_jax.config import AttentionConfig, internvl_preset
+from internvl_jax.convert import formats
 from internvl_jax.models import attention, internvl, llama, qllama
 
 LENGTH, HEADS, HEAD_DIM = 12, 4, 8
@@ -147,3 +148,22 @@ def test_every_attention_of_internvl_g_runs_the_configured_kernel():
 
   assert kernels(SPLASH) == 10
   assert kernels(AttentionConfig("xla")) == 0
+
+
+def test_model_json_keeps_the_attention_config_and_older_files_load_the_default():
+  config = internvl_preset("tiny", vision=internvl_preset("tiny").vision.replace(attention=SPLASH))
+  data = formats.config_to_json(config)
+  assert formats.config_from_json(data) == config
+  del data["config"]["vision"]["attention"]
+  assert formats.config_from_json(data).vision.attention == AttentionConfig()
+
+
+def test_bad_attention_configs_and_masks_give_clear_errors():
+  with pytest.raises(ValueError, match="'flash' is not one of"):
+    AttentionConfig("flash")
+  with pytest.raises(ValueError, match="block_kv 384 a multiple of block_kv_compute"):
+    AttentionConfig(block_kv=384, block_kv_compute=256)
+  with pytest.raises(ValueError, match="both queries and keys"):
+    attention.AttentionMask(jnp.ones((1, 2), jnp.int32))
+  with pytest.raises(ValueError, match="only means something when causal"):
+    attention.AttentionMask(prefix=2)
