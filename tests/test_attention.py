@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from internvl_jax import sharding
 from internvl_jax.config import AttentionConfig, internvl_preset
 from internvl_jax.convert import formats
 from internvl_jax.models import attention, internvl, llama, qllama
@@ -118,6 +119,22 @@ def test_splash_gradients_match_the_xla_reference():
   for expected, actual in zip(grads(attention.xla_attention),
                               grads(IMPLEMENTATIONS["splash_interpret"])):
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [2, 1])
+def test_splash_under_a_mesh_splits_what_divides_and_matches_the_xla_reference(rows):
+  """Rows and heads split over data x tensor (grouped heads stay with their key/value heads);
+  a batch of one row, which cannot split, runs whole on every device."""
+  mask, (q, k, v) = CASES["grouped_query_packed"]
+  mask = jax.tree.map(lambda x: x[:rows], mask)
+  q, k, v = (x[:rows] for x in (q, k, v))
+  mesh_config = sharding.MeshConfig(data=2, tensor=2)
+  mesh = sharding.make_mesh(mesh_config, jax.devices()[:4])
+  with sharding.sharding_context(mesh, mesh_config.logical_rules):
+    actual = jax.jit(IMPLEMENTATIONS["splash_interpret"])(q, k, v, mask)
+  real = _real_queries(mask, LENGTH)[:rows]
+  np.testing.assert_allclose(np.asarray(actual)[real],
+                             np.asarray(_reference()(q, k, v, mask))[real], atol=1e-5, rtol=1e-5)
 
 
 def _count_primitive(jaxpr, name: str) -> int:

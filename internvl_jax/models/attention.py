@@ -169,8 +169,9 @@ def splash_attention(q, k, v, mask: AttentionMask, config: AttentionConfig, inte
   """Pallas splash attention, one kernel call per batch row (vmapped), heads grouped natively.
 
   Under a mesh the kernel runs in `shard_map` (Mosaic kernels cannot be partitioned by XLA),
-  split as the logical rules split the batch and the query and key/value heads (`head_names`);
-  the sequence is whole on each device.
+  split as the logical rules split the batch and the query and key/value heads (`head_names`)
+  where the sizes divide (heads only when query and key/value heads split alike, which keeps
+  each device's query heads with their key/value heads); the sequence is whole on each device.
   """
   local = functools.partial(_splash_local, causal=mask.causal, prefix=mask.prefix, config=config,
                             interpret=interpret)
@@ -178,11 +179,19 @@ def splash_attention(q, k, v, mask: AttentionMask, config: AttentionConfig, inte
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
     return local(q, k, v, *segments)
-  q_spec = nn.logical_to_mesh_axes(("activation_batch", None, head_names[0], None))
-  kv_spec = nn.logical_to_mesh_axes(("activation_batch", None, head_names[1], None))
-  segment_spec = PartitionSpec(q_spec[0], None)
-  return jax.shard_map(local, mesh=mesh, out_specs=q_spec, check_vma=False,
-                       in_specs=(q_spec, kv_spec, kv_spec) + (segment_spec,) * len(segments))(
+
+  def mesh_axes(name: str, size: int):
+    axes = nn.logical_to_mesh_axes((name,))[0]
+    named = (axes,) if isinstance(axes, str) else axes or ()
+    return axes if size % math.prod(mesh.shape[a] for a in named) == 0 else None
+
+  batch = mesh_axes("activation_batch", q.shape[0])
+  heads = mesh_axes(head_names[0], q.shape[2])
+  if heads != mesh_axes(head_names[1], k.shape[2]):
+    heads = None
+  spec = PartitionSpec(batch, None, heads, None)
+  return jax.shard_map(local, mesh=mesh, out_specs=spec, check_vma=False,
+                       in_specs=(spec,) * 3 + (PartitionSpec(batch, None),) * len(segments))(
                            q, k, v, *segments)
 
 
