@@ -35,7 +35,8 @@ class AttentionConfig:
   "auto"    splash on TPU, cuDNN on GPU for half-precision inputs, else XLA: the platform is the
             mesh's in `jax.set_mesh`, else JAX's default backend.
   The block sizes are splash's tiles (its backward kernels use the same), shrunk to the padded
-  sequence when shorter; `block_kv_compute` divides `block_kv` and is a multiple of 128.
+  sequence when shorter: `block_q` and `block_kv_compute` are multiples of 128, and `block_kv`
+  is a multiple of `block_kv_compute`.
   """
 
   implementation: str = "auto"
