@@ -72,10 +72,23 @@ def test_every_policy_keeps_the_loss_and_gradients(gradients, policy):
                gradients[policy], gradients["none"])
 
 
+def _abstract_params(block, x, init_args):
+  return jax.eval_shape(block.init, jax.random.key(0), x, *init_args)  # tracing needs no values
+
+
+@pytest.mark.parametrize("block", [_vit_block, _decoder_layer, _qllama_block])
+def test_each_block_tags_every_name_of_the_vocabulary_and_no_other(block):
+  make_block, apply, x, init_args = block()
+  plain = make_block("none")
+  jaxpr = jax.make_jaxpr(lambda p, x: apply(plain, p, x))(_abstract_params(plain, x, init_args), x)
+  tags = {eqn.params["name"] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "name"}
+  assert tags == set(remat.CHECKPOINT_NAMES)
+
+
 def _saved_residuals(make_block, apply, x, init_args, policy):
   """(name or "host", shape) of each residual of the block's VJP that is not an input."""
   block = make_block(policy)
-  params = jax.eval_shape(block.init, jax.random.key(0), x, *init_args)  # tracing needs no values
+  params = _abstract_params(block, x, init_args)
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
     jax.ad_checkpoint.print_saved_residuals(lambda p, x: apply(block, p, x), params, x)
