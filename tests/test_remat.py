@@ -96,9 +96,9 @@ def _saved_residuals(make_block, apply, x, init_args, policy):
   for line in out.getvalue().splitlines():
     if " from the argument " in line or " from a constant" in line:
       continue
-    shape = re.match(r"\w+(<host>)?(\[[\d,]*\])", line)
+    on_host, shape = re.match(r"\w+(<host>)?(\[[\d,]*\])", line).groups()
     named = re.search(r"named '(\w+)'", line)
-    residuals.append(("host" if shape.group(1) else named and named.group(1), shape.group(2)))
+    residuals.append(("host" if on_host else named.group(1) if named else None, shape))
   return residuals
 
 
