@@ -24,6 +24,7 @@ from internvl_jax.config import RopeScaling
 # BEiT-style init (the paper's stage-1 recipe): truncated normal with std 0.02, zero biases.
 default_kernel_init = nn.initializers.truncated_normal(0.02)
 
+
 def logical_param(init, names: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init, names)
 
