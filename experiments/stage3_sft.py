@@ -83,6 +83,12 @@ def demo_config() -> train_config.ExperimentConfig:
 _PRETRAIN_RECORDS, _SFT_RECORDS = 558_128, 665_298
 
 
+# The LLM's q/k/v and output projections of rows of thousands of tokens go to host memory in the
+# forward pass and come back for the backward (models/remat.py): the backward recomputes only
+# attention and the MLP, for little more HBM than full remat.
+_LLM_REMAT = "offload_dot_except_mlp"
+
+
 def _one_epoch(records: int, batch: int, learning_rate: float, **changes) -> OptimizerConfig:
   """Warm-up 3% of one epoch's steps, then cosine (HF Trainer's step counts: partial final
   batch included, warm-up rounded up)."""
@@ -113,7 +119,7 @@ def paper_pretrain_config() -> train_config.ExperimentConfig:
   model = chat_preset(
       "v1.0-vicuna-7b",
       vision=vision_preset("6b-224", dtype="bfloat16", remat_policy="full"),
-      llm=chat_preset("v1.0-vicuna-7b").llm.replace(dtype="bfloat16", remat_policy="full"))
+      llm=chat_preset("v1.0-vicuna-7b").llm.replace(dtype="bfloat16", remat_policy=_LLM_REMAT))
   train = train_config.TrainConfig(
       stage=ChatStage(model, max_len=2048, template="plain", train_llm=False),
       optimizer=_one_epoch(_PRETRAIN_RECORDS, 256, 1e-3, trainable=(PROJECTOR_PARAMS,)),
@@ -170,7 +176,7 @@ def finetune_config(name: str, use_lora: bool = False) -> train_config.Experimen
   model = chat_preset(name)
   model = model.replace(
       vision=model.vision.replace(dtype="bfloat16", remat_policy="full"),
-      llm=model.llm.replace(dtype="bfloat16", remat_policy="full"),
+      llm=model.llm.replace(dtype="bfloat16", remat_policy=_LLM_REMAT),
       lora=_LORA if use_lora else None)
   freeze = Freeze(vision=True, projector=use_lora, llm=use_lora)
   batch, accum = (_LORA_BATCH, _LORA_ACCUM) if use_lora else (128, accum)

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 
 from internvl_jax.data import templates
 from internvl_jax.data import tokenizer as tokenizer_lib
+from internvl_jax.models import remat
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 NORM_TYPES = ("rms_norm", "layer_norm")
 DROP_PATH_SCHEDULES = ("linear", "uniform")
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_no_batch_saveable")
 INTERNVL_VARIANTS = ("C", "G")
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
@@ -74,13 +74,13 @@ class VisionConfig:
   drop_path_rate: float = 0.0
   drop_path_schedule: str = "linear"
   dtype: str = "float32"  # compute dtype; params are float32
-  remat_policy: str = "none"
+  remat_policy: str = "none"  # one of models/remat.py's POLICIES
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):
     _check_choice("norm_type", self.norm_type, NORM_TYPES)
     _check_choice("drop_path_schedule", self.drop_path_schedule, DROP_PATH_SCHEDULES)
-    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    remat.check_policy(self.remat_policy)
     _check_choice("dtype", self.dtype, tuple(DTYPES))
     if self.hidden_size % self.num_heads:
       raise ValueError(
@@ -215,12 +215,12 @@ class LlamaConfig:
   eos_id: int = 2
   pad_id: int = 0
   dtype: str = "float32"  # compute dtype; params are float32
-  remat_policy: str = "none"
+  remat_policy: str = "none"  # one of models/remat.py's POLICIES
   architecture: str = "LlamaForCausalLM"  # one of LLM_ARCHITECTURES
   attention: AttentionConfig = AttentionConfig()  # QLLaMA's self- and cross-attention too
 
   def __post_init__(self):
-    _check_choice("remat_policy", self.remat_policy, REMAT_POLICIES)
+    remat.check_policy(self.remat_policy)
     _check_choice("architecture", self.architecture, LLM_ARCHITECTURES)
     _check_choice("dtype", self.dtype, tuple(DTYPES))
     if self.hidden_size % self.num_heads:

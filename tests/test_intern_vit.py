@@ -92,7 +92,7 @@ def test_drop_path_schedules_and_training_randomness():
   np.testing.assert_array_equal(run(0, False), run(1, False))
 
 
-@pytest.mark.parametrize("policy", ["full", "dots_saveable", "dots_no_batch_saveable"])
+@pytest.mark.parametrize("policy", ["full", "dots_saveable", "offload_dot_except_mlp_in"])
 def test_remat_policies_give_the_same_gradients(tiny, policy):
   _, params = tiny
   pixels = random_pixels((2, 32, 32, 3))

@@ -317,6 +317,8 @@ def main(argv=None):
         f"{gib(memory.alias_size_in_bytes):.2f} GiB), temporaries "
         f"{gib(memory.temp_size_in_bytes):.2f} GiB, total {gib(total):.2f} GiB "
         f"({total / 1e9:.1f} GB)")
+  if memory.host_temp_size_in_bytes:  # what offloading remat policies keep in host memory
+    print(f"  host memory per device: temporaries {gib(memory.host_temp_size_in_bytes):.2f} GiB")
   capacity = args.memory_gb or hardware.memory_gb(kind)
   if capacity is None:
     print(f"  fits: unknown (no memory size known for {kind!r}; pass --memory-gb)")

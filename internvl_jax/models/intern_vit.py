@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax.config import VisionConfig
-from internvl_jax.models import layers
+from internvl_jax.models import layers, remat
 from internvl_jax.models.interpolate import resize_pos_embed
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -131,7 +131,7 @@ class InternViT(nn.Module):
       x = random_token_subset(x, keep_fraction, self.make_rng("masking"))
     embeddings = x
 
-    block = layers.remat(Block, cfg.remat_policy)
+    block = remat.remat(Block, cfg.remat_policy)
     blocks = nn.scan(
         block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
         in_axes=0, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})

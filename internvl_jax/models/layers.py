@@ -1,7 +1,9 @@
-"""Building blocks shared by every model: norms, attention, RoPE, MLPs, stochastic depth, remat.
+"""Building blocks shared by every model: norms, attention, RoPE, MLPs, stochastic depth.
 
 Modules name the logical axes of their params and activations; `sharding.py` maps those names to
-mesh axes. Params are float32; matmuls run in the module's `dtype`.
+mesh axes. Params are float32; matmuls run in the module's `dtype`. Projections and attention tag
+their outputs with `checkpoint_name`, for the remat policies of `remat.py` (its docstring lists
+the names).
 
 Attention is one core, `attention.attention` (masks, grouped-query heads, the kernel the config
 picks), with two projection variants around it: `SelfAttention` (InternViT's fused qkv and
@@ -11,23 +13,17 @@ KV cache, and cross-attention whose keys and values come from another sequence).
 
 import functools
 import math
-from typing import Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from internvl_jax.config import AttentionConfig, RopeScaling
 from internvl_jax.models import attention
 
 # BEiT-style init (the paper's stage-1 recipe): truncated normal with std 0.02, zero biases.
 default_kernel_init = nn.initializers.truncated_normal(0.02)
-
-REMAT_POLICIES: dict[str, Callable | None] = {
-    "full": None,  # save nothing but the block inputs
-    "dots_saveable": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch_saveable": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def logical_param(init, names: tuple[str | None, ...]):
@@ -37,15 +33,6 @@ def logical_param(init, names: tuple[str | None, ...]):
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """Names the logical axes of an activation (a no-op outside a mesh with logical rules)."""
   return nn.with_logical_constraint(x, names)
-
-
-def remat(module_cls: type[nn.Module], policy: str) -> type[nn.Module]:
-  """Wraps a block class in rematerialization with a named policy ("none" leaves it as is)."""
-  if policy == "none":
-    return module_cls
-  if policy not in REMAT_POLICIES:
-    raise ValueError(f"Unknown remat policy {policy!r}; known: {['none', *REMAT_POLICIES]}.")
-  return nn.remat(module_cls, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
 class RMSNorm(nn.Module):
@@ -195,16 +182,19 @@ class SelfAttention(nn.Module):
     batch, length, width = x.shape
     qkv = dense((3, self.num_heads, self.head_dim), ("embed", None, "vit_heads", "head_dim"),
                 use_bias=self.qkv_bias, dtype=self.dtype, name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    q, k, v = (checkpoint_name(qkv[:, :, i], name)
+               for i, name in enumerate(("query_proj", "key_proj", "value_proj")))
     if self.qk_norm:
       full_width = (batch, length, self.num_heads * self.head_dim)
       q = RMSNorm(self.norm_eps, self.dtype, name="q_norm")(q.reshape(full_width)).reshape(q.shape)
       k = RMSNorm(self.norm_eps, self.dtype, name="k_norm")(k.reshape(full_width)).reshape(k.shape)
     q = constrain(q, ("activation_batch", "activation_length", "activation_vit_heads", None))
-    out = attention.attention(q, k, v, mask, self.attention_config,
-                              head_names=("activation_vit_heads",) * 2)
-    return dense(width, ("vit_heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
-                 name="proj")(out)
+    out = checkpoint_name(attention.attention(q, k, v, mask, self.attention_config,
+                                              head_names=("activation_vit_heads",) * 2),
+                          "attention_out")
+    out = dense(width, ("vit_heads", "head_dim", "embed"), axis=(-2, -1), dtype=self.dtype,
+                name="proj")(out)
+    return checkpoint_name(out, "out_proj")
 
 
 class Attention(nn.Module):
@@ -248,17 +238,19 @@ class Attention(nn.Module):
 
   def query(self, x: jax.Array, positions: jax.Array | None = None,
             rope_length: jax.Array | None = None) -> jax.Array:
-    q = self._rotate(self.q_proj(x), positions, rope_length)
+    q = self._rotate(checkpoint_name(self.q_proj(x), "query_proj"), positions, rope_length)
     return constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
   def keys_values(self, x: jax.Array, positions: jax.Array | None = None,
                   rope_length: jax.Array | None = None):
     names = ("activation_batch", "activation_length", "activation_kv_heads", None)
-    return (constrain(self._rotate(self.k_proj(x), positions, rope_length), names),
-            constrain(self.v_proj(x), names))
+    k = self._rotate(checkpoint_name(self.k_proj(x), "key_proj"), positions, rope_length)
+    return constrain(k, names), constrain(checkpoint_name(self.v_proj(x), "value_proj"), names)
 
   def attend(self, q, k, v, mask: attention.Masks | None = None) -> jax.Array:
-    return self.o_proj(attention.attention(q, k, v, mask, self.attention_config))
+    out = checkpoint_name(attention.attention(q, k, v, mask, self.attention_config),
+                          "attention_out")
+    return checkpoint_name(self.o_proj(out), "out_proj")
 
   def __call__(self, x: jax.Array, kv_inputs: jax.Array | None = None, *, mask=None,
                positions: jax.Array | None = None) -> jax.Array:
@@ -279,10 +271,12 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
-    h = dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x)
+    h = checkpoint_name(dense(self.hidden_dim, ("embed", "mlp"), dtype=self.dtype, name="fc1")(x),
+                        "mlp_in")
     h = constrain(nn.gelu(h, approximate=False),
                   ("activation_batch", "activation_length", "activation_mlp"))
-    return dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h)
+    return checkpoint_name(dense(width, ("mlp", "embed"), dtype=self.dtype, name="fc2")(h),
+                           "mlp_out")
 
 
 class GatedMlp(nn.Module):
@@ -295,10 +289,10 @@ class GatedMlp(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     width = x.shape[-1]
     proj = functools.partial(dense, use_bias=False, dtype=self.dtype)
-    gate = proj(self.hidden_dim, ("embed", "mlp"), name="gate_proj")(x)
-    up = proj(self.hidden_dim, ("embed", "mlp"), name="up_proj")(x)
+    gate = checkpoint_name(proj(self.hidden_dim, ("embed", "mlp"), name="gate_proj")(x), "mlp_in")
+    up = checkpoint_name(proj(self.hidden_dim, ("embed", "mlp"), name="up_proj")(x), "mlp_in")
     h = constrain(nn.silu(gate) * up, ("activation_batch", "activation_length", "activation_mlp"))
-    return proj(width, ("mlp", "embed"), name="down_proj")(h)
+    return checkpoint_name(proj(width, ("mlp", "embed"), name="down_proj")(h), "mlp_out")
 
 
 def drop_path(x: jax.Array, rate: jax.Array, rng: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax.config import LlamaConfig
-from internvl_jax.models import layers
+from internvl_jax.models import layers, remat
 from internvl_jax.models.attention import AttentionMask
 
 ACTIVATION = ("activation_batch", "activation_length", "activation_embed")
@@ -197,7 +197,7 @@ class Llama(nn.Module):
     cfg = self.config
     self.embed_tokens = token_embedding(cfg)
     self.layers = nn.scan(
-        layers.remat(DecoderLayer, cfg.remat_policy), variable_axes={"params": 0},
+        remat.remat(DecoderLayer, cfg.remat_policy), variable_axes={"params": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0),
         length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")

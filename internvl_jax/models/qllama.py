@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax.config import QLlamaConfig
-from internvl_jax.models import layers, llama
+from internvl_jax.models import layers, llama, remat
 from internvl_jax.models.attention import AttentionMask
 from internvl_jax.models.llama import ACTIVATION
 
@@ -179,7 +179,7 @@ class QLlama(nn.Module):
         (1, cfg.num_queries, text_cfg.hidden_size))
     self.embed_tokens = llama.token_embedding(text_cfg)
     self.layers = nn.scan(
-        layers.remat(QLlamaBlock, text_cfg.remat_policy), variable_axes={"params": 0},
+        remat.remat(QLlamaBlock, text_cfg.remat_policy), variable_axes={"params": 0},
         split_rngs={"params": True}, in_axes=(nn.broadcast,) * 4 + (0,), length=cfg.num_blocks,
         metadata_params={nn.PARTITION_NAME: "layers"})(cfg, name="layers")
     self.norm = layers.RMSNorm(text_cfg.norm_eps, text_cfg.compute_dtype)
