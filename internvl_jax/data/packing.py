@@ -149,12 +149,12 @@ class _PackingIterator(grain.DatasetIterator):
   def _emit(self, row: _Row) -> dict:
     for position in row.positions:
       del self._states[position]
-    return {**_packed(row.examples, self._packing), VALID: np.bool_(True),
+    return {**pack_row(row.examples, self._packing), VALID: np.bool_(True),
             **self._take_counts()}
 
   def _emit_counts_only(self) -> dict:
     """Counts of a finite stream's trailing skipped records, on an empty row (valid False)."""
-    empty = _packed([self._last_example], self._packing)
+    empty = pack_row([self._last_example], self._packing)
     return {**{k: np.zeros_like(v) for k, v in empty.items()}, VALID: np.bool_(False),
             **self._take_counts()}
 
@@ -201,7 +201,7 @@ class _PackingIterator(grain.DatasetIterator):
     self._exhausted = state["exhausted"]
 
 
-def _packed(examples: list[dict], packing: Packing) -> dict:
+def pack_row(examples: list[dict], packing: Packing) -> dict:
   """One row of `examples`, in order, padded to the packing's tokens and tiles."""
   first = examples[0]
   tokens = np.zeros((packing.pack_length,), first["tokens"].dtype)
