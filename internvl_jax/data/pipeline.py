@@ -5,7 +5,8 @@
          record order, the same for any number of processes
       -> record transform (PairProcessor / ChatProcessor) -> RecordOutcome per record
       -> this process's shard: every shard_count-th record from the start position
-    IterDataset: skipped records dropped and counted -> batched -> worker processes
+    IterDataset: skipped records dropped and counted -> packed (stage 3, optional) -> batched
+      -> worker processes
     DataIterator (this process): issue counts summed, final batch padded, batch extras (ITM)
 
 Everything is a function of the seed and the global record index, so the same config yields the
@@ -246,7 +247,7 @@ class DataIterator:
     order): from the first global record that some process had not read, so that no record is
     lost; the records other processes had read past it are read again. With worker processes
     a process's position is its furthest worker's, so up to a batch per worker may be passed
-    over. The issue counts add up on the first process, so that their sum over processes goes
+    over; with packing, so may the conversations of the rows still open. The issue counts add up on the first process, so that their sum over processes goes
     on from the saved processes' sum."""
     count, start = len(states), states[0]["start"]  # every process of a run starts together
     firsts = [start + i + s["records_read"] * count for i, s in enumerate(states)]
