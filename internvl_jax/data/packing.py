@@ -5,10 +5,11 @@ Conversations (the chat pipeline's examples) go into open rows ("buffers"), each
 into the open row with the least room left that still holds its tokens and tiles (best fit),
 or into a new row. A row is emitted when it is exactly full, in tokens (`pack_length`) or in
 tiles (`pack_tiles`, the official `num_images_expected`), or, while more than `buffer_size` rows
-are open, the fullest one (most tokens). At the end of a finite stream the open rows are emitted,
-fullest first. Differences from the official packer, chosen for the fill rate and simplicity: the
-official one appends to the first buffer that fits (its list sorted by tile count) and emits the
-one with the most tiles when over `max_buffer_size`; and it splits an over-long buffer at
+are open, the oldest one. At the end of a finite stream the open rows are emitted, oldest first.
+Differences from the official packer: it appends to the first buffer that fits (its list sorted
+by tile count), where best fit fills rows better; it emits the buffer with the most tiles when
+over `max_buffer_size`, where emitting the oldest bounds how long a conversation waits in an open
+row, and so how far back a restore reads (below); and it splits an over-long buffer at
 `max_packed_tokens`, which cannot happen here because a conversation is at most `max_len` tokens
 and `max_tiles_per_image` tiles, no more than a row (`ChatDataConfig` checks).
 
@@ -94,9 +95,9 @@ class _PackingIterator(grain.DatasetIterator):
       if row is not None:
         return self._emit(row)
       if len(self._rows) > self._packing.buffer_size:
-        return self._emit(self._take_fullest())
+        return self._emit(self._rows.pop(0))
     if self._rows:
-      return self._emit(self._take_fullest())
+      return self._emit(self._rows.pop(0))
     if self._pending.any() and self._last_example is not None:
       return self._emit_counts_only()
     raise StopIteration
@@ -139,11 +140,6 @@ class _PackingIterator(grain.DatasetIterator):
       row = _Row()
       self._rows.append(row)
     row.add(position, example)
-    return row
-
-  def _take_fullest(self) -> _Row:
-    row = max(self._rows, key=lambda r: r.tokens)
-    self._rows.remove(row)
     return row
 
   def _emit(self, row: _Row) -> dict:
