@@ -98,11 +98,9 @@ def token_weights(counted: jax.Array, segment_ids: jax.Array, reduction: str) ->
   counted = counted.astype(jnp.float32)
   if reduction == "token":
     return counted
-  batch, length = segment_ids.shape
-  # One id per (row, segment): segment ids are below length + 1.
-  ids = (jnp.arange(batch)[:, None] * (length + 1) + segment_ids).reshape(-1)
-  per_segment = jax.ops.segment_sum(counted.reshape(-1), ids, num_segments=batch * (length + 1))
-  n = jnp.maximum(per_segment[ids].reshape(batch, length), 1.0)
+  # Per row, so that the batch axis stays a batch axis (sharded rows need no communication).
+  row_counts = lambda c, s: jax.ops.segment_sum(c, s, num_segments=s.shape[0] + 1)[s]
+  n = jnp.maximum(jax.vmap(row_counts)(counted, segment_ids), 1.0)
   return counted / (n if reduction == "sample" else jnp.sqrt(n))
 
 
