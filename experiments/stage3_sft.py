@@ -10,6 +10,9 @@
   python experiments/stage3_sft.py --preset demo-lora         # LLM LoRA, all else frozen
   python experiments/stage3_sft.py --preset finetune-InternVL2_5-8B --init /ckpt/InternVL2_5-8B \
       --set data.tokenizer=/ckpt/InternVL2_5-8B/tokenizer.model   # or finetune-...-lora
+  python experiments/stage3_sft.py --preset demo --set train.stage.pack_length=640 \
+      --set train.stage.pack_tiles=8 --set data.pack_length=640 --set data.pack_tiles=8 \
+      --set train.stage.loss_reduction=square   # packed rows, a batch of 32 rows
 
 "demo": InternVL-Chat v1.0-style (layer features, MLP projector, no pixel shuffle, one 64-px
 tile) on the stage-2 demo's tiny InternViT, frozen, and a tiny LLaMA trained from scratch with

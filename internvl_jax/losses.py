@@ -7,8 +7,8 @@ columns whole, so each device scores its own rows against every column (the refe
 the other side), and the gradient of that gather comes back to each row's owner.
 
 The next-token loss takes logits (`lm_example_losses`), or, in training, the final hidden states
-and the LM head (`chunked_lm_example_losses`): the same sums, with the (tokens, vocab) logits
-never materialized.
+and the LM head (`chunked_lm_example_losses`, per position `chunked_lm_token_losses`): the same
+sums, with the (tokens, vocab) logits never materialized.
 """
 
 import functools
@@ -148,20 +148,22 @@ def lm_example_losses(logits: jax.Array, labels: jax.Array, *, ignore_index: int
   return jnp.sum(jnp.where(counted, nll, 0.0), axis=1), jnp.sum(counted, axis=1)
 
 
-def chunked_lm_example_losses(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
-                              block_size: int, ignore_index: int = -100,
-                              valid: jax.Array | None = None):
-  """`lm_example_losses` of the logits `hidden @ head`, computed `block_size` vocabulary columns at
-  a time so that no (batch, length, vocab) array exists, in the forward or the backward pass.
+def chunked_lm_token_losses(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
+                            block_size: int, ignore_index: int = -100,
+                            valid: jax.Array | None = None):
+  """Next-token cross-entropy of the logits `hidden @ head` at each position: (nll, counted),
+  both (batch, length - 1), nll 0 where the target does not count; computed `block_size`
+  vocabulary columns at a time so that no (batch, length, vocab) array exists, in the forward or
+  the backward pass. Per-position values let a packed row weight each of its samples.
 
   `hidden` (batch, length, width): the LLM's final-normed states, in its compute dtype; `head`
   (width, vocab): the LM head's kernel, or the transposed embedding when tied
-  (`llama.head_kernel`). Each block's logits are the matmul in `hidden`'s dtype accumulated in
-  float32 (the model's head rounds its logits to the compute dtype, so under bfloat16 the two
-  differ by that rounding); a running log-sum-exp and the target logit carry over the blocks. The
-  backward pass (a custom VJP) recomputes each block's logits, so a training step projects onto
-  the vocabulary once more than with the logits kept. A block's logits are (batch, length,
-  block_size) float32.
+  (`llama.head_kernel`). Alignment, `ignore_index` and `valid` as in `lm_example_losses`. Each
+  block's logits are the matmul in `hidden`'s dtype accumulated in float32 (the model's head
+  rounds its logits to the compute dtype, so under bfloat16 the two differ by that rounding); a
+  running log-sum-exp and the target logit carry over the blocks. The backward pass (a custom
+  VJP) recomputes each block's logits, so a training step projects onto the vocabulary once more
+  than with the logits kept. A block's logits are (batch, length, block_size) float32.
 
   Blocks split the vocabulary, as Levanter's blockwise loss does, rather than the tokens: each
   block's slice of the head gradient is then reduced over the data-parallel rows once, where
@@ -171,10 +173,20 @@ def chunked_lm_example_losses(hidden: jax.Array, head: jax.Array, labels: jax.Ar
   tensor-parallel vocabulary ("vocab" over a mesh axis) XLA gathers the head to slice it.
   """
   if block_size < 1:
-    raise ValueError(f"chunked_lm_example_losses: block_size must be at least 1, got {block_size}.")
+    raise ValueError(f"chunked_lm_token_losses: block_size must be at least 1, got {block_size}.")
   targets, counted = _next_token_targets(labels, ignore_index, valid)
   nll = _blocked_nll(hidden[:, :-1], head, targets, counted, min(block_size, head.shape[1]))
-  return nll, jnp.sum(counted, axis=1)
+  return nll, counted
+
+
+def chunked_lm_example_losses(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,
+                              block_size: int, ignore_index: int = -100,
+                              valid: jax.Array | None = None):
+  """`lm_example_losses` of the logits `hidden @ head`: per-row sums of
+  `chunked_lm_token_losses` and the number of counted tokens."""
+  nll, counted = chunked_lm_token_losses(hidden, head, labels, block_size=block_size,
+                                         ignore_index=ignore_index, valid=valid)
+  return jnp.sum(nll, axis=1), jnp.sum(counted, axis=1)
 
 
 def _vocab_block(hidden, head, targets, index, block_size):
@@ -195,7 +207,7 @@ def _num_blocks(head, block_size) -> int:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _blocked_nll(hidden, head, targets, counted, block_size):
-  """Per-row sums of -log softmax(hidden @ head)[target] over the counted positions."""
+  """-log softmax(hidden @ head)[target] at the counted positions, 0 elsewhere."""
   return _blocked_nll_forward(hidden, head, targets, counted, block_size)[0]
 
 
@@ -212,16 +224,16 @@ def _blocked_nll_forward(hidden, head, targets, counted, block_size):
   empty = jnp.full(targets.shape, -jnp.inf, jnp.float32)
   (normalizer, picked), _ = jax.lax.scan(block, (empty, jnp.zeros(targets.shape, jnp.float32)),
                                          jnp.arange(_num_blocks(head, block_size)))
-  nll = jnp.sum(jnp.where(counted, normalizer - picked, 0.0), axis=1)
+  nll = jnp.where(counted, normalizer - picked, 0.0)
   return nll, (hidden, head, targets, counted, normalizer)
 
 
 def _blocked_nll_backward(block_size, residuals, d_nll):
-  """Recomputes each block's logits: d logits = (softmax - one_hot(target)) * d_nll[row] at the
+  """Recomputes each block's logits: d logits = (softmax - one_hot(target)) * d_nll at the
   counted positions; d hidden accumulates over the blocks, d head is written block by block."""
   hidden, head, targets, counted, normalizer = residuals
   compute_head = head.astype(hidden.dtype)
-  weight = jnp.where(counted, d_nll[:, None], 0.0)[..., None]
+  weight = jnp.where(counted, d_nll, 0.0)[..., None]
 
   def block(carry, index):
     d_hidden, d_head = carry

@@ -1,6 +1,7 @@
 """Experiment configs: `--set` parsing and checking, the presets' optimizers, warm starts between
 stages, the workdir's model record and the end-of-run report."""
 
+import dataclasses
 import json
 import os
 
@@ -11,6 +12,7 @@ import pytest
 from internvl_jax import loading
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert import formats
+from internvl_jax.data import packing
 from internvl_jax.data.config import Source
 from internvl_jax.models import internvl, llama, qllama
 from internvl_jax.models.lora import ADAPTER_PARAMS
@@ -112,6 +114,34 @@ def test_a_data_option_set_on_the_command_line_reaches_the_pipeline(monkeypatch)
   assert not pairs.train_augment and pairs.image_size == 64 and pairs.max_text_len == 32
 
 
+class _ChatTokenizer:
+  """Stands in for the demo's chat tokenizer (building it builds the demo data)."""
+
+  def __init__(self, model):
+    self.vocab_size, self._context_id = model.llm.vocab_size, model.image_context_id
+
+  def token_id(self, token):
+    return self._context_id
+
+
+def test_packing_set_on_the_command_line_reaches_the_chat_pipeline(monkeypatch):
+  config = load_experiment("stage3_sft").get_config("demo-llama")
+  config = config_lib.override(config, config_lib.parse_settings([
+      "train.stage.pack_length=512", "train.stage.pack_tiles=4",
+      "train.stage.loss_reduction=square", "data.pack_length=512", "data.pack_tiles=4",
+      "data.pack_buffer_size=7", "data.tokenizer=tokenizer.model"]))
+  config_lib.check_experiment(config)
+  config = config.replace(data=dataclasses.replace(config.data, sources=(Source("given"),)))
+  made = []
+  monkeypatch.setattr(inputs.pipeline, "chat_pipeline", made.append)
+  monkeypatch.setattr(inputs.chat, "load_chat_tokenizer",
+                      lambda *args: _ChatTokenizer(config.train.stage.model))
+  inputs.chat_batches(config)
+  (chat,) = made
+  assert chat.packing == packing.Packing(pack_length=512, pack_tiles=4, buffer_size=7)
+  assert config.train.stage.loss_reduction == "square"
+
+
 @pytest.mark.parametrize("name, settings, message", [
     ("stage2_generative", ["data.itg=False"],
      r"GenerativeStage trains on \['itg_labels', 'itg_text'\].*e.g. --set data.itg=True"),
@@ -120,6 +150,11 @@ def test_a_data_option_set_on_the_command_line_reaches_the_pipeline(monkeypatch)
     ("retrieval_finetune", ["train.stage.multi_positive=False"],
      "data.image_id='image_hash' makes .*; set it to 'none'"),
     ("stage3_sft", ["data.itm_negatives=batch"], "ChatStage does not train on"),
+    ("stage3_sft", ["data.pack_length=320"],
+     r"ChatStage does not train on; .*--set train.stage.pack_length=320"),
+    ("stage3_sft", ["train.stage.pack_length=320", "data.pack_length=320", "data.pack_tiles=8"],
+     "rows of 320 tokens and 40 tiles; .*--set data.pack_length=320 --set data.pack_tiles=40"),
+    ("stage1_contrastive", ["data.pack_length=64"], "ContrastiveStage does not train on"),
     ("stage1_contrastive", ["eval.data=None"], "have no data: set eval.data"),
 ])
 def test_data_options_the_stage_does_not_match_fail_before_anything_is_built(name, settings,

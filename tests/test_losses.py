@@ -191,6 +191,28 @@ def test_chunked_lm_losses_and_gradients_match_the_full_logits(block_size):
     np.testing.assert_allclose(grad, ref, atol=1e-5)
 
 
+def test_chunked_lm_token_losses_and_their_gradients_per_position_match_the_full_logits():
+  hidden, head, labels, valid = lm_rows(6)
+  position_weights = np.random.default_rng(6).random((3, 10)).astype(np.float32)
+
+  def full(h, w):
+    targets, counted = losses._next_token_targets(labels, -100, valid)
+    nll = losses._cross_entropy(jnp.einsum("blw,wv->blv", h, w)[:, :-1], targets)
+    return jnp.sum(jnp.where(counted, nll, 0.0) * position_weights), (nll, counted)
+
+  def chunked(h, w):
+    nll, counted = losses.chunked_lm_token_losses(h, w, labels, block_size=8, valid=valid)
+    return jnp.sum(nll * position_weights), (nll, counted)
+
+  (_, (nll, counted)), grads = jax.value_and_grad(full, (0, 1), has_aux=True)(hidden, head)
+  (_, (chunked_nll, chunked_counted)), chunked_grads = jax.jit(
+      jax.value_and_grad(chunked, (0, 1), has_aux=True))(hidden, head)
+  np.testing.assert_array_equal(chunked_counted, counted)
+  np.testing.assert_allclose(chunked_nll, np.where(counted, nll, 0.0), rtol=1e-5)
+  for grad, ref in zip(chunked_grads, grads):
+    np.testing.assert_allclose(grad, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("tie_embeddings", [False, True])
 def test_chunked_lm_losses_with_the_models_head_match_its_logits(tie_embeddings):
   config = llama_preset("tiny", num_layers=1, vocab_size=53, tie_embeddings=tie_embeddings)

@@ -12,6 +12,10 @@
       The next-token loss's forward+backward from the final hidden states: XLA's temporary memory
       with the full (tokens, vocab) logits and with `chunked_lm_example_losses`, and their times
       (--steps 0: memory only, compiled without running).
+  python tools/benchmark.py packing [--conversations 4000]
+      The fraction of token slots holding real tokens with and without sequence packing, on the
+      demo conversations and a LLaVA-Mix-665K-shaped synthetic distribution (see
+      tools/benchmark_packing.py).
 """
 
 import argparse
@@ -34,6 +38,7 @@ from internvl_jax.train import hardware
 
 import benchmark_convert  # tools/, next to this file
 import benchmark_data
+import benchmark_packing
 
 
 def _timed(fn) -> float:
@@ -152,7 +157,7 @@ def benchmark_loss(argv):
 
 def main():
   commands = {"vit": benchmark_vit, "convert": benchmark_convert.main, "data": benchmark_data.main,
-              "loss": benchmark_loss}
+              "loss": benchmark_loss, "packing": benchmark_packing.main}
   if len(sys.argv) < 2 or sys.argv[1] not in commands:
     print(__doc__)
     sys.exit(2)

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+from internvl_jax.data import packing as packing_lib
 from internvl_jax.data import templates
 
 ITM_NEGATIVES = ("none", "batch", "batch_hard", "pool")
@@ -158,6 +159,10 @@ class ChatDataConfig:
   tokens per tile, wrapped in <img> ... </img> when `wrap_image_tokens` (chat v1.1+). With
   `dynamic_tiling` the image is cut into 1..max_tiles tiles of tile_size (plus a thumbnail when
   `use_thumbnail` and more than one tile); otherwise it is resized to one tile.
+
+  With `pack_length` set, conversations are packed several to a row (`data/packing.py`) of
+  `pack_length` tokens and `pack_tiles` tile slots (the official `max_packed_tokens` and
+  `num_images_expected`), at most `pack_buffer_size` rows open (`max_buffer_size`).
   """
 
   loader: LoaderConfig
@@ -173,6 +178,9 @@ class ChatDataConfig:
   use_thumbnail: bool = True
   min_image_side: int = 2
   max_len: int = 4096
+  pack_length: int | None = None  # None: one conversation per row of max_len tokens
+  pack_tiles: int = 40
+  pack_buffer_size: int = 20
 
   def __post_init__(self):
     owner = "ChatDataConfig"
@@ -192,6 +200,21 @@ class ChatDataConfig:
           f"{owner}: max_len {self.max_len} cannot hold the image tokens of a fully tiled image "
           f"({self.image_tokens_per_tile} x {self.max_tiles_per_image} tiles) plus any text; "
           f"raise max_len or lower max_tiles.")
+    if self.pack_length is not None:
+      # A conversation (at most max_len tokens and one image's tiles) always fits a row.
+      if self.pack_length < self.max_len:
+        raise ValueError(f"{owner}: pack_length {self.pack_length} is shorter than a "
+                         f"conversation's max_len {self.max_len}; raise it or lower max_len.")
+      if self.pack_tiles < self.max_tiles_per_image:
+        raise ValueError(f"{owner}: pack_tiles {self.pack_tiles} cannot hold one image's "
+                         f"{self.max_tiles_per_image} tiles.")
+      _check_positive(owner, "pack_buffer_size", self.pack_buffer_size)
+
+  @property
+  def packing(self) -> packing_lib.Packing | None:
+    if self.pack_length is None:
+      return None
+    return packing_lib.Packing(self.pack_length, self.pack_tiles, self.pack_buffer_size)
 
   @property
   def max_tiles_per_image(self) -> int:

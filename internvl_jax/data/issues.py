@@ -51,6 +51,11 @@ OTHER_MODE = "other"
 CONVERSION_REASONS = {mode: f"image_converted_from_{mode.lower().replace(';', '')}"
                       for mode in (*CONVERTED_MODES, OTHER_MODE)}
 
+# What the pipeline's counting stage adds to each example, and packing carries over to its rows.
+ISSUE_COUNTS = "issue_counts"  # count vector since the example before; consumed by DataIterator
+RECORDS_READ = "records_read"  # records of the shard read up to the example; likewise
+VALID = "valid"  # bool: False on padding (of a final partial batch, or carrying final counts)
+
 REASONS = SKIP_REASONS + TRUNCATION_REASONS + tuple(CONVERSION_REASONS.values())
 _REASON_INDEX = {reason: i for i, reason in enumerate(REASONS)}
 

@@ -5,7 +5,8 @@
          record order, the same for any number of processes
       -> record transform (PairProcessor / ChatProcessor) -> RecordOutcome per record
       -> this process's shard: every shard_count-th record from the start position
-    IterDataset: skipped records dropped and counted -> batched -> worker processes
+    IterDataset: skipped records dropped and counted -> packed (stage 3, optional) -> batched
+      -> worker processes
     DataIterator (this process): issue counts summed, final batch padded, batch extras (ITM)
 
 Everything is a function of the seed and the global record index, so the same config yields the
@@ -31,14 +32,13 @@ from internvl_jax.data import chat
 from internvl_jax.data import config as config_lib
 from internvl_jax.data import issues
 from internvl_jax.data import negatives
+from internvl_jax.data import packing as packing_lib
 from internvl_jax.data import pairs
 from internvl_jax.data import sources
 from internvl_jax.data import tokenizer as tokenizer_lib
+from internvl_jax.data.issues import ISSUE_COUNTS, RECORDS_READ, VALID
 
 HostBatch = dict[str, np.ndarray]
-ISSUE_COUNTS = "issue_counts"  # per-example count vector; consumed by DataIterator
-RECORDS_READ = "records_read"  # per-example records of the shard read through it; likewise
-VALID = "valid"  # bool per example: False on padding of a final partial batch
 # This many skipped records in a row means the data or the config is wrong throughout (an
 # image size the data never has, a max_len nothing fits in): stop and say so, don't spin.
 MAX_CONSECUTIVE_SKIPS = 1000
@@ -160,12 +160,16 @@ def _use_default_flags(*unused_worker_args) -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-def batched(loader: config_lib.LoaderConfig, processed: grain.MapDataset) -> grain.IterDataset:
-  """Processed records -> counted, batched, prefetched by the configured worker processes."""
+def batched(loader: config_lib.LoaderConfig, processed: grain.MapDataset,
+            packing: packing_lib.Packing | None = None) -> grain.IterDataset:
+  """Processed records -> counted, packed (with `packing`), batched, prefetched by the
+  configured worker processes (each packs its own records)."""
   dataset = processed.to_iter_dataset(
       grain.ReadOptions(num_threads=loader.read_threads,
                         prefetch_buffer_size=2 * host_batch_size(loader)))
   dataset = _CountIssuesIterDataset(dataset)
+  if packing is not None:
+    dataset = packing_lib.PackedRows(dataset, packing)
   dataset = dataset.batch(host_batch_size(loader), drop_remainder=loader.num_epochs is None)
   if loader.worker_count:
     _use_default_flags()
@@ -243,7 +247,7 @@ class DataIterator:
     order): from the first global record that some process had not read, so that no record is
     lost; the records other processes had read past it are read again. With worker processes
     a process's position is its furthest worker's, so up to a batch per worker may be passed
-    over. The issue counts add up on the first process, so that their sum over processes goes
+    over; with packing, so may the conversations of the rows still open. The issue counts add up on the first process, so that their sum over processes goes
     on from the saved processes' sum."""
     count, start = len(states), states[0]["start"]  # every process of a run starts together
     firsts = [start + i + s["records_read"] * count for i, s in enumerate(states)]
@@ -304,9 +308,12 @@ def pair_pipeline(config: config_lib.PairDataConfig) -> DataIterator:
 
 def chat_pipeline(config: config_lib.ChatDataConfig) -> DataIterator:
   """Conversation batches for stage 3: "tiles" [B, T, S, S, 3] float32, "tile_count" [B],
-  "tokens" / "labels" [B, max_len] int32, "token_mask" [B, max_len] bool; "valid"."""
+  "tokens" / "labels" [B, max_len] int32, "token_mask" [B, max_len] bool; "valid". Packed
+  (`config.pack_length`): rows of pack_length tokens and pack_tiles tiles, with "segment_ids"
+  [B, pack_length] int32 in place of "token_mask" (`data/packing.py`)."""
   tokenizer = chat.load_chat_tokenizer(config.tokenizer_path, config.template)
   loader = config.loader
   processed = records(loader).map(chat.ChatProcessor(config, tokenizer))
-  return DataIterator(loader, lambda start: batched(loader, shard(loader, processed, start)),
-                      config.tokenizer_path)
+  return DataIterator(
+      loader, lambda start: batched(loader, shard(loader, processed, start), config.packing),
+      config.tokenizer_path)

@@ -3,7 +3,9 @@ assistant answers of a batch.
 
 Batches (`data.pipeline.chat_pipeline`) hold "tiles" (B, T, S, S, 3) float32 with "tile_count"
 (B,) real ones per row; "tokens" / "labels" (B, L) int32, labels IGNORE_LABEL off the answers;
-"token_mask" (B, L) bool; "valid" (B,) bool (False on padding rows: no loss).
+"token_mask" (B, L) bool; "valid" (B,) bool (False on padding rows: no loss). With packing
+(`pack_length`, `data/packing.py`) a row holds several conversations: "segment_ids" (B, L) int32
+in place of "token_mask", the decoder's packed attention mask, and "tiles" (B, pack_tiles, ...).
 
 What trains is the optimizer's `trainable` regexes (frozen params hold no optimizer state and get
 no gradient); `Freeze` spells the official fine-tuning switches as such regexes. The v1.0 recipe
@@ -11,8 +13,12 @@ trains in two steps: the projector alone (`PROJECTOR_PARAMS`), then the projecto
 (`PROJECTOR_AND_LLM_PARAMS`). With `ChatConfig.lora` the model has LoRA adapters
 (`models/lora.py`) beside its frozen weights.
 
-The loss is exact under feature-cached accumulation: `encode` keeps per-row sums of token
-losses and token counts, so the mean is over every answer token of the whole batch.
+The loss is the official weighted mean (chat spec 6.4) over the answer tokens of the whole batch:
+sum(w * nll) / sum(w), each answer token weighted by `loss_reduction` from its conversation's
+number n of answer tokens: "token" 1 (every token alike), "sample" 1/n (every conversation
+alike), "square" 1/sqrt(n). The denominator is the whole batch's, as the official
+`loss_reduction_all_gather`; it is exact under feature-cached accumulation, `encode` keeping
+per-row sums. A conversation is a packed row's segment, or an unpacked row.
 """
 
 import dataclasses
@@ -32,6 +38,7 @@ from internvl_jax.train import warm_start
 # v1.0 step 1 trains the projector(s) only; step 2 the projector(s) and the LLM.
 PROJECTOR_PARAMS = r"^mlp[12]/"
 PROJECTOR_AND_LLM_PARAMS = r"^(mlp[12]|language_model)/"
+LOSS_REDUCTIONS = ("token", "sample", "square")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +92,25 @@ def _check_same_model(model, source_model, source: str, prefix: str = "") -> Non
           f"train.stage.model.{prefix}{name}={theirs!r}.")
 
 
+def token_weights(counted: jax.Array, segment_ids: jax.Array, reduction: str) -> jax.Array:
+  """(batch, length) float32 loss weights of the `counted` target tokens, 0 elsewhere: 1, or
+  1 / n or 1 / sqrt(n) with n the counted tokens of the same row and segment."""
+  counted = counted.astype(jnp.float32)
+  if reduction == "token":
+    return counted
+  # Per row, so that the batch axis stays a batch axis (sharded rows need no communication).
+  row_counts = lambda c, s: jax.ops.segment_sum(c, s, num_segments=s.shape[0] + 1)[s]
+  n = jnp.maximum(jax.vmap(row_counts)(counted, segment_ids), 1.0)
+  return counted / (n if reduction == "sample" else jnp.sqrt(n))
+
+
 @dataclasses.dataclass(frozen=True)
 class ChatStage:
   """`template` and `max_tiles` say how the data is rendered (`train.inputs.chat_batches`);
   `train_llm` says whether the optimizer trains the LLM, for the FLOPs count only;
   `loss_block_size` how many vocabulary columns the loss scores at a time
-  (`losses.chunked_lm_example_losses`)."""
+  (`losses.chunked_lm_token_losses`). `pack_length` and `pack_tiles` are the packed rows' shape,
+  as data.pack_length and data.pack_tiles make them (None: a conversation per row of max_len)."""
 
   model: ChatConfig
   max_len: int = 2048  # tokens per conversation, image tokens included
@@ -98,6 +118,11 @@ class ChatStage:
   max_tiles: int = 1  # 1: each image resized to one tile; more: dynamic tiling + thumbnail
   train_llm: bool = True
   loss_block_size: int = 8192  # (tokens, 8192) float32 logits at a time, not (tokens, vocab)
+  pack_length: int | None = None
+  pack_tiles: int = 40
+  # The official flag's default, and what the unpacked 2nd-stage fine-tunes (chat spec 6.2) do;
+  # InternVL2.5's packed stage scripts use "square" (with loss_reduction_all_gather).
+  loss_reduction: str = "token"
 
   def __post_init__(self):
     if self.template not in templates.TEMPLATES:
@@ -111,6 +136,22 @@ class ChatStage:
     if self.max_len > self.model.llm.max_positions:
       raise ValueError(f"ChatStage: max_len {self.max_len} is beyond the LLM's "
                        f"{self.model.llm.max_positions} positions.")
+    if self.loss_reduction not in LOSS_REDUCTIONS:
+      raise ValueError(f"ChatStage: loss_reduction={self.loss_reduction!r} is not one of "
+                       f"{LOSS_REDUCTIONS}.")
+    if self.pack_length is not None and self.pack_length < self.max_len:
+      raise ValueError(f"ChatStage: pack_length {self.pack_length} is shorter than a "
+                       f"conversation's max_len {self.max_len}.")
+    if self.pack_length is not None and self.pack_tiles < self.tile_slots:
+      raise ValueError(f"ChatStage: pack_tiles {self.pack_tiles} cannot hold one image's "
+                       f"{self.tile_slots} tiles.")
+
+  @property
+  def row_shape(self) -> tuple[int, int]:
+    """(tokens, tile slots) of a batch row: a packed row's, or one conversation's."""
+    if self.pack_length is None:
+      return self.max_len, self.tile_slots
+    return self.pack_length, self.pack_tiles
 
   @property
   def tile_slots(self) -> int:
@@ -137,37 +178,52 @@ class ChatStage:
   def encode(self, params, batch, rng, train: bool = True):
     # The LoRA adapters' dropout is the only randomness: InternVL-Chat has no dropout, and its
     # ViT runs without drop path.
+    mask = batch["token_mask"] if self.pack_length is None else batch["segment_ids"]
     with lora.adapters(self.model.lora, train):
       out = self._module.apply({"params": params}, batch["tiles"], batch["tile_count"],
-                               batch["tokens"], batch["token_mask"], return_logits=False,
+                               batch["tokens"], mask, return_logits=False,
                                method=InternVLChat.llm_output,
                                rngs=None if rng is None else {"dropout": rng})
-    nll, tokens = losses.chunked_lm_example_losses(
+    nll, counted = losses.chunked_lm_token_losses(
         out.hidden_state, llama.head_kernel(self.model.llm, params["language_model"]),
         batch["labels"], block_size=self.loss_block_size, ignore_index=IGNORE_LABEL,
         valid=batch["valid"])
-    return {"nll": nll, "tokens": tokens.astype(jnp.float32)}
+    # Each target weighs by its own conversation (the data never counts a conversation's first
+    # label, the one target whose position belongs to the conversation before).
+    weights = token_weights(counted, mask[:, 1:].astype(jnp.int32), self.loss_reduction)
+    return {"nll": jnp.sum(nll, axis=1), "tokens": jnp.sum(counted, axis=1).astype(jnp.float32),
+            "weighted_nll": jnp.sum(weights * nll, axis=1), "weight": jnp.sum(weights, axis=1)}
 
   def loss(self, params, features, batch):
     del params, batch
     tokens = jnp.sum(features["tokens"])
-    return jnp.sum(features["nll"]) / jnp.maximum(tokens, 1.0), {"answer_tokens": tokens}
+    loss = jnp.sum(features["weighted_nll"]) / jnp.maximum(jnp.sum(features["weight"]), 1e-12)
+    metrics = {"answer_tokens": tokens}
+    if self.loss_reduction != "token":
+      metrics["token_loss"] = jnp.sum(features["nll"]) / jnp.maximum(tokens, 1.0)
+    return loss, metrics
 
   def abstract_batch(self, batch_size: int):
     size, channels = self.model.image_size, self.model.vision.num_channels
-    text = jax.ShapeDtypeStruct((batch_size, self.max_len), jnp.int32)
-    return {"tiles": jax.ShapeDtypeStruct((batch_size, self.tile_slots, size, size, channels),
-                                          jnp.float32),
+    length, slots = self.row_shape
+    text = jax.ShapeDtypeStruct((batch_size, length), jnp.int32)
+    if self.pack_length is None:
+      mask = {"token_mask": jax.ShapeDtypeStruct((batch_size, length), jnp.bool_)}
+    else:
+      mask = {"segment_ids": text}
+    return {"tiles": jax.ShapeDtypeStruct((batch_size, slots, size, size, channels), jnp.float32),
             "tile_count": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-            "tokens": text, "labels": text,
-            "token_mask": jax.ShapeDtypeStruct((batch_size, self.max_len), jnp.bool_),
+            "tokens": text, "labels": text, **mask,
             "valid": jax.ShapeDtypeStruct((batch_size,), jnp.bool_)}
 
   def flops_per_example(self) -> int:
-    return flops.chat_training_flops(self.model, self.max_len, self.tile_slots, self.train_llm)
+    """Of a batch row; a packed row's attention is counted over the whole row."""
+    return flops.chat_training_flops(self.model, *self.row_shape, self.train_llm)
 
   def count_tokens(self, batch) -> int:
-    return int(np.sum(np.asarray(batch["token_mask"])))
+    if self.pack_length is None:
+      return int(np.sum(np.asarray(batch["token_mask"])))
+    return int(np.sum(np.asarray(batch["segment_ids"]) > 0))
 
   def warm_start(self, params, source_config, source_params, source):
     """From InternVL (stage 1 or 2: the vision tower; for the "qllama" variant also stage 2's

@@ -93,7 +93,8 @@ class DataConfig:
   """An experiment's training data: its sources mixed by weight (TFDS datasets written by
   tools/build_dataset.py, or the demo's), the text tower's tokenizer, and the options of the
   image-text pipeline (`data.config.PairDataConfig`: augmentation, ITM negatives, ITG inputs,
-  image ids), each reachable with --set (`--set data.itm_negatives=batch_hard`)."""
+  image ids) and the conversations' packing (`data.config.ChatDataConfig`), each reachable with
+  --set (`--set data.itm_negatives=batch_hard`)."""
 
   sources: tuple[SourceSpec, ...]
   tokenizer: TokenizerSpec | None = None  # None: to be given, e.g. --set data.tokenizer=PATH
@@ -105,6 +106,12 @@ class DataConfig:
   itg: bool = False  # image-grounded generation inputs: the prefix + caption, and its labels
   itg_prefix: str = "English caption:"
   image_id: str = "none"  # multi-positive ids: "feature" (the record's) or "image_hash"
+  # Stage 3: conversations packed into rows of pack_length tokens and pack_tiles tiles (the
+  # official max_packed_tokens, num_images_expected, max_buffer_size); None: one per row. The
+  # stage's pack_length and pack_tiles must be the same (train.stage.pack_length=...).
+  pack_length: int | None = None
+  pack_tiles: int = 40
+  pack_buffer_size: int = 20
 
   def __post_init__(self):
     if not self.sources:
@@ -162,9 +169,29 @@ def check_experiment(config: ExperimentConfig):
     if not needed and value != off:
       raise ValueError(f"data.{option}={value!r} makes {list(arrays)}, which "
                        f"{type(stage).__name__} does not train on; set it to {off!r}.")
+  _check_packing(config)
   if config.eval.enabled and config.eval.data is None:
     raise ValueError(f"eval.tasks {config.eval.tasks} have no data: set eval.data, e.g. "
                      "--set eval.data=tfds:coco_captions:test (or 'demo').")
+
+
+def _check_packing(config: ExperimentConfig):
+  """Packed data makes "segment_ids" rows of data.pack_length tokens and data.pack_tiles tiles:
+  the stage must take those, and take them only from packed data."""
+  stage, data = config.train.stage, config.data
+  batch = stage.abstract_batch(1)
+  if "segment_ids" not in batch:
+    if data.pack_length is not None:
+      raise ValueError(f"data.pack_length={data.pack_length} packs rows that "
+                       f"{type(stage).__name__} does not train on; set it to None, or set the "
+                       f"stage's pack_length (--set train.stage.pack_length={data.pack_length}).")
+    return
+  shape = (batch["tokens"].shape[1], batch["tiles"].shape[1])
+  if (data.pack_length, data.pack_tiles) != shape:
+    raise ValueError(f"{type(stage).__name__} trains on packed rows of {shape[0]} tokens and "
+                     f"{shape[1]} tiles; data.pack_length={data.pack_length} and "
+                     f"data.pack_tiles={data.pack_tiles} must be the same "
+                     f"(--set data.pack_length={shape[0]} --set data.pack_tiles={shape[1]}).")
 
 
 def check_batch(config: TrainConfig, mesh_shape: Mapping[str, int]):

@@ -38,8 +38,9 @@ def pair_batches(config: ExperimentConfig) -> pipeline.DataIterator:
 
 
 def chat_batches(config: ExperimentConfig) -> pipeline.DataIterator:
-  """Conversations (stage 3) in the stage's template and tiling. The tokenizer, with the image
-  and template tokens it gets appended, must be the LLM's vocabulary."""
+  """Conversations (stage 3) in the stage's template and tiling, packed as data.pack_length says.
+  The tokenizer, with the image and template tokens it gets appended, must be the LLM's
+  vocabulary."""
   stage = config.train.stage
   model = stage.model
   chat_loader, tokenizer_path = loader(config)
@@ -47,7 +48,8 @@ def chat_batches(config: ExperimentConfig) -> pipeline.DataIterator:
       loader=chat_loader, tokenizer_path=tokenizer_path, template=stage.template,
       tile_size=model.image_size, image_tokens_per_tile=model.num_image_tokens,
       wrap_image_tokens=model.variant != "v1.0", dynamic_tiling=stage.max_tiles > 1,
-      max_tiles=stage.max_tiles, max_len=stage.max_len)
+      max_tiles=stage.max_tiles, max_len=stage.max_len, pack_length=config.data.pack_length,
+      pack_tiles=config.data.pack_tiles, pack_buffer_size=config.data.pack_buffer_size)
   if data.max_tiles_per_image != stage.tile_slots:
     raise ValueError(f"The data gives {data.max_tiles_per_image} tiles per image; the stage "
                      f"takes {stage.tile_slots} (max_tiles {stage.max_tiles}).")
