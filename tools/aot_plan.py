@@ -73,12 +73,30 @@ def _field_paths(obj, name: str, prefix: str = "") -> list[str]:
   return paths
 
 
-def _compile(config, devices, compiler_options=None):
+def _compile(config, devices):
+  """(the compiled step, its optimized HLO, None); where the TPU compiler finds that the step
+  does not fit, the compiled step is None and the third value the first line of its error (how
+  far over HBM).
+
+  The optimized HLO comes from an XLA dump: the TPU executable cannot be printed (`as_text` fails
+  on its async ops), and the compiler dumps it before it checks the memory.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
   from internvl_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
   trainer = Trainer(config, devices)
-  with trainer.context():
+  with trainer.context(), tempfile.TemporaryDirectory() as dump:
     lowered = trainer.step.lower(trainer.factory.abstract(), trainer.abstract_batch())
-    return lowered.compile(compiler_options)
+    try:
+      compiled = lowered.compile({"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+    except jax.errors.JaxRuntimeError as error:
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      compiled, over_memory = None, str(error).strip().splitlines()[0]
+    else:
+      over_memory = None
+    (path,) = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
+    with open(path, encoding="utf-8") as f:
+      return compiled, f.read(), over_memory
 
 
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
@@ -261,25 +279,33 @@ def hlo_matmul_flops(hlo: str) -> int:
   return flops(entry)
 
 
+def configured_attention(config) -> str:
+  """The attention implementation `config` asks for: the one place that reads that choice."""
+  del config  # every model runs attention as XLA einsums; no config field chooses yet
+  return "xla (einsum)"
+
+
+# A fused kernel as a custom call: Mosaic (Pallas on TPU, e.g. splash attention's kernels, each an
+# instruction named after its kernel) or cuDNN's fused attention (named by its target).
+_FUSED_KERNEL = re.compile(
+    r'^\s*(?:ROOT )?%?([\w\-]+?)(?:\.\d+)? = .*custom_call_target="(tpu_custom_call|__cudnn\$fmha\w*)"',
+    re.MULTILINE)
+
+
+def fused_kernels(hlo: str) -> list[str]:
+  """The distinct fused kernels of an optimized HLO module (none where attention runs as XLA's
+  own ops): a Mosaic kernel's name, or a cuDNN custom call's target."""
+  return sorted({name if target == "tpu_custom_call" else target
+                 for name, target in _FUSED_KERNEL.findall(hlo)})
+
+
 def model_flops_per_step(config, devices) -> float:
   """Per-device matmul FLOPs of one step in XLA's optimized HLO (module docstring)."""
-  import jax  # pylint: disable=import-outside-toplevel
   from internvl_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   base = config_lib.override(config, {p: "none" for p in _field_paths(config, "remat_policy")})
   base = base.replace(accum_steps=1, global_batch_size=config.global_batch_size // config.accum_steps)
-  with tempfile.TemporaryDirectory() as dump:
-    # The TPU executable cannot be printed (`as_text` fails on its async ops); its dump can.
-    try:
-      _compile(base, devices, {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
-    except jax.errors.JaxRuntimeError as error:
-      # Without remat the step may not fit: the TPU compiler says so after it dumped the
-      # optimized HLO, which is all that is needed here.
-      if "RESOURCE_EXHAUSTED" not in str(error):
-        raise
-    (path,) = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
-    with open(path, encoding="utf-8") as f:
-      per_micro = hlo_matmul_flops(f.read())
-  return per_micro * config.accum_steps
+  # Without remat the step may not fit; its optimized HLO is all that is needed here.
+  return hlo_matmul_flops(_compile(base, devices)[1]) * config.accum_steps
 
 
 def main(argv=None):
@@ -304,20 +330,27 @@ def main(argv=None):
   print(f"{args.experiment} --preset {args.preset}: {target} ({len(devices)} x {kind})")
 
   start = time.perf_counter()
-  memory = _compile(config, devices).memory_analysis()
-  gib = lambda b: b / 2**30
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
-           memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  compiled, hlo, over_memory = _compile(config, devices)
   per_device_batch = config.global_batch_size // len(devices)
   print(f"  compiled in {time.perf_counter() - start:.0f} s")
   print(f"  per device: {per_device_batch} examples per step = {config.accum_steps} micro-batches "
         f"of {per_device_batch // config.accum_steps}")
+  kernels = fused_kernels(hlo)
+  print(f"  attention: {configured_attention(config)}; fused kernels in the compiled step: "
+        f"{', '.join(kernels) if kernels else 'none (XLA ops only)'}")
+  capacity = args.memory_gb or hardware.memory_gb(kind)
+  if compiled is None:
+    print(f"  fits: NO (the TPU compiler: {over_memory})")
+    return 0
+  memory = compiled.memory_analysis()
+  gib = lambda b: b / 2**30
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
+           memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   print(f"  memory per device: arguments {gib(memory.argument_size_in_bytes):.2f} GiB, "
         f"outputs {gib(memory.output_size_in_bytes):.2f} GiB (aliased "
         f"{gib(memory.alias_size_in_bytes):.2f} GiB), temporaries "
         f"{gib(memory.temp_size_in_bytes):.2f} GiB, total {gib(total):.2f} GiB "
         f"({total / 1e9:.1f} GB)")
-  capacity = args.memory_gb or hardware.memory_gb(kind)
   if capacity is None:
     print(f"  fits: unknown (no memory size known for {kind!r}; pass --memory-gb)")
   else:
