@@ -340,7 +340,7 @@ def main(argv=None):
         f"{', '.join(kernels) if kernels else 'none (XLA ops only)'}")
   capacity = args.memory_gb or hardware.memory_gb(kind)
   if compiled is None:
-    print(f"  fits: NO (the TPU compiler: {over_memory})")
+    print(f"  fits in {capacity:g} GB: NO (the TPU compiler: {over_memory})")
     return 0
   memory = compiled.memory_analysis()
   gib = lambda b: b / 2**30
