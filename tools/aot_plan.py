@@ -5,8 +5,13 @@ prints per-device memory, FLOPs per step and whether it fits.
       --topology v5p:4x4x4        # TPU devices described by libtpu, on this CPU machine
   python tools/aot_plan.py --experiment experiments/stage1_contrastive.py --preset demo \
       --cpu-devices 8 [--set train.accum_steps=2 --set train.optimizer.learning_rate=1e-4]
+  python tools/aot_plan.py --experiment experiments/stage3_sft.py \
+      --preset finetune-InternVL-Chat-V1-5 --topology v5p:4x4x4 --set train.stage.max_len=8192 \
+      --set train.global_batch_size=64 --set train.accum_steps=1   # one 8192-token row per chip
 
-An experiment file exposes `get_config(preset) -> TrainConfig`.
+An experiment file exposes `get_config(preset) -> TrainConfig`. The plan names the attention
+implementation the config asks for, and the fused kernels the compiled step holds (Mosaic ones,
+e.g. splash attention's, or cuDNN's fused attention; XLA's own attention has none).
 
 FLOPs: XLA's cost analysis counts the body of a while loop once, whatever its trip count: the
 scanned layers, the accumulated micro-batches, and the loops the TPU compiler makes itself (FSDP
