@@ -18,6 +18,13 @@ def _aot_plan(*args):
   return result.stdout
 
 
+def _load_aot_plan():
+  spec = importlib.util.spec_from_file_location("aot_plan", os.path.join(REPO, "tools", "aot_plan.py"))
+  aot_plan = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(aot_plan)
+  return aot_plan
+
+
 def _ratio(out):
   return float(re.search(r"XLA / analytic = ([0-9.]+)", out).group(1))
 
@@ -41,6 +48,19 @@ def test_aot_plan_counts_every_layer_of_a_stage_with_frozen_towers():
                   "--preset", "demo", "--cpu-devices", "8", "--set", "train.accum_steps=2",
                   "--set", f"train.optimizer.trainable={(TRAINABLE_PARAMS,)!r}")
   assert 0.95 <= _ratio(out) <= 1.05, out
+
+
+def test_aot_plan_plans_a_chat_fine_tune_on_rows_of_a_set_length():
+  # One row per device, as the official packed recipe, at the LLM's full length.
+  out = _aot_plan("--experiment", os.path.join(REPO, "experiments", "stage3_sft.py"),
+                  "--preset", "demo", "--cpu-devices", "8", "--set", "train.stage.max_len=256",
+                  "--set", "train.global_batch_size=8", "--memory-gb", "1", "--no-flops")
+  assert "per device: 1 examples per step = 1 micro-batches of 1" in out
+  assert ("attention: vision auto, llm auto; fused kernels in the compiled step: none (XLA ops "
+          "only)") in out
+  assert re.search(r"memory per device: arguments .* total", out)
+  assert "fits in 1 GB: yes" in out
+  assert "FLOPs" not in out
 
 
 # A loop as the TPU compiler leaves it (no trip-count annotation, `i < 7` in its condition), and a
@@ -81,10 +101,7 @@ ENTRY %main (a: f32[16,128], b: bf16[128,128]) -> f32[16,16] {
 
 
 def test_hlo_matmul_flops_counts_a_loop_body_per_trip_and_a_value_once():
-  spec = importlib.util.spec_from_file_location("aot_plan", os.path.join(REPO, "tools", "aot_plan.py"))
-  aot_plan = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(aot_plan)
-  assert aot_plan.hlo_matmul_flops(_TPU_LOOP_HLO) == 7 * 2 * 16 * 128 * 128 + 2 * 16 * 16 * 128
+  assert _load_aot_plan().hlo_matmul_flops(_TPU_LOOP_HLO) == 7 * 2 * 16 * 128 * 128 + 2 * 16 * 16 * 128
 
 
 def test_aot_plan_names_an_unknown_override_key():
@@ -95,3 +112,20 @@ def test_aot_plan_names_an_unknown_override_key():
       capture_output=True, text=True, timeout=600, cwd=REPO)
   assert result.returncode != 0
   assert "Unknown config key 'train.optimizer.lr'" in result.stderr
+
+
+# Two Mosaic kernels (splash attention's, named by their instructions), a cuDNN fused attention
+# and a plain fusion, as optimized HLO writes them.
+_FUSED_KERNELS_HLO = """\
+  %splash_mha_fwd_no_residuals.1 = (f32[128,128]{1,0}, bf16[4,512,128]{2,1,0}) custom-call(%a, %b), custom_call_target="tpu_custom_call", backend_config={}
+  %splash_mha_dkv_no_residuals.3 = bf16[4,512,128]{2,1,0} custom-call(%a, %b), custom_call_target="tpu_custom_call"
+  ROOT %custom-call.2 = (bf16[2,4,512,128]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax", api_version=API_VERSION_STATUS_RETURNING
+  %fusion.7 = f32[4,512,512]{2,1,0} fusion(%q, %k), kind=kOutput, calls=%fused_computation.7
+"""
+
+
+def test_fused_kernels_names_mosaic_kernels_and_cudnn_targets():
+  aot_plan = _load_aot_plan()
+  assert aot_plan.fused_kernels(_FUSED_KERNELS_HLO) == [
+      "__cudnn$fmhaSoftmax", "splash_mha_dkv_no_residuals", "splash_mha_fwd_no_residuals"]
+  assert aot_plan.fused_kernels(_FUSED_KERNELS_HLO.splitlines()[-1]) == []

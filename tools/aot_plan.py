@@ -5,8 +5,13 @@ prints per-device memory, FLOPs per step and whether it fits.
       --topology v5p:4x4x4        # TPU devices described by libtpu, on this CPU machine
   python tools/aot_plan.py --experiment experiments/stage1_contrastive.py --preset demo \
       --cpu-devices 8 [--set train.accum_steps=2 --set train.optimizer.learning_rate=1e-4]
+  python tools/aot_plan.py --experiment experiments/stage3_sft.py \
+      --preset finetune-InternVL-Chat-V1-5 --topology v5p:4x4x4 --set train.stage.max_len=8192 \
+      --set train.global_batch_size=64 --set train.accum_steps=1   # one 8192-token row per chip
 
-An experiment file exposes `get_config(preset) -> TrainConfig`.
+An experiment file exposes `get_config(preset) -> TrainConfig`. The plan names the attention
+implementation the config asks for, and the fused kernels the compiled step holds (Mosaic ones,
+e.g. splash attention's, or cuDNN's fused attention; XLA's own attention has none).
 
 FLOPs: XLA's cost analysis counts the body of a while loop once, whatever its trip count: the
 scanned layers, the accumulated micro-batches, and the loops the TPU compiler makes itself (FSDP
@@ -73,12 +78,30 @@ def _field_paths(obj, name: str, prefix: str = "") -> list[str]:
   return paths
 
 
-def _compile(config, devices, compiler_options=None):
+def _compile(config, devices):
+  """(the compiled step, its optimized HLO, None); where the TPU compiler finds that the step
+  does not fit, the compiled step is None and the third value the first line of its error (how
+  far over HBM).
+
+  The optimized HLO comes from an XLA dump: the TPU executable cannot be printed (`as_text` fails
+  on its async ops), and the compiler dumps it before it checks the memory.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
   from internvl_jax.train.loop import Trainer  # pylint: disable=import-outside-toplevel
   trainer = Trainer(config, devices)
-  with trainer.context():
+  with trainer.context(), tempfile.TemporaryDirectory() as dump:
     lowered = trainer.step.lower(trainer.factory.abstract(), trainer.abstract_batch())
-    return lowered.compile(compiler_options)
+    try:
+      compiled = lowered.compile({"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
+    except jax.errors.JaxRuntimeError as error:
+      if "RESOURCE_EXHAUSTED" not in str(error):
+        raise
+      compiled, over_memory = None, str(error).strip().splitlines()[0]
+    else:
+      over_memory = None
+    (path,) = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
+    with open(path, encoding="utf-8") as f:
+      return compiled, f.read(), over_memory
 
 
 _HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
@@ -261,25 +284,42 @@ def hlo_matmul_flops(hlo: str) -> int:
   return flops(entry)
 
 
+def configured_attention(config) -> str:
+  """Each tower's attention implementation as its config names it ("auto": by the platform
+  compiled for, which `fused_kernels` then shows)."""
+  chosen = []
+  for path in _field_paths(config, "attention"):
+    value = config
+    for part in path.split("."):
+      value = getattr(value, part)
+    chosen.append(f"{path.split('.')[-2]} {value.implementation}")
+  return ", ".join(chosen)
+
+
+# A fused kernel as a custom call: Mosaic (Pallas on TPU, e.g. splash attention's kernels, each an
+# instruction named after its kernel) or cuDNN's fused attention (named by its target).
+_FUSED_KERNEL = re.compile(
+    r'^\s*(?:ROOT )?%?([\w\-]+?)(?:\.\d+)? = .*custom_call_target="(tpu_custom_call|__cudnn\$fmha\w*)"',
+    re.MULTILINE)
+
+
+def fused_kernels(hlo: str) -> list[str]:
+  """The distinct fused kernels of an optimized HLO module (none where attention runs as XLA's
+  own ops): a Mosaic kernel's name, or a cuDNN custom call's target."""
+  return sorted({name if target == "tpu_custom_call" else target
+                 for name, target in _FUSED_KERNEL.findall(hlo)})
+
+
 def model_flops_per_step(config, devices) -> float:
   """Per-device matmul FLOPs of one step in XLA's optimized HLO (module docstring)."""
-  import jax  # pylint: disable=import-outside-toplevel
   from internvl_jax.train import config as config_lib  # pylint: disable=import-outside-toplevel
   base = config_lib.override(config, {p: "none" for p in _field_paths(config, "remat_policy")})
+  # XLA's attention: the count reads the HLO's matmuls and cannot see inside a fused kernel.
+  base = config_lib.override(
+      base, {f"{p}.implementation": "xla" for p in _field_paths(config, "attention")})
   base = base.replace(accum_steps=1, global_batch_size=config.global_batch_size // config.accum_steps)
-  with tempfile.TemporaryDirectory() as dump:
-    # The TPU executable cannot be printed (`as_text` fails on its async ops); its dump can.
-    try:
-      _compile(base, devices, {"xla_dump_to": dump, "xla_dump_hlo_as_text": True})
-    except jax.errors.JaxRuntimeError as error:
-      # Without remat the step may not fit: the TPU compiler says so after it dumped the
-      # optimized HLO, which is all that is needed here.
-      if "RESOURCE_EXHAUSTED" not in str(error):
-        raise
-    (path,) = glob.glob(os.path.join(dump, "*after_optimizations.txt"))
-    with open(path, encoding="utf-8") as f:
-      per_micro = hlo_matmul_flops(f.read())
-  return per_micro * config.accum_steps
+  # Without remat the step may not fit; its optimized HLO is all that is needed here.
+  return hlo_matmul_flops(_compile(base, devices)[1]) * config.accum_steps
 
 
 def main(argv=None):
@@ -304,14 +344,22 @@ def main(argv=None):
   print(f"{args.experiment} --preset {args.preset}: {target} ({len(devices)} x {kind})")
 
   start = time.perf_counter()
-  memory = _compile(config, devices).memory_analysis()
-  gib = lambda b: b / 2**30
-  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
-           memory.alias_size_in_bytes + memory.temp_size_in_bytes)
+  compiled, hlo, over_memory = _compile(config, devices)
   per_device_batch = config.global_batch_size // len(devices)
   print(f"  compiled in {time.perf_counter() - start:.0f} s")
   print(f"  per device: {per_device_batch} examples per step = {config.accum_steps} micro-batches "
         f"of {per_device_batch // config.accum_steps}")
+  kernels = fused_kernels(hlo)
+  print(f"  attention: {configured_attention(config)}; fused kernels in the compiled step: "
+        f"{', '.join(kernels) if kernels else 'none (XLA ops only)'}")
+  capacity = args.memory_gb or hardware.memory_gb(kind)
+  if compiled is None:
+    print(f"  fits in {capacity:g} GB: NO (the TPU compiler: {over_memory})")
+    return 0
+  memory = compiled.memory_analysis()
+  gib = lambda b: b / 2**30
+  total = (memory.argument_size_in_bytes + memory.output_size_in_bytes -
+           memory.alias_size_in_bytes + memory.temp_size_in_bytes)
   print(f"  memory per device: arguments {gib(memory.argument_size_in_bytes):.2f} GiB, "
         f"outputs {gib(memory.output_size_in_bytes):.2f} GiB (aliased "
         f"{gib(memory.alias_size_in_bytes):.2f} GiB), temporaries "
@@ -319,7 +367,6 @@ def main(argv=None):
         f"({total / 1e9:.1f} GB)")
   if memory.host_temp_size_in_bytes:  # what offloading remat policies keep in host memory
     print(f"  host memory per device: temporaries {gib(memory.host_temp_size_in_bytes):.2f} GiB")
-  capacity = args.memory_gb or hardware.memory_gb(kind)
   if capacity is None:
     print(f"  fits: unknown (no memory size known for {kind!r}; pass --memory-gb)")
   else:
