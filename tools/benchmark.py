@@ -32,14 +32,23 @@ from internvl_jax.flops import training_flops, vit_forward_flops
 from internvl_jax.models.intern_vit import InternViT
 from internvl_jax.train import hardware
 
-import benchmark_convert  # tools/, next to this file
+import benchmark_compare  # tools/, next to this file
+import benchmark_convert
 import benchmark_data
+import benchmark_profile
 
 
 def _timed(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
+
+
+def use_platform(name: str | None) -> None:
+  """Pins JAX to one platform (before its backends start); the profiler needs the CPU backend
+  alone, without accelerator plugins that failed to find their device."""
+  if name:
+    jax.config.update("jax_platforms", name)
 
 
 def _jax_step(config, batch, image_size):
@@ -50,9 +59,9 @@ def _jax_step(config, batch, image_size):
     features = InternViT(config).apply({"params": p}, pixels).last_hidden_state
     return jnp.mean(features.astype(jnp.float32) ** 2)
 
-  step = jax.jit(jax.value_and_grad(loss))
-  jax.block_until_ready(step(params))  # compile
-  return lambda: jax.block_until_ready(step(params))
+  step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+  jax.block_until_ready(step(params))  # warm-up
+  return step, params
 
 
 def _torch_step(config, batch, image_size):
@@ -82,8 +91,10 @@ def benchmark_vit(argv):
   parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
   parser.add_argument("--remat", default="none")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--platform", help="pin JAX to this platform (cpu: needed for the profile)")
   parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
   args = parser.parse_args(argv)
+  use_platform(args.platform)
 
   overrides = {"dtype": args.dtype, "remat_policy": args.remat}
   if args.layers:
@@ -92,30 +103,27 @@ def benchmark_vit(argv):
   image_size = args.image_size or config.image_size
   flops_per_step = training_flops(vit_forward_flops(config, (image_size, image_size))) * args.batch
   device = jax.devices()[0]
-  matmul_size = 2048 if device.platform == "cpu" else 8192
-  peak = hardware.measure_tflops(device, matmul_size, dtype=DTYPES[args.dtype]) * 1e12
+  on_cpu = device.platform == "cpu"
+  side_by_side = on_cpu and not args.no_torch
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
-        f"dense {args.dtype} matmul: {peak / 1e12:.3f} TFLOP/s")
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  if side_by_side and args.dtype == "float32":
+    peak = benchmark_compare.best_matmul_tflops()
+  else:
+    peak = hardware.measure_tflops(device, 2048 if on_cpu else 8192, dtype=DTYPES[args.dtype])
+    print(f"dense {args.dtype} matmul: {peak:.3f} TFLOP/s")
   print(f"InternViT {args.preset} (layers {config.num_layers}, width {config.hidden_size}), "
         f"{image_size}px, batch {args.batch}, {args.dtype}, remat {args.remat}: "
         f"{flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
 
-  runners = {"jax": _jax_step(config, args.batch, image_size)}
-  if device.platform == "cpu" and not args.no_torch:
+  step, params = _jax_step(config, args.batch, image_size)
+  runners = {"jax": lambda: jax.block_until_ready(step(params))}
+  if side_by_side:
     runners["transformers"] = _torch_step(config, args.batch, image_size)
-  times = {name: [] for name in runners}
-  for _ in range(args.steps):  # alternate, so that machine noise hits both alike
-    for name, run in runners.items():
-      times[name].append(_timed(run))
-
-  print(f"{'implementation':<16}{'median s/step':>14}{'images/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
-  for name, samples in times.items():
-    seconds = statistics.median(samples)
-    rate = flops_per_step / seconds
-    print(f"{name:<16}{seconds:>14.4f}{args.batch / seconds:>10.2f}{rate / 1e12:>10.4f}{rate / peak:>8.1%}")
-  if "transformers" in times:
-    ratio = statistics.median(times["transformers"]) / statistics.median(times["jax"])
-    print(f"jax / transformers throughput ratio: {ratio:.2f}x")
+  times = benchmark_compare.alternate(runners, args.steps)
+  benchmark_compare.print_comparison(times, flops_per_step, peak, "images", args.batch)
+  if jax.config.jax_platforms == "cpu":
+    benchmark_compare.print_breakdown(benchmark_profile.breakdown(step, params))
 
 
 def benchmark_loss(argv):
