@@ -8,6 +8,9 @@
       Peak memory of the converters on a synthetic checkpoint (see tools/benchmark_convert.py).
   python tools/benchmark.py data --stage 1
       The input pipeline (see tools/benchmark_data.py).
+  python tools/benchmark.py sft [--llm-layers 2]
+      One InternVL-Chat SFT step on a packed row, JAX against transformers on the CPU (see
+      tools/benchmark_sft.py).
   python tools/benchmark.py loss --vocab 151674 --tokens 8192 --width 64 --block 8192
       The next-token loss's forward+backward from the final hidden states: XLA's temporary memory
       with the full (tokens, vocab) logits and with `chunked_lm_example_losses`, and their times
@@ -36,6 +39,7 @@ import benchmark_compare  # tools/, next to this file
 import benchmark_convert
 import benchmark_data
 import benchmark_profile
+import benchmark_sft
 
 
 def _timed(fn) -> float:
@@ -160,7 +164,7 @@ def benchmark_loss(argv):
 
 def main():
   commands = {"vit": benchmark_vit, "convert": benchmark_convert.main, "data": benchmark_data.main,
-              "loss": benchmark_loss}
+              "loss": benchmark_loss, "sft": benchmark_sft.main}
   if len(sys.argv) < 2 or sys.argv[1] not in commands:
     print(__doc__)
     sys.exit(2)
