@@ -109,8 +109,9 @@ def benchmark_vit(argv):
   device = jax.devices()[0]
   on_cpu = device.platform == "cpu"
   side_by_side = on_cpu and not args.no_torch
-  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
-        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}")
+  if on_cpu:
+    benchmark_compare.describe_machine()
   if side_by_side and args.dtype == "float32":
     peak = benchmark_compare.best_matmul_tflops()
   else:

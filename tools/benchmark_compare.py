@@ -13,6 +13,16 @@ from internvl_jax.train import hardware
 MATMUL_SIZE = 2048
 
 
+def describe_machine() -> None:
+  """The CPU, its load and the settings that change the figures, for BENCHMARKS.md."""
+  model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+  print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {model}, {os.cpu_count()} cores; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
 def _cpu_seconds() -> float:
   usage = resource.getrusage(resource.RUSAGE_SELF)
   return usage.ru_utime + usage.ru_stime

@@ -121,7 +121,7 @@ def main(argv):
   stage = ChatStage(model=config, max_len=args.row)
   batch = packed_row(config, args.row, args.samples)
   flops_per_step = flops.chat_training_flops(config, args.row, args.samples)
-  print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  benchmark_compare.describe_machine()
   peak = benchmark_compare.best_matmul_tflops()
   print(f"InternVL-Chat: InternViT-300M blocks x{args.vision_layers} at {IMAGE_SIZE} px, "
         f"TinyLlama blocks x{args.llm_layers}, vocabulary {config.llm.vocab_size}; one packed "
