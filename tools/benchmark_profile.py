@@ -13,30 +13,39 @@ import tempfile
 
 import jax
 
-# First match wins: a fusion holding a dot is a matmul whatever else it fused.
+# First match wins: a fusion holding a dot is a matmul whatever else it fused, and one that
+# computes on arrays is elementwise even when it also reads or writes a scan's stacked slices.
+ARITHMETIC = {"add", "subtract", "multiply", "divide", "exponential", "log", "tanh", "erf",
+              "rsqrt", "sqrt", "power", "negate", "maximum", "minimum", "select", "compare",
+              "logistic", "exponential-minus-one", "log-plus-one", "abs", "convert"}
 CATEGORIES = (
     ("matmul", {"dot", "convolution"}),
-    ("scan slicing", {"dynamic-slice", "dynamic-update-slice"}),
     ("reduction", {"reduce", "reduce-window"}),
+    ("elementwise", ARITHMETIC),
+    ("scan slicing", {"dynamic-slice", "dynamic-update-slice"}),
     ("transpose/copy", {"transpose", "copy"}),
     ("zero init", {"broadcast"}),
 )
 CONTROL_FLOW = {"while", "call", "conditional", "tuple", "get-tuple-element", "parameter",
                 "constant", "bitcast"}
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?[\]}\)] ([a-z\-]+)\(")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?)[{ ].*?[\]}\)] ([a-z\-]+)\(")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 
 def _parse(hlo_text: str):
-  """{computation: [(instruction, opcode, called computation or None)]}."""
+  """{computation: [(instruction, opcode, called computation or None)]}; arithmetic on scalars
+  (a dynamic slice's index clamping) is left out."""
   computations, current = {}, None
   for line in hlo_text.splitlines():
     if (header := _COMPUTATION.match(line)) and not line.startswith(" "):
       current = computations.setdefault(header.group(1), [])
     elif current is not None and (instruction := _INSTRUCTION.match(line)):
+      name, shape, opcode = instruction.groups()
+      if opcode in ARITHMETIC and shape.endswith("[]"):
+        continue
       called = _CALLS.search(line)
-      current.append((instruction.group(1), instruction.group(2), called and called.group(1)))
+      current.append((name, opcode, called and called.group(1)))
   return computations
 
 
