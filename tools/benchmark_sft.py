@@ -89,9 +89,8 @@ def _torch_step(config: ChatConfig, params, batch, directory: str):
   model = transformers.InternVLForConditionalGeneration.from_pretrained(
       directory, attn_implementation="sdpa").train()
   model.model.vision_tower.requires_grad_(False)
-  segments = batch["token_mask"][0]
-  starts = np.flatnonzero(np.diff(segments, prepend=0))
-  positions = np.arange(len(segments)) - np.repeat(starts, np.diff(np.append(starts, len(segments))))
+  segments = batch["token_mask"][0]  # 1, 1, ..., 2, 2, ...: each sample's slots in a run
+  positions = np.arange(len(segments)) - np.flatnonzero(np.diff(segments, prepend=0))[segments - 1]
   inputs = {"input_ids": torch.from_numpy(batch["tokens"]).long(),
             "labels": torch.from_numpy(batch["labels"]).long(),
             "position_ids": torch.from_numpy(positions[None]).long(),
@@ -133,7 +132,8 @@ def main(argv):
   step, trained = _jax_step(stage, params, jax_batch)
   with tempfile.TemporaryDirectory() as directory:
     torch_step = _torch_step(config, params, batch, directory)
-  runners = {"jax": lambda: jax.block_until_ready(step(trained, jax_batch)), "transformers": torch_step}
+  runners = {"jax": lambda: jax.block_until_ready(step(trained, jax_batch)),
+             "transformers": torch_step}
   times = benchmark_compare.alternate(runners, args.steps)
   benchmark_compare.print_comparison(times, flops_per_step, peak, "tokens", args.row)
   benchmark_compare.print_breakdown(benchmark_profile.breakdown(step, trained, jax_batch))
