@@ -21,6 +21,10 @@ if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; 
   echo "$want" > "$STAMP"
 fi
 
+# Large buffers in transparent huge pages: XLA:CPU allocates a step's buffers at each run, glibc
+# maps the large ones afresh, and with 4 KiB pages the kernel faults in and zeroes each page.
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
+
 cmd=${1:-demo}
 shift || true
 case "$cmd" in

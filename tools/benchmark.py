@@ -3,11 +3,15 @@
   python tools/benchmark.py vit --preset tiny --batch 8
       InternViT forward+backward: images/s, achieved FLOP/s, MFU against a dense matmul measured
       on the same device in the same run; on the CPU also transformers' InternVLVisionModel of the
-      same config, timed alternately with JAX, and the ratio.
+      same config, timed alternately with JAX, the ratio, MFU against the better of XLA's and
+      torch's matmul, and (with --platform cpu) the JAX step's op time by category.
   python tools/benchmark.py convert [--layers 5]
       Peak memory of the converters on a synthetic checkpoint (see tools/benchmark_convert.py).
   python tools/benchmark.py data --stage 1
       The input pipeline (see tools/benchmark_data.py).
+  python tools/benchmark.py sft [--llm-layers 2]
+      One InternVL-Chat SFT step on a packed row, JAX against transformers on the CPU (see
+      tools/benchmark_sft.py).
   python tools/benchmark.py loss --vocab 151674 --tokens 8192 --width 64 --block 8192
       The next-token loss's forward+backward from the final hidden states: XLA's temporary memory
       with the full (tokens, vocab) logits and with `chunked_lm_example_losses`, and their times
@@ -36,15 +40,25 @@ from internvl_jax.flops import training_flops, vit_forward_flops
 from internvl_jax.models.intern_vit import InternViT
 from internvl_jax.train import hardware
 
-import benchmark_convert  # tools/, next to this file
+import benchmark_compare  # tools/, next to this file
+import benchmark_convert
 import benchmark_data
 import benchmark_packing
+import benchmark_profile
+import benchmark_sft
 
 
 def _timed(fn) -> float:
   start = time.perf_counter()
   fn()
   return time.perf_counter() - start
+
+
+def use_platform(name: str | None) -> None:
+  """Pins JAX to one platform (before its backends start); the profiler needs the CPU backend
+  alone, without accelerator plugins that failed to find their device."""
+  if name:
+    jax.config.update("jax_platforms", name)
 
 
 def _jax_step(config, batch, image_size):
@@ -55,9 +69,9 @@ def _jax_step(config, batch, image_size):
     features = InternViT(config).apply({"params": p}, pixels).last_hidden_state
     return jnp.mean(features.astype(jnp.float32) ** 2)
 
-  step = jax.jit(jax.value_and_grad(loss))
-  jax.block_until_ready(step(params))  # compile
-  return lambda: jax.block_until_ready(step(params))
+  step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+  jax.block_until_ready(step(params))  # warm-up
+  return step, params
 
 
 def _torch_step(config, batch, image_size):
@@ -87,8 +101,10 @@ def benchmark_vit(argv):
   parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
   parser.add_argument("--remat", default="none")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--platform", help="pin JAX to this platform (cpu: needed for the profile)")
   parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
   args = parser.parse_args(argv)
+  use_platform(args.platform)
 
   overrides = {"dtype": args.dtype, "remat_policy": args.remat}
   if args.layers:
@@ -97,30 +113,28 @@ def benchmark_vit(argv):
   image_size = args.image_size or config.image_size
   flops_per_step = training_flops(vit_forward_flops(config, (image_size, image_size))) * args.batch
   device = jax.devices()[0]
-  matmul_size = 2048 if device.platform == "cpu" else 8192
-  peak = hardware.measure_tflops(device, matmul_size, dtype=DTYPES[args.dtype]) * 1e12
-  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}; "
-        f"dense {args.dtype} matmul: {peak / 1e12:.3f} TFLOP/s")
+  on_cpu = device.platform == "cpu"
+  side_by_side = on_cpu and not args.no_torch
+  print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}")
+  if on_cpu:
+    benchmark_compare.describe_machine()
+  if side_by_side and args.dtype == "float32":
+    peak = benchmark_compare.best_matmul_tflops()
+  else:
+    peak = hardware.measure_tflops(device, 2048 if on_cpu else 8192, dtype=DTYPES[args.dtype])
+    print(f"dense {args.dtype} matmul: {peak:.3f} TFLOP/s")
   print(f"InternViT {args.preset} (layers {config.num_layers}, width {config.hidden_size}), "
         f"{image_size}px, batch {args.batch}, {args.dtype}, remat {args.remat}: "
         f"{flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
 
-  runners = {"jax": _jax_step(config, args.batch, image_size)}
-  if device.platform == "cpu" and not args.no_torch:
+  step, params = _jax_step(config, args.batch, image_size)
+  runners = {"jax": lambda: jax.block_until_ready(step(params))}
+  if side_by_side:
     runners["transformers"] = _torch_step(config, args.batch, image_size)
-  times = {name: [] for name in runners}
-  for _ in range(args.steps):  # alternate, so that machine noise hits both alike
-    for name, run in runners.items():
-      times[name].append(_timed(run))
-
-  print(f"{'implementation':<16}{'median s/step':>14}{'images/s':>10}{'TFLOP/s':>10}{'MFU':>8}")
-  for name, samples in times.items():
-    seconds = statistics.median(samples)
-    rate = flops_per_step / seconds
-    print(f"{name:<16}{seconds:>14.4f}{args.batch / seconds:>10.2f}{rate / 1e12:>10.4f}{rate / peak:>8.1%}")
-  if "transformers" in times:
-    ratio = statistics.median(times["transformers"]) / statistics.median(times["jax"])
-    print(f"jax / transformers throughput ratio: {ratio:.2f}x")
+  times = benchmark_compare.alternate(runners, args.steps)
+  benchmark_compare.print_comparison(times, flops_per_step, peak, "images", args.batch)
+  if jax.config.jax_platforms == "cpu":
+    benchmark_compare.print_breakdown(benchmark_profile.breakdown(step, params))
 
 
 def benchmark_loss(argv):
@@ -157,7 +171,8 @@ def benchmark_loss(argv):
 
 def main():
   commands = {"vit": benchmark_vit, "convert": benchmark_convert.main, "data": benchmark_data.main,
-              "loss": benchmark_loss, "packing": benchmark_packing.main}
+              "loss": benchmark_loss, "packing": benchmark_packing.main,
+              "sft": benchmark_sft.main}
   if len(sys.argv) < 2 or sys.argv[1] not in commands:
     print(__doc__)
     sys.exit(2)

@@ -80,8 +80,16 @@ class Dense(nn.Module):
     in_shape = tuple(x.shape[a] for a in axis)
     kernel = self.param("kernel", logical_param(default_kernel_init, self.names),
                         in_shape + self.features)
-    y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
-                            ((axis, tuple(range(len(axis)))), ((), ())))
+    x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+    outer = x.shape[:x.ndim - len(axis)]
+    if axis == tuple(range(len(outer), x.ndim)):
+      # One 2-D matmul of row-major flattened views (bitcasts; a sharded heads axis stays the
+      # major part of its merged axis): with several contracted or output axes, XLA:CPU
+      # transposes the kernel and its gradient at every step instead.
+      y = jnp.matmul(x.reshape(outer + (-1,)), kernel.reshape(math.prod(in_shape), -1))
+      y = y.reshape(outer + self.features)
+    else:
+      y = jax.lax.dot_general(x, kernel, ((axis, tuple(range(len(axis)))), ((), ())))
     if self.use_bias:
       bias = self.param("bias", logical_param(nn.initializers.zeros, self.names[len(axis):]),
                         self.features)

@@ -1,0 +1,94 @@
+"""JAX against PyTorch on the CPU, side by side in one process: the best dense matmul rate either
+library reaches (the MFU denominator), steps timed alternately, and the comparison table."""
+
+import os
+import resource
+import statistics
+import time
+
+import jax
+
+from internvl_jax.train import hardware
+
+MATMUL_SIZE = 2048
+
+
+def describe_machine() -> None:
+  """The CPU, its load and the settings that change the figures, for BENCHMARKS.md."""
+  model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                if line.startswith("model name")), "unknown CPU")
+  print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {model}, {os.cpu_count()} cores; "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; "
+        f"GLIBC_TUNABLES={os.environ.get('GLIBC_TUNABLES', '')!r} "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def torch_matmul_tflops(size: int = MATMUL_SIZE, repeats: int = 5) -> float:
+  """Dense float32 matmul TFLOP/s of torch on the CPU (median of `repeats`)."""
+  import torch
+  a = torch.ones(size, size)
+  a @ a
+
+  def timed():
+    start = time.perf_counter()
+    a @ a
+    return time.perf_counter() - start
+
+  return 2 * size**3 / statistics.median(timed() for _ in range(repeats)) / 1e12
+
+
+def best_matmul_tflops() -> float:
+  """The higher of XLA's and torch's float32 matmul rates, each printed."""
+  import torch
+  torch.set_num_threads(os.cpu_count())
+  xla = hardware.measure_tflops(jax.devices()[0], MATMUL_SIZE)
+  torch_rate = torch_matmul_tflops()
+  print(f"dense float32 {MATMUL_SIZE}^3 matmul: XLA {xla * 1e3:.0f} GFLOP/s, torch "
+        f"{torch_rate * 1e3:.0f} GFLOP/s ({torch.get_num_threads()} threads); "
+        f"MFU below is against {max(xla, torch_rate) * 1e3:.0f}")
+  return max(xla, torch_rate)
+
+
+def alternate(runners: dict, steps: int) -> dict[str, list[tuple[float, float]]]:
+  """(wall seconds, process CPU seconds) of each step; the runners take turns, so that machine
+  noise hits them alike."""
+  times = {name: [] for name in runners}
+  for _ in range(steps):
+    for name, run in runners.items():
+      wall, cpu = time.perf_counter(), _cpu_seconds()
+      run()
+      times[name].append((time.perf_counter() - wall, _cpu_seconds() - cpu))
+  return times
+
+
+def print_comparison(times: dict, flops_per_step: float, peak_tflops: float, unit: str,
+                     per_step: int) -> None:
+  """Median seconds, `unit`/s, achieved TFLOP/s and MFU of each runner, then the ratio of the
+  first to the second. CPU s/step is the process's user + system time: on a loaded machine the
+  share of the cores each side got varies, and this shows the work each needed."""
+  print(f"{'implementation':<16}{'median s/step':>14}{'CPU s/step':>11}{unit + '/s':>12}"
+        f"{'TFLOP/s':>10}{'MFU':>8}")
+  medians = {}
+  for name, samples in times.items():
+    wall = statistics.median(s[0] for s in samples)
+    cpu = statistics.median(s[1] for s in samples)
+    medians[name] = wall, cpu
+    rate = flops_per_step / wall
+    print(f"{name:<16}{wall:>14.4f}{cpu:>11.3f}{per_step / wall:>12.2f}{rate / 1e12:>10.4f}"
+          f"{rate / (peak_tflops * 1e12):>8.1%}")
+  if len(medians) == 2:
+    (first, (wall_a, cpu_a)), (second, (wall_b, cpu_b)) = medians.items()
+    print(f"{first} / {second} throughput ratio: {wall_b / wall_a:.2f}x "
+          f"(by CPU time: {cpu_b / cpu_a:.2f}x)")
+
+
+def print_breakdown(seconds: dict[str, float], top: int = 6) -> None:
+  """The top categories of a `benchmark_profile.breakdown`, as shares of the profiled op time."""
+  total = sum(seconds.values())
+  shares = ", ".join(f"{name} {value / total:.0%}" for name, value in list(seconds.items())[:top])
+  print(f"jax op time by category ({total:.2f} s per step over all threads): {shares}")
