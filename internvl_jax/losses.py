@@ -163,7 +163,9 @@ def chunked_lm_token_losses(hidden: jax.Array, head: jax.Array, labels: jax.Arra
   rounds its logits to the compute dtype, so under bfloat16 the two differ by that rounding); a
   running log-sum-exp and the target logit carry over the blocks. The backward pass (a custom
   VJP) recomputes each block's logits, so a training step projects onto the vocabulary once more
-  than with the logits kept. A block's logits are (batch, length, block_size) float32.
+  than with the logits kept. A block's logits are (batch, length, block_size) float32. A block as
+  wide as the vocabulary keeps its logits for the backward pass instead (plain autodiff): they are
+  one block, so recomputing them would save no memory.
 
   Blocks split the vocabulary, as Levanter's blockwise loss does, rather than the tokens: each
   block's slice of the head gradient is then reduced over the data-parallel rows once, where
@@ -175,8 +177,11 @@ def chunked_lm_token_losses(hidden: jax.Array, head: jax.Array, labels: jax.Arra
   if block_size < 1:
     raise ValueError(f"chunked_lm_token_losses: block_size must be at least 1, got {block_size}.")
   targets, counted = _next_token_targets(labels, ignore_index, valid)
-  nll = _blocked_nll(hidden[:, :-1], head, targets, counted, min(block_size, head.shape[1]))
-  return nll, counted
+  if block_size >= head.shape[1]:
+    logits = jnp.einsum("blw,wv->blv", hidden[:, :-1], head.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    return jnp.where(counted, _cross_entropy(logits, targets), 0.0), counted
+  return _blocked_nll(hidden[:, :-1], head, targets, counted, block_size), counted
 
 
 def chunked_lm_example_losses(hidden: jax.Array, head: jax.Array, labels: jax.Array, *,

@@ -63,7 +63,7 @@ def packed_row(config: ChatConfig, row: int, samples: int, seed: int = 0) -> dic
   tiles = rng.normal(size=(1, samples, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
   return {"tiles": tiles, "tile_count": np.array([samples], np.int32),
           "tokens": np.array([tokens], np.int32), "labels": np.array([labels], np.int32),
-          "token_mask": np.array([segments], np.int32), "valid": np.ones((1,), bool)}
+          "segment_ids": np.array([segments], np.int32), "valid": np.ones((1,), bool)}
 
 
 def _jax_step(stage: ChatStage, params, batch):
@@ -89,7 +89,7 @@ def _torch_step(config: ChatConfig, params, batch, directory: str):
   model = transformers.InternVLForConditionalGeneration.from_pretrained(
       directory, attn_implementation="sdpa").train()
   model.model.vision_tower.requires_grad_(False)
-  segments = batch["token_mask"][0]  # 1, 1, ..., 2, 2, ...: each sample's slots in a run
+  segments = batch["segment_ids"][0]  # 1, 1, ..., 2, 2, ...: each sample's slots in a run
   positions = np.arange(len(segments)) - np.flatnonzero(np.diff(segments, prepend=0))[segments - 1]
   inputs = {"input_ids": torch.from_numpy(batch["tokens"]).long(),
             "labels": torch.from_numpy(batch["labels"]).long(),
@@ -117,7 +117,9 @@ def main(argv):
   jax.config.update("jax_platforms", "cpu")  # transformers runs on the CPU; the profile needs it
 
   config = chat_config(args.vision_layers, args.llm_layers)
-  stage = ChatStage(model=config, max_len=args.row)
+  # One loss block as wide as the vocabulary: a short row's logits fit, as PyTorch keeps them.
+  stage = ChatStage(model=config, max_len=args.row, pack_length=args.row, pack_tiles=args.samples,
+                    loss_block_size=config.llm.vocab_size)
   batch = packed_row(config, args.row, args.samples)
   flops_per_step = flops.chat_training_flops(config, args.row, args.samples)
   benchmark_compare.describe_machine()
