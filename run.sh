@@ -10,14 +10,16 @@ PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null || PYTHON=python3
 VENV=.venv
 STAMP="$VENV/.installed"
-want=$(cat setup.cfg constraints.txt | sha256sum | cut -d' ' -f1)
+EXTRAS=torch,test,tpu
+want=$( (cat setup.cfg constraints.txt; echo "$EXTRAS") | sha256sum | cut -d' ' -f1)
 
 if [ ! -x "$VENV/bin/python" ] || [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
-  echo "Setting up $VENV (first use, or setup.cfg / constraints.txt changed)..." >&2
+  echo "Setting up $VENV (first use, or setup.cfg / constraints.txt / EXTRAS changed)..." >&2
   "$PYTHON" -m venv "$VENV"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip
-  # constraints.txt pins versions known to install together; torch==2.13.0 is the CPU build.
-  "$VENV/bin/python" -m pip install --quiet -e ".[torch,test]" -c constraints.txt
+  # constraints.txt pins versions known to install together; torch==2.13.0 is the CPU build;
+  # libtpu lets the tests compile TPU steps ahead of time on this machine (tools/aot_plan.py).
+  "$VENV/bin/python" -m pip install --quiet -e ".[$EXTRAS]" -c constraints.txt
   echo "$want" > "$STAMP"
 fi
 
