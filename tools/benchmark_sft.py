@@ -26,7 +26,7 @@ from internvl_jax import flops
 from internvl_jax.config import ChatConfig, llama_preset, vision_preset
 from internvl_jax.convert.pytorch import export_pytorch
 from internvl_jax.data.tokenizer import IGNORE_LABEL
-from internvl_jax.models import chat
+from internvl_jax.models import chat, llama
 from internvl_jax.stages.sft import ChatStage
 
 import benchmark_compare
@@ -89,11 +89,10 @@ def _torch_step(config: ChatConfig, params, batch, directory: str):
   model = transformers.InternVLForConditionalGeneration.from_pretrained(
       directory, attn_implementation="sdpa").train()
   model.model.vision_tower.requires_grad_(False)
-  segments = batch["segment_ids"][0]  # 1, 1, ..., 2, 2, ...: each sample's slots in a run
-  positions = np.arange(len(segments)) - np.flatnonzero(np.diff(segments, prepend=0))[segments - 1]
+  positions = np.asarray(llama.segment_positions(jnp.asarray(batch["segment_ids"])))
   inputs = {"input_ids": torch.from_numpy(batch["tokens"]).long(),
             "labels": torch.from_numpy(batch["labels"]).long(),
-            "position_ids": torch.from_numpy(positions[None]).long(),
+            "position_ids": torch.from_numpy(positions).long(),
             "pixel_values": torch.from_numpy(batch["tiles"][0].transpose(0, 3, 1, 2).copy())}
 
   def step():

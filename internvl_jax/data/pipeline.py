@@ -247,8 +247,9 @@ class DataIterator:
     order): from the first global record that some process had not read, so that no record is
     lost; the records other processes had read past it are read again. With worker processes
     a process's position is its furthest worker's, so up to a batch per worker may be passed
-    over; with packing, so may the conversations of the rows still open. The issue counts add up on the first process, so that their sum over processes goes
-    on from the saved processes' sum."""
+    over; with packing, so may the conversations of the rows still open. The issue counts add up
+    on the first process, so that their sum over processes goes on from the saved processes'
+    sum."""
     count, start = len(states), states[0]["start"]  # every process of a run starts together
     firsts = [start + i + s["records_read"] * count for i, s in enumerate(states)]
     position = min(firsts)
