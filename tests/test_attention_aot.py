@@ -7,6 +7,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import pytest
 from jax.experimental import topologies
 
 from internvl_jax import sharding
@@ -14,6 +15,7 @@ from internvl_jax.config import llama_preset
 from internvl_jax.models import llama
 
 
+@pytest.mark.own_process
 def test_tpu_compile_of_a_packed_llama_step_uses_the_splash_kernels():
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices
   mesh_config = sharding.MeshConfig(data=2, tensor=2)

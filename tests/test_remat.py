@@ -4,7 +4,6 @@ on CPU and in a program compiled for TPU."""
 
 import contextlib
 import io
-import os
 import re
 
 import jax
@@ -120,8 +119,8 @@ def test_full_remat_keeps_only_the_inputs():
   assert not _saved_residuals(*_decoder_layer(), "full")
 
 
+@pytest.mark.own_process
 def test_an_offload_policy_compiles_for_tpu_with_the_values_in_host_memory():
-  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # compiling takes no TPU of its own
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
   device = topologies.get_topology_desc(platform="tpu", topology_name="v5p:2x2x1").devices[0]
   sharding = jax.sharding.SingleDeviceSharding(device)
