@@ -54,15 +54,20 @@ def best_matmul_tflops() -> float:
   return max(xla, torch_rate)
 
 
-def alternate(runners: dict, steps: int) -> dict[str, list[tuple[float, float]]]:
-  """(wall seconds, process CPU seconds) of each step; the runners take turns, so that machine
-  noise hits them alike."""
+def alternate(runners: dict, steps: int, turn: int = 3) -> dict[str, list[tuple[float, float]]]:
+  """(wall seconds, process CPU seconds) of `steps` steps of each runner. The runners take turns
+  of `turn` timed steps, so that machine noise hits them alike; each turn starts with one untimed
+  step, because training runs its steps back to back and, while the other library runs, the kernel
+  of a shared machine may page out memory a runner keeps between steps (proactive reclaim), which
+  its next step then faults back in."""
   times = {name: [] for name in runners}
-  for _ in range(steps):
+  while any(len(samples) < steps for samples in times.values()):
     for name, run in runners.items():
-      wall, cpu = time.perf_counter(), _cpu_seconds()
       run()
-      times[name].append((time.perf_counter() - wall, _cpu_seconds() - cpu))
+      for _ in range(min(turn, steps - len(times[name]))):
+        wall, cpu = time.perf_counter(), _cpu_seconds()
+        run()
+        times[name].append((time.perf_counter() - wall, _cpu_seconds() - cpu))
   return times
 
 

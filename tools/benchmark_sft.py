@@ -89,7 +89,7 @@ def _torch_step(config: ChatConfig, params, batch, directory: str):
   model = transformers.InternVLForConditionalGeneration.from_pretrained(
       directory, attn_implementation="sdpa").train()
   model.model.vision_tower.requires_grad_(False)
-  positions = np.asarray(llama.segment_positions(jnp.asarray(batch["segment_ids"])))
+  positions = np.array(llama.segment_positions(jnp.asarray(batch["segment_ids"])))
   inputs = {"input_ids": torch.from_numpy(batch["tokens"]).long(),
             "labels": torch.from_numpy(batch["labels"]).long(),
             "position_ids": torch.from_numpy(positions).long(),
