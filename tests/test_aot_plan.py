@@ -1,13 +1,14 @@
 """tools/aot_plan.py compiles an experiment's step for devices it does not run on, and its FLOPs
 (every layer, counted from XLA's optimized HLO) agree with the analytic count."""
 
-import importlib.util
 import os
 import re
 import subprocess
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import scripts
+
+REPO = scripts.REPO
 
 
 def _aot_plan(*args):
@@ -16,13 +17,6 @@ def _aot_plan(*args):
       capture_output=True, text=True, timeout=600, cwd=REPO)
   assert result.returncode == 0, result.stderr[-3000:]
   return result.stdout
-
-
-def _load_aot_plan():
-  spec = importlib.util.spec_from_file_location("aot_plan", os.path.join(REPO, "tools", "aot_plan.py"))
-  aot_plan = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(aot_plan)
-  return aot_plan
 
 
 def _ratio(out):
@@ -101,7 +95,7 @@ ENTRY %main (a: f32[16,128], b: bf16[128,128]) -> f32[16,16] {
 
 
 def test_hlo_matmul_flops_counts_a_loop_body_per_trip_and_a_value_once():
-  assert _load_aot_plan().hlo_matmul_flops(_TPU_LOOP_HLO) == 7 * 2 * 16 * 128 * 128 + 2 * 16 * 16 * 128
+  assert scripts.load("tools/aot_plan.py").hlo_matmul_flops(_TPU_LOOP_HLO) == 7 * 2 * 16 * 128 * 128 + 2 * 16 * 16 * 128
 
 
 def test_aot_plan_names_an_unknown_override_key():
@@ -125,7 +119,7 @@ _FUSED_KERNELS_HLO = """\
 
 
 def test_fused_kernels_names_mosaic_kernels_and_cudnn_targets():
-  aot_plan = _load_aot_plan()
+  aot_plan = scripts.load("tools/aot_plan.py")
   assert aot_plan.fused_kernels(_FUSED_KERNELS_HLO) == [
       "__cudnn$fmhaSoftmax", "splash_mha_dkv_no_residuals", "splash_mha_fwd_no_residuals"]
   assert aot_plan.fused_kernels(_FUSED_KERNELS_HLO.splitlines()[-1]) == []

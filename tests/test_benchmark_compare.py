@@ -1,13 +1,8 @@
 """tools/benchmark_compare.py times JAX and PyTorch steps in turns, each turn warmed by one step."""
 
-import importlib.util
-import os
+import scripts
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location(
-    "benchmark_compare", os.path.join(REPO, "tools", "benchmark_compare.py"))
-benchmark_compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark_compare)
+benchmark_compare = scripts.load("tools/benchmark_compare.py")
 
 
 def test_runners_take_turns_of_timed_steps_each_after_one_untimed_step():

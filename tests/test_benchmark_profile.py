@@ -1,16 +1,11 @@
 """tools/benchmark_profile.py puts each instruction of compiled HLO in a time category."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-spec = importlib.util.spec_from_file_location(
-    "benchmark_profile", os.path.join(REPO, "tools", "benchmark_profile.py"))
-benchmark_profile = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(benchmark_profile)
+import scripts
+
+benchmark_profile = scripts.load("tools/benchmark_profile.py")
 
 
 def test_instructions_are_categorized_by_what_they_compute_and_loops_are_left_out():

@@ -1,7 +1,6 @@
 """tools/build_dataset.py: each import format, with the skipped records counted by reason and
 the images stored in other modes than RGB counted by mode."""
 
-import importlib.util
 import io
 import json
 import os
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import scripts
 from internvl_jax.data import chat
 from internvl_jax.data import config as config_lib
 from internvl_jax.data import demo
@@ -24,15 +24,8 @@ from internvl_jax.data import tokenizer as tokenizer_lib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def load_tool(name: str):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-build_dataset = load_tool("build_dataset")
-train_tokenizer = load_tool("train_tokenizer")
+build_dataset = scripts.load("tools/build_dataset.py")
+train_tokenizer = scripts.load("tools/train_tokenizer.py")
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:

@@ -2,10 +2,8 @@
 pycocoevalcap, and tools/evaluate.py on tiny InternVL-C, InternVL-G and chat checkpoints over
 the demo data."""
 
-import importlib.util
 import io
 import json
-import os
 
 import jax
 import numpy as np
@@ -16,6 +14,7 @@ from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from PIL import Image
 
+import scripts
 from internvl_jax import pretrained
 from internvl_jax.config import chat_preset, internvl_preset, llama_preset, vision_preset
 from internvl_jax.data import demo
@@ -29,11 +28,7 @@ from internvl_jax.models import chat as chat_model
 from internvl_jax.models.internvl import InternVLC, init_params
 from internvl_jax.pretrained import Pretrained
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_SPEC = importlib.util.spec_from_file_location("evaluate_tool",
-                                               os.path.join(REPO, "tools", "evaluate.py"))
-evaluate_tool = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(evaluate_tool)
+evaluate_tool = scripts.load("tools/evaluate.py")
 
 IMAGE_SIZE = 64  # the demo data's default size: built once and shared with the demo run
 

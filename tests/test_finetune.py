@@ -16,7 +16,8 @@ from internvl_jax.config import LoraConfig, chat_preset
 from internvl_jax.models import chat
 from internvl_jax.stages.sft import ChatStage
 
-from train_fixtures import REPO, load_experiment
+from scripts import REPO
+from train_fixtures import load_experiment
 
 EXPERIMENT = load_experiment("stage3_sft")
 

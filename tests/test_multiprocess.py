@@ -10,7 +10,6 @@ with one (written by process 0 of an earlier run) a 2-process run hung before it
 jax 0.10.2.
 """
 
-import importlib.util
 import os
 import shutil
 import signal
@@ -153,9 +152,7 @@ def build_demo_data(experiment):
   """Builds the experiment's demo data and tokenizer here, unless built, so that the processes
   do not all build them at once."""
   path = os.path.join(REPO, "experiments", f"{experiment}.py")
-  spec = importlib.util.spec_from_file_location(experiment, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
+  module = train_fixtures.load_experiment(experiment)
   module.data(module.get_config("demo")).close()
   return path
 

@@ -7,19 +7,18 @@ several processes, process p gives its share of the rows of the same global batc
 batches do not depend on the process count.
 """
 
-import importlib.util
 import json
 import os
 
 import numpy as np
 
+import scripts
 from internvl_jax import optim, sharding
 from internvl_jax.config import internvl_preset
 from internvl_jax.stages.contrastive import TEXT_PARAMS, VISION_PARAMS, ContrastiveStage
 from internvl_jax.train.config import TrainConfig
 from internvl_jax.train.loop import Trainer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ViT width 64, 2 layers, 32 px; LLaMA width 64, 2 layers.
 MODEL = internvl_preset("tiny", variant="C")
@@ -109,11 +108,7 @@ def one_step(trainer: Trainer, batch):
 
 def load_experiment(name: str):
   """experiments/NAME.py as a module (the experiments are scripts, not a package)."""
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return scripts.load(f"experiments/{name}.py")
 
 
 def read_metrics(workdir: str) -> list[dict]:
