@@ -95,7 +95,8 @@ ENTRY %main (a: f32[16,128], b: bf16[128,128]) -> f32[16,16] {
 
 
 def test_hlo_matmul_flops_counts_a_loop_body_per_trip_and_a_value_once():
-  assert scripts.load("tools/aot_plan.py").hlo_matmul_flops(_TPU_LOOP_HLO) == 7 * 2 * 16 * 128 * 128 + 2 * 16 * 16 * 128
+  aot_plan = scripts.load("tools/aot_plan.py")
+  assert aot_plan.hlo_matmul_flops(_TPU_LOOP_HLO) == 7 * 2 * 16 * 128 * 128 + 2 * 16 * 16 * 128
 
 
 def test_aot_plan_names_an_unknown_override_key():

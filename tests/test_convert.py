@@ -15,9 +15,9 @@ from internvl_jax.convert import keymap
 from internvl_jax.convert.pytorch import export_pytorch, import_pytorch
 from internvl_jax.convert.safetensors_io import SafetensorsFile
 from internvl_jax.pretrained import load_pretrained
+from scripts import REPO
 from vit_fixtures import LAYERNORM_QKV_BIAS, RMS_QKNORM, random_params, random_pixels
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def assert_trees_equal(a, b):

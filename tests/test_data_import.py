@@ -21,9 +21,6 @@ from internvl_jax.data import pipeline
 from internvl_jax.data import sources
 from internvl_jax.data import tokenizer as tokenizer_lib
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
 build_dataset = scripts.load("tools/build_dataset.py")
 train_tokenizer = scripts.load("tools/train_tokenizer.py")
 
@@ -96,9 +93,9 @@ def test_command_line_imports_every_mode_and_writes_only_the_report_on_stdout(tm
   ])
   data_dir = str(tmp_path / "tfds")
   env = {**os.environ,
-         "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+         "PYTHONPATH": os.pathsep.join(filter(None, [scripts.REPO, os.environ.get("PYTHONPATH")]))}
   result = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "tools", "build_dataset.py"), "image-folder",
+      [sys.executable, os.path.join(scripts.REPO, "tools", "build_dataset.py"), "image-folder",
        "--images", str(images), "--captions", str(tmp_path / "captions.jsonl"),
        "--name", "every_mode", "--data-dir", data_dir],
       capture_output=True, text=True, env=env, check=False)

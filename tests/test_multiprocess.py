@@ -20,6 +20,7 @@ import pytest
 
 import multiprocess
 import train_fixtures
+from scripts import REPO
 from train_fixtures import losses_by_step, read_metrics
 from internvl_jax.sharding import HEARTBEAT_TIMEOUT_ENV
 from internvl_jax import loading
@@ -29,7 +30,6 @@ pytestmark = pytest.mark.long_running
 PROCESSES, DEVICES = 2, 2
 STEPS = 8  # the tiny config checkpoints every 3 steps and keeps 2: steps 6 and 8 remain
 TESTS = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(TESTS)
 TRAIN = [multiprocess.PYTHON, os.path.join(TESTS, "train_run.py")]
 TIMEOUT = 600
 

@@ -16,9 +16,9 @@ from internvl_jax.config import internvl_preset, llama_preset, vision_preset
 from internvl_jax.convert.pytorch import TOKENIZER_FILE, export_pytorch
 from internvl_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from internvl_jax.models.internvl import InternVLG, init_params
+from scripts import REPO
 from test_convert import assert_trees_equal
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = internvl_preset("tiny", vision=vision_preset("tiny", hidden_size=48, mlp_dim=96),
                          text=llama_preset("tiny", vocab_size=400))
 CAPTIONS = ["a photo of a red circle", "a blue square on grass", "two green triangles",
