@@ -3,7 +3,7 @@
   python tools/benchmark.py vit --preset tiny --batch 8
       InternViT forward+backward: images/s, achieved FLOP/s, MFU against a dense matmul measured
       on the same device in the same run; on the CPU also transformers' InternVLVisionModel of the
-      same config, timed alternately with JAX, the ratio, MFU against the better of XLA's and
+      same config, timed in turns with JAX, the ratio, MFU against the better of XLA's and
       torch's matmul, and (with --platform cpu) the JAX step's op time by category.
   python tools/benchmark.py convert [--layers 5]
       Peak memory of the converters on a synthetic checkpoint (see tools/benchmark_convert.py).
