@@ -75,6 +75,10 @@ class VisionConfig:
   drop_path_schedule: str = "linear"
   dtype: str = "float32"  # compute dtype; params are float32
   remat_policy: str = "none"  # one of models/remat.py's POLICIES
+  # False: the blocks run one after another on slices of the same stacked params, as MaxText's
+  # `scan_layers=False`; compile time grows with depth, but no step copies layers into and out of
+  # the loop's stacked buffers.
+  scan_layers: bool = True
   attention: AttentionConfig = AttentionConfig()
 
   def __post_init__(self):

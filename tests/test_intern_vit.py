@@ -1,4 +1,5 @@
-"""InternViT: sizes, resizing, masking, stochastic depth, remat, dtypes, logical axes, bad input."""
+"""InternViT: sizes, resizing, masking, stochastic depth, remat, unrolled layers, dtypes, logical
+axes, bad input."""
 
 import flax.linen as nn
 import jax
@@ -106,6 +107,42 @@ def test_remat_policies_give_the_same_gradients(tiny, policy):
   # without LLVM optimization, tests/conftest.py); a wrong remat differs by far more.
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), reference,
                rematerialized)
+
+
+@pytest.mark.parametrize("policy", ["none", "save_qkv_proj"])
+def test_unrolled_layers_equal_the_scan_on_the_same_params(tiny, policy):
+  _, params = tiny
+  pixels = random_pixels((2, 32, 32, 3))
+
+  def run(config):
+    def loss(p):
+      out = InternViT(config).apply({"params": p}, pixels, return_hidden_states=True)
+      return jnp.sum(out.last_hidden_state ** 2) + jnp.sum(out.hidden_states ** 2), out
+    return jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+
+  scanned = RMS_QKNORM.replace(remat_policy=policy)
+  (loss, out), grads = run(scanned)
+  (unrolled_loss, unrolled_out), unrolled_grads = run(scanned.replace(scan_layers=False))
+  np.testing.assert_allclose(unrolled_loss, loss, rtol=1e-6)
+  np.testing.assert_allclose(unrolled_out.hidden_states, out.hidden_states, rtol=1e-5, atol=1e-5)
+  # Float32 rounding only (the two programs sum in other orders), within 1e-5 of each gradient's
+  # scale; a wrong layer or param slice differs by far more.
+  for path, a, b in zip(*zip(*jax.tree_util.tree_leaves_with_path(grads)),
+                        jax.tree.leaves(unrolled_grads)):
+    assert np.max(np.abs(a - b)) <= 1e-5 * np.max(np.abs(a)), jax.tree_util.keystr(path)
+
+
+def test_unrolled_layers_draw_drop_path_per_layer():
+  config = RMS_QKNORM.replace(drop_path_rate=0.5, drop_path_schedule="uniform",
+                              scan_layers=False)
+  model, params = InternViT(config), random_params(config)
+  pixels = random_pixels((8, 32, 32, 3))
+  run = lambda seed: model.apply({"params": params}, pixels, train=True,
+                                 rngs={"dropout": jax.random.key(seed)}).last_hidden_state
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.allclose(run(0), run(1))
+  evaluation = model.apply({"params": params}, pixels).last_hidden_state
+  assert not np.allclose(run(0), evaluation)
 
 
 def test_bfloat16_compute_keeps_float32_params(tiny):

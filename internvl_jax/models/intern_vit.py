@@ -1,8 +1,8 @@
 """InternViT: the InternVL vision encoder (spec section 1).
 
 Patch embedding (conv with bias) -> CLS token -> learned absolute position embedding (bicubically
-resized to the input grid, CLS row untouched) -> optional FLIP token masking -> scanned pre-norm
-blocks with LayerScale and stochastic depth. There is no final norm.
+resized to the input grid, CLS row untouched) -> optional FLIP token masking -> pre-norm blocks
+with LayerScale and stochastic depth, scanned or unrolled (`scan_layers`). There is no final norm.
 """
 
 import flax.linen as nn
@@ -132,15 +132,38 @@ class InternViT(nn.Module):
     embeddings = x
 
     block = remat.remat(Block, cfg.remat_policy)
-    blocks = nn.scan(
-        block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-        in_axes=0, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-    x, block_outputs = blocks(cfg, train, return_hidden_states, name="blocks")(
-        x, jnp.asarray(drop_path_rates(cfg)))
+    rates = jnp.asarray(drop_path_rates(cfg))
+    if cfg.scan_layers or self.is_initializing():  # params are stacked either way
+      blocks = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+          in_axes=0, length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x, block_outputs = blocks(cfg, train, return_hidden_states, name="blocks")(x, rates)
+    else:
+      x, block_outputs = self._unrolled_blocks(
+          block(cfg, train, return_hidden_states, parent=None), x, rates)
     hidden_states = None
     if return_hidden_states:
       hidden_states = jnp.concatenate([embeddings[None], block_outputs], axis=0)
     return VisionOutput(last_hidden_state=x, hidden_states=hidden_states)
+
+  def _unrolled_blocks(self, block: nn.Module, x: jax.Array, rates: jax.Array):
+    """The scan's blocks as a Python loop over its stacked params (`scan_layers=False`).
+
+    The params are split rather than indexed, so their gradient is one concatenation of the
+    layers' gradients; drop path draws one key per layer from the "dropout" stream.
+    """
+    num_layers = self.config.num_layers
+    leaves, treedef = jax.tree.flatten(nn.meta.unbox(self.variables["params"]["blocks"]))
+    layer_leaves = [jnp.split(leaf, num_layers) for leaf in leaves]
+    uses_rng = block.train and self.config.drop_path_rate > 0
+    keys = jax.random.split(self.make_rng("dropout"), num_layers) if uses_rng else None
+    outputs = []
+    for i in range(num_layers):
+      params = treedef.unflatten([parts[i][0] for parts in layer_leaves])
+      rngs = {"dropout": keys[i]} if uses_rng else None
+      x, output = block.apply({"params": params}, x, rates[i], rngs=rngs)
+      outputs.append(output)
+    return x, (jnp.stack(outputs) if block.return_hidden_states else None)
 
 
 def select_layer(output: VisionOutput, layer: int) -> jax.Array:
