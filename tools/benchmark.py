@@ -5,6 +5,7 @@
       on the same device in the same run; on the CPU also transformers' InternVLVisionModel of the
       same config, timed in turns with JAX, the ratio, MFU against the better of XLA's and
       torch's matmul, and (with --platform cpu) the JAX step's op time by category.
+      --layers-as both times the scanned and the unrolled blocks in the same turns.
   python tools/benchmark.py convert [--layers 5]
       Peak memory of the converters on a synthetic checkpoint (see tools/benchmark_convert.py).
   python tools/benchmark.py data --stage 1
@@ -100,6 +101,9 @@ def benchmark_vit(argv):
   parser.add_argument("--layers", type=int, help="override the number of layers")
   parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
   parser.add_argument("--remat", default="none")
+  parser.add_argument("--layers-as", choices=("scan", "unrolled", "both"), default="scan",
+                      help="the blocks as the scan or as a Python loop (VisionConfig.scan_layers); "
+                           "both: each, timed in the same turns")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--platform", help="pin JAX to this platform (cpu: needed for the profile)")
   parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
@@ -124,17 +128,22 @@ def benchmark_vit(argv):
     peak = hardware.measure_tflops(device, 2048 if on_cpu else 8192, dtype=DTYPES[args.dtype])
     print(f"dense {args.dtype} matmul: {peak:.3f} TFLOP/s")
   print(f"InternViT {args.preset} (layers {config.num_layers}, width {config.hidden_size}), "
-        f"{image_size}px, batch {args.batch}, {args.dtype}, remat {args.remat}: "
-        f"{flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
+        f"{image_size}px, batch {args.batch}, {args.dtype}, remat {args.remat}, layers as "
+        f"{args.layers_as}: {flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
 
-  step, params = _jax_step(config, args.batch, image_size)
-  runners = {"jax": lambda: jax.block_until_ready(step(params))}
+  loops = ("scan", "unrolled") if args.layers_as == "both" else (args.layers_as,)
+  steps = {("jax" if len(loops) == 1 else f"jax {loop}"):
+           _jax_step(config.replace(scan_layers=loop == "scan"), args.batch, image_size)
+           for loop in loops}
+  runners = {name: lambda step=step, params=params: jax.block_until_ready(step(params))
+             for name, (step, params) in steps.items()}
   if side_by_side:
     runners["transformers"] = _torch_step(config, args.batch, image_size)
   times = benchmark_compare.alternate(runners, args.steps)
   benchmark_compare.print_comparison(times, flops_per_step, peak, "images", args.batch)
   if jax.config.jax_platforms == "cpu":
-    benchmark_compare.print_breakdown(benchmark_profile.breakdown(step, params))
+    for name, (step, params) in steps.items():
+      benchmark_compare.print_breakdown(name, benchmark_profile.breakdown(step, params))
 
 
 def benchmark_loss(argv):

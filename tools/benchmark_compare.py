@@ -73,8 +73,8 @@ def alternate(runners: dict, steps: int, turn: int = 3) -> dict[str, list[tuple[
 
 def print_comparison(times: dict, flops_per_step: float, peak_tflops: float, unit: str,
                      per_step: int) -> None:
-  """Median seconds, `unit`/s, achieved TFLOP/s and MFU of each runner, then the ratio of the
-  first to the second. CPU s/step is the process's user + system time: on a loaded machine the
+  """Median seconds, `unit`/s, achieved TFLOP/s and MFU of each runner, then the ratio of each
+  to the last (the reference). CPU s/step is the process's user + system time: on a loaded machine the
   share of the cores each side got varies, and this shows the work each needed."""
   print(f"{'implementation':<16}{'median s/step':>14}{'CPU s/step':>11}{unit + '/s':>12}"
         f"{'TFLOP/s':>10}{'MFU':>8}")
@@ -86,14 +86,14 @@ def print_comparison(times: dict, flops_per_step: float, peak_tflops: float, uni
     rate = flops_per_step / wall
     print(f"{name:<16}{wall:>14.4f}{cpu:>11.3f}{per_step / wall:>12.2f}{rate / 1e12:>10.4f}"
           f"{rate / (peak_tflops * 1e12):>8.1%}")
-  if len(medians) == 2:
-    (first, (wall_a, cpu_a)), (second, (wall_b, cpu_b)) = medians.items()
-    print(f"{first} / {second} throughput ratio: {wall_b / wall_a:.2f}x "
-          f"(by CPU time: {cpu_b / cpu_a:.2f}x)")
+  *ours, (reference, (wall_ref, cpu_ref)) = medians.items()
+  for name, (wall, cpu) in ours:
+    print(f"{name} / {reference} throughput ratio: {wall_ref / wall:.2f}x "
+          f"(by CPU time: {cpu_ref / cpu:.2f}x)")
 
 
-def print_breakdown(seconds: dict[str, float], top: int = 6) -> None:
+def print_breakdown(name: str, seconds: dict[str, float], top: int = 6) -> None:
   """The top categories of a `benchmark_profile.breakdown`, as shares of the profiled op time."""
   total = sum(seconds.values())
   shares = ", ".join(f"{name} {value / total:.0%}" for name, value in list(seconds.items())[:top])
-  print(f"jax op time by category ({total:.2f} s per step over all threads): {shares}")
+  print(f"{name} op time by category ({total:.2f} s per step over all threads): {shares}")

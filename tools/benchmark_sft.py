@@ -137,4 +137,4 @@ def main(argv):
              "transformers": torch_step}
   times = benchmark_compare.alternate(runners, args.steps)
   benchmark_compare.print_comparison(times, flops_per_step, peak, "tokens", args.row)
-  benchmark_compare.print_breakdown(benchmark_profile.breakdown(step, trained, jax_batch))
+  benchmark_compare.print_breakdown("jax", benchmark_profile.breakdown(step, trained, jax_batch))
