@@ -7,8 +7,7 @@ import subprocess
 import sys
 
 import scripts
-
-REPO = scripts.REPO
+from scripts import REPO
 
 
 def _aot_plan(*args):

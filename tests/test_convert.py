@@ -19,7 +19,6 @@ from scripts import REPO
 from vit_fixtures import LAYERNORM_QKV_BIAS, RMS_QKNORM, random_params, random_pixels
 
 
-
 def assert_trees_equal(a, b):
   assert jax.tree.structure(a) == jax.tree.structure(b)
   jax.tree.map(np.testing.assert_array_equal, a, b)

@@ -132,17 +132,17 @@ def benchmark_vit(argv):
         f"{args.layers_as}: {flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
 
   loops = ("scan", "unrolled") if args.layers_as == "both" else (args.layers_as,)
-  steps = {("jax" if len(loops) == 1 else f"jax {loop}"):
-           _jax_step(config.replace(scan_layers=loop == "scan"), args.batch, image_size)
-           for loop in loops}
+  jax_steps = {("jax" if len(loops) == 1 else f"jax {loop}"):
+               _jax_step(config.replace(scan_layers=loop == "scan"), args.batch, image_size)
+               for loop in loops}
   runners = {name: lambda step=step, params=params: jax.block_until_ready(step(params))
-             for name, (step, params) in steps.items()}
+             for name, (step, params) in jax_steps.items()}
   if side_by_side:
     runners["transformers"] = _torch_step(config, args.batch, image_size)
   times = benchmark_compare.alternate(runners, args.steps)
   benchmark_compare.print_comparison(times, flops_per_step, peak, "images", args.batch)
   if jax.config.jax_platforms == "cpu":
-    for name, (step, params) in steps.items():
+    for name, (step, params) in jax_steps.items():
       benchmark_compare.print_breakdown(name, benchmark_profile.breakdown(step, params))
 
 

@@ -74,8 +74,8 @@ def alternate(runners: dict, steps: int, turn: int = 3) -> dict[str, list[tuple[
 def print_comparison(times: dict, flops_per_step: float, peak_tflops: float, unit: str,
                      per_step: int) -> None:
   """Median seconds, `unit`/s, achieved TFLOP/s and MFU of each runner, then the ratio of each
-  to the last (the reference). CPU s/step is the process's user + system time: on a loaded machine the
-  share of the cores each side got varies, and this shows the work each needed."""
+  to the last (the reference). CPU s/step is the process's user + system time: on a loaded
+  machine the share of the cores each side got varies, and this shows the work each needed."""
   print(f"{'implementation':<16}{'median s/step':>14}{'CPU s/step':>11}{unit + '/s':>12}"
         f"{'TFLOP/s':>10}{'MFU':>8}")
   medians = {}
@@ -95,5 +95,6 @@ def print_comparison(times: dict, flops_per_step: float, peak_tflops: float, uni
 def print_breakdown(name: str, seconds: dict[str, float], top: int = 6) -> None:
   """The top categories of a `benchmark_profile.breakdown`, as shares of the profiled op time."""
   total = sum(seconds.values())
-  shares = ", ".join(f"{name} {value / total:.0%}" for name, value in list(seconds.items())[:top])
+  shares = ", ".join(f"{category} {value / total:.0%}"
+                     for category, value in list(seconds.items())[:top])
   print(f"{name} op time by category ({total:.2f} s per step over all threads): {shares}")
