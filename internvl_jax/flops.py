@@ -58,50 +58,58 @@ def attention_pooling_flops(width: int, tokens: int, out_dim: int) -> int:
       2 * width * out_dim
 
 
-def internvl_g_stage2_flops(config: InternVLConfig, image_hw: tuple[int, int],
-                            text_tokens: int) -> dict[str, int]:
-  """Matmul FLOPs of one stage-2 example (an image and its ITM, ITC and ITG texts) by part.
+def internvl_g_stage2_flops(config: InternVLConfig, image_hw: tuple[int, int], text_tokens: int,
+                            packing: tuple[int, int] | None = None) -> dict[str, int]:
+  """Matmul FLOPs of one stage-2 example (an image and its ITM, ITC and ITG texts) by part, or
+  with `packing` = (slots, length) of one packed row: that many examples whose ITG captions share
+  one row of `length` tokens, run as a second QLLaMA pass over [slots x queries; captions].
 
-  "vision": InternViT. "qllama": the three [queries; text] sequences through QLLaMA (cross-
-  attention keys and values projected once per image), the ITG vocabulary logits, the ITM head,
+  "vision": InternViT. "qllama": the [queries; text] sequences through QLLaMA (cross-attention
+  keys and values projected once per image and pass), the ITG vocabulary logits, the ITM head,
   `clip_projector2` and the text projection. "trainable": the matmuls of that with trainable
   weights (cross-attention, ITM head, `clip_projector2`). "attention": its matmuls of two
   activations (scores and weighted values). "backbone": `clip_projector` on InternViT's tokens
   (InternVL-C's image embedding, which the stage-2 forward also returns).
   """
   text, vision = config.text, config.vision
-  d, queries, num_texts = text.hidden_size, config.num_queries, 3
-  length = queries + text_tokens
+  d, queries = text.hidden_size, config.num_queries
+  slots, itg_length = (1, text_tokens) if packing is None else packing
   p = vision.patch_size
   image_tokens = 1 + (image_hw[0] // p) * (image_hw[1] // p)
   num_cross = -(-text.num_layers // config.cross_attention_frequency)
-  cross_projections = num_cross * (num_texts * 2 * 2 * queries * d * d +
-                                   2 * 2 * image_tokens * vision.hidden_size * d)
-  cross_attention = num_cross * num_texts * 2 * 2 * queries * image_tokens * d
+  # Unpacked, the three texts share one pass; packed, ITM and ITC do and the captions have theirs.
+  sequences = [queries + text_tokens] * 3 if packing is None else (
+      [queries + text_tokens] * 2 * slots + [slots * queries + itg_length])
+  passes = 1 if packing is None else 2
+  cross_projections = num_cross * slots * (3 * 2 * 2 * queries * d * d +
+                                           passes * 2 * 2 * image_tokens * vision.hidden_size * d)
+  cross_attention = num_cross * slots * 3 * 2 * 2 * queries * image_tokens * d
   pooling = attention_pooling_flops(d, queries, config.embed_dim)
   pooling_attention = 2 * 2 * queries * d
   itm_head = 2 * queries * d * 2
-  trainable = cross_projections + itm_head + pooling - pooling_attention
-  qllama = (num_texts * llama_forward_flops(text, length, lm_head=False) +
-            2 * text_tokens * d * text.vocab_size + cross_projections + cross_attention +
-            itm_head + pooling + 2 * d * config.embed_dim)
-  attention = (num_texts * text.num_layers * 2 * 2 * length * length * d + cross_attention +
-               pooling_attention)
-  backbone = attention_pooling_flops(vision.hidden_size, image_tokens, config.embed_dim)
-  return {"vision": vit_forward_flops(vision, image_hw), "qllama": qllama,
+  trainable = cross_projections + slots * (itm_head + pooling - pooling_attention)
+  qllama = (sum(llama_forward_flops(text, length, lm_head=False) for length in sequences) +
+            2 * itg_length * d * text.vocab_size + cross_projections + cross_attention +
+            slots * (itm_head + pooling + 2 * d * config.embed_dim))
+  attention = (sum(text.num_layers * 2 * 2 * length * length * d for length in sequences) +
+               cross_attention + slots * pooling_attention)
+  backbone = slots * attention_pooling_flops(vision.hidden_size, image_tokens, config.embed_dim)
+  return {"vision": slots * vit_forward_flops(vision, image_hw), "qllama": qllama,
           "trainable": trainable, "attention": attention, "backbone": backbone}
 
 
 def internvl_g_stage2_forward_flops(config: InternVLConfig, image_hw: tuple[int, int],
-                                    text_tokens: int) -> int:
-  """Matmul FLOPs of one stage-2 example's forward (see `internvl_g_stage2_flops`)."""
-  parts = internvl_g_stage2_flops(config, image_hw, text_tokens)
+                                    text_tokens: int,
+                                    packing: tuple[int, int] | None = None) -> int:
+  """Matmul FLOPs of one stage-2 example's (or packed row's) forward (`internvl_g_stage2_flops`)."""
+  parts = internvl_g_stage2_flops(config, image_hw, text_tokens, packing)
   return parts["vision"] + parts["qllama"] + parts["backbone"]
 
 
 def internvl_g_stage2_training_flops(config: InternVLConfig, image_hw: tuple[int, int],
-                                     text_tokens: int, backbone_itc: bool = False) -> int:
-  """Forward and backward of one stage-2 example with InternViT and LLaMA frozen.
+                                     text_tokens: int, backbone_itc: bool = False,
+                                     packing: tuple[int, int] | None = None) -> int:
+  """Forward and backward of one stage-2 example (or packed row) with InternViT and LLaMA frozen.
 
   InternViT runs forward only (nothing before it trains), and so does `clip_projector` where a
   loss uses it (`backbone_itc`). Backward through QLLaMA and the heads propagates every
@@ -109,7 +117,7 @@ def internvl_g_stage2_training_flops(config: InternVLConfig, image_hw: tuple[int
   only, and both operand gradients for attention. An upper estimate: XLA drops the backward of
   ITC text rows, which never see the queries.
   """
-  parts = internvl_g_stage2_flops(config, image_hw, text_tokens)
+  parts = internvl_g_stage2_flops(config, image_hw, text_tokens, packing)
   return (parts["vision"] + 2 * parts["qllama"] + parts["trainable"] + parts["attention"] +
           (parts["backbone"] if backbone_itc else 0))
 

@@ -225,6 +225,82 @@ def test_itm_negatives_are_other_captions(corrupted, data_dir, tokenizer_path, m
   assert not (batch["itm_text"] == batch["text"]).all(axis=1).any()
 
 
+def packed_pair_config(corrupted, data_dir, tokenizer_path, **loader_overrides):
+  """Stage 2's packed pairs: 4 rows of up to 3 pairs, whose ITG captions (12 to 14 tokens with
+  this tokenizer and prefix) share 40 tokens: rows fill up in slots or in tokens."""
+  config = pair_config(corrupted, data_dir, tokenizer_path, global_batch_size=4,
+                       **loader_overrides)
+  return config.replace(itg=True, itg_prefix="summarize:", pack_length=40, pack_tiles=3,
+                        pack_buffer_size=3)
+
+
+def test_packed_pairs_arrive_whole_with_their_captions(corrupted, data_dir, tokenizer_path):
+  # One epoch both ways: every pair once, its image, texts and ITG caption together in a slot.
+  plain_config = pair_config(corrupted, data_dir, tokenizer_path, num_epochs=1,
+                             shuffle=False).replace(train_augment=False, itg=True,
+                                                    itg_prefix="summarize:")
+  plain, plain_iter = {}, pipeline.pair_pipeline(plain_config)
+  for batch in plain_iter:
+    for i in np.flatnonzero(batch["valid"]):
+      plain[tuple(batch["text"][i])] = (batch["image"][i], batch["itg_text"][i],
+                                        batch["itg_labels"][i])
+  packed_iter = pipeline.pair_pipeline(packed_pair_config(
+      corrupted, data_dir, tokenizer_path, num_epochs=1, shuffle=False).replace(
+          train_augment=False))
+  found, rows, counts = [], 0, set()
+  for batch in packed_iter:
+    assert batch["image"].shape == (4, 3, 8, 8, 3) and batch["itg_text"].shape == (4, 40)
+    for row in np.flatnonzero(batch["valid"]):
+      rows += 1
+      slots, filled = batch["itg_slots"][row], batch["slot_valid"][row]
+      count = int(filled.sum())
+      assert filled[:count].all() and not filled[count:].any() and count == slots.max()
+      counts.add(count)
+      assert not batch["image"][row, count:].any() and not batch["text"][row, count:].any()
+      length = int(np.sum(slots > 0))  # captions in slot order, then padding
+      np.testing.assert_array_equal(np.diff(slots[:length]) >= 0, True)
+      assert not slots[length:].any() and not batch["itg_text"][row, length:].any()
+      assert (batch["itg_labels"][row, length:] == tokenizer_lib.IGNORE_LABEL).all()
+      for slot in range(count):
+        where = slots == slot + 1
+        found.append((tuple(batch["text"][row, slot]), batch["image"][row, slot],
+                      batch["itg_text"][row][where], batch["itg_labels"][row][where]))
+  assert len(found) == len(plain) == NUM_RECORDS - len(CORRUPTIONS)
+  assert rows < len(plain) / 2.5 and {2, 3} <= counts  # rows full in tokens, and in slots
+  for text, image, itg_text, itg_labels in found:
+    plain_image, plain_itg, plain_labels = plain.pop(text)
+    np.testing.assert_array_equal(image, plain_image)
+    np.testing.assert_array_equal(itg_text, plain_itg[plain_itg != tokenizer_lib.PAD_ID])
+    np.testing.assert_array_equal(itg_labels, plain_labels[:len(itg_text)])
+  assert packed_iter.issue_counts() == plain_iter.issue_counts()
+
+
+def test_a_restored_packed_pair_pipeline_continues_with_the_same_rows(corrupted, data_dir,
+                                                                      tokenizer_path):
+  config = packed_pair_config(corrupted, data_dir, tokenizer_path).replace(itm_negatives="batch")
+  reference = pipeline.pair_pipeline(config)
+  take(reference, 3)
+  state = json.loads(json.dumps(reference.get_state()))
+  assert state["grain"]["rows"], "the packer must hold open rows at the saved position"
+  expected = take(reference, 4)
+  restored = pipeline.pair_pipeline(config)
+  restored.set_state(state)
+  assert_batches_equal(take(restored, 4), expected)
+  for batch in expected:  # negatives come from the batch's filled slots only
+    filled = {tuple(t) for t in batch["text"][batch["slot_valid"]]}
+    negatives = batch["itm_text"][batch["slot_valid"]]
+    assert {tuple(t) for t in negatives} <= filled
+    assert batch["itm_label"].shape == batch["slot_valid"].shape
+
+
+def test_packing_pairs_needs_itg_and_room_for_a_caption(corrupted, data_dir, tokenizer_path):
+  config = pair_config(corrupted, data_dir, tokenizer_path)
+  with pytest.raises(ValueError, match="pack_length packs the ITG captions; set itg=True"):
+    config.replace(pack_length=40)
+  with pytest.raises(ValueError, match="pack_length 20 is shorter than a caption's max_text_len"):
+    config.replace(itg=True, pack_length=20)
+
+
 def test_mixture_follows_weights(data_dir, tokenizer_path):
   def records(tag):
     return lambda: ((f"{i}", {"image": encode(good_image(i)), "caption": f"record {tag}"})

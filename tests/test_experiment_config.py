@@ -142,6 +142,21 @@ def test_packing_set_on_the_command_line_reaches_the_chat_pipeline(monkeypatch):
   assert config.train.stage.loss_reduction == "square"
 
 
+def test_packed_captions_set_on_the_command_line_reach_the_pair_pipeline(monkeypatch):
+  config = load_experiment("stage2_generative").get_config("demo")
+  config = config_lib.override(config, config_lib.parse_settings([
+      "train.stage.pack_length=96", "train.stage.pack_tiles=4", "data.pack_length=96",
+      "data.pack_tiles=4", "data.pack_buffer_size=7", "data.tokenizer=tokenizer.model"]))
+  config_lib.check_experiment(config)
+  config = config.replace(data=dataclasses.replace(config.data, sources=(Source("given"),)))
+  made = []
+  monkeypatch.setattr(inputs.pipeline, "pair_pipeline", made.append)
+  inputs.pair_batches(config)
+  (pairs,) = made
+  assert pairs.packing == packing.Packing(pack_length=96, pack_tiles=4, buffer_size=7)
+  assert config.train.stage.abstract_batch(2)["image"].shape[:2] == (2, 4)
+
+
 @pytest.mark.parametrize("name, settings, message", [
     ("stage2_generative", ["data.itg=False"],
      r"GenerativeStage trains on \['itg_labels', 'itg_text'\].*e.g. --set data.itg=True"),
@@ -153,8 +168,10 @@ def test_packing_set_on_the_command_line_reaches_the_chat_pipeline(monkeypatch):
     ("stage3_sft", ["data.pack_length=320"],
      r"ChatStage does not train on; .*--set train.stage.pack_length=320"),
     ("stage3_sft", ["train.stage.pack_length=320", "data.pack_length=320", "data.pack_tiles=8"],
-     "rows of 320 tokens and 40 tiles; .*--set data.pack_length=320 --set data.pack_tiles=40"),
+     "rows of 320 tokens and 40 slots; .*--set data.pack_length=320 --set data.pack_tiles=40"),
     ("stage1_contrastive", ["data.pack_length=64"], "ContrastiveStage does not train on"),
+    ("stage2_generative", ["train.stage.pack_length=96", "data.pack_length=96"],
+     "rows of 96 tokens and 8 slots; .*--set data.pack_tiles=8"),
     ("stage1_contrastive", ["eval.data=None"], "have no data: set eval.data"),
 ])
 def test_data_options_the_stage_does_not_match_fail_before_anything_is_built(name, settings,

@@ -53,7 +53,7 @@ def stack(rows: list[dict]) -> dict:
 
 
 UNPACKED = stack(EXAMPLES)
-PACKED = stack([packing.pack_row(EXAMPLES[:3], PACKING), packing.pack_row(EXAMPLES[3:], PACKING)])
+PACKED = stack([packing.pack_conversations(EXAMPLES[:3], PACKING), packing.pack_conversations(EXAMPLES[3:], PACKING)])
 
 
 def stages(reduction: str) -> tuple[ChatStage, ChatStage]:

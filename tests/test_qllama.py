@@ -275,6 +275,8 @@ def test_bad_inputs_give_clear_errors():
     apply(TOKENS, MASK, np.concatenate([VISION] * 2)[:3], mode="itc")
   with pytest.raises(ValueError, match="Only the modes with queries and text"):
     apply(TOKENS, MASK, VISION, mode=("text", "itc"))
+  with pytest.raises(ValueError, match=r"with a slot axis .* take 'itg' rows of one batch"):
+    apply(TOKENS, MASK, VISION[:, None], mode="itm")
   with pytest.raises(ValueError, match="must be positive and divide num_layers 4"):
     CONFIG.replace(cross_attention_frequency=3)
 

@@ -1,6 +1,6 @@
-"""Stage 2 (InternVL-G, ITC + ITM + ITG): accumulation equals the unaccumulated step, only the new
-parts train and hold optimizer state, the optional InternVL-C ITC term, and the analytic FLOPs
-agree with XLA's."""
+"""Stage 2 (InternVL-G, ITC + ITM + ITG): accumulation equals the unaccumulated step, packed ITG
+captions train as one per row, only the new parts train and hold optimizer state, the optional
+InternVL-C ITC term, and the analytic FLOPs agree with XLA's."""
 
 import dataclasses
 import re
@@ -14,6 +14,7 @@ import pytest
 
 from internvl_jax import losses, optim, sharding
 from internvl_jax.config import internvl_preset, llama_preset, vision_preset
+from internvl_jax.data import packing
 from internvl_jax.data.tokenizer import IGNORE_LABEL
 from internvl_jax.flops import internvl_g_stage2_forward_flops
 from internvl_jax.models.internvl import InternVLG, abstract_params
@@ -57,11 +58,24 @@ def make_batch(index: int = 0, batch_size: int = BATCH):
   return batch
 
 
-def config(**changes) -> TrainConfig:
+def packed(batch, slots: int):
+  """`batch`'s valid rows packed `slots` pairs to a row (the last row's empty slots unfilled),
+  their ITG captions in rows of slots x TEXT_LEN tokens, as the pair pipeline packs them."""
+  rows = int(np.sum(batch["valid"]))
+  examples = [{key: value[i] for key, value in batch.items()} for i in range(rows)]
+  layout = packing.Packing(pack_length=slots * TEXT_LEN, pack_tiles=slots, buffer_size=1)
+  rows = [packing.pack_pairs(examples[i:i + slots], layout) for i in range(0, rows, slots)]
+  return {key: np.stack([row[key] for row in rows]) for key in rows[0]} | {
+      "valid": np.ones((len(rows),), bool)}
+
+
+def config(slots: int | None = None, **changes) -> TrainConfig:
   optimizer = GRADIENT_OPTIMIZER.replace(b2=0.98, weight_decay=0.05, trainable=(TRAINABLE_PARAMS,))
   # Vocabulary blocks of 48 of the 128 tokens, so that ITG's loss loops, sharded or not.
-  return train_config(GenerativeStage(MODEL, text_len=TEXT_LEN, loss_block_size=48), optimizer,
-                      global_batch_size=BATCH, **changes)
+  stage = GenerativeStage(MODEL, text_len=TEXT_LEN, loss_block_size=48)
+  if slots is not None:
+    stage = dataclasses.replace(stage, pack_length=slots * TEXT_LEN, pack_tiles=slots)
+  return train_config(stage, optimizer, **({"global_batch_size": BATCH} | changes))
 
 
 @pytest.fixture(scope="module")
@@ -76,14 +90,18 @@ def names(tree) -> set[str]:
   return {optim.path_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-@pytest.mark.parametrize("mesh, accum_steps", [
-    (sharding.MeshConfig(data=-1), 2),
-    (sharding.MeshConfig(data=2, fsdp=2, tensor=2), 4),  # params sharded, 4-way data parallel
+@pytest.mark.parametrize("mesh, accum_steps, slots", [
+    (sharding.MeshConfig(data=-1), 2, None),
+    # Params sharded, 4-way data parallel, and the 15 pairs packed two to a row (the last row's
+    # second slot empty): packed captions train as one per row.
+    (sharding.MeshConfig(data=2, fsdp=2, tensor=2), 2, 2),
 ])
-def test_accumulated_step_equals_the_unaccumulated_step(unaccumulated, mesh, accum_steps):
+def test_accumulated_step_equals_the_unaccumulated_step(unaccumulated, mesh, accum_steps, slots):
   _, state, metrics = unaccumulated
-  acc_state, acc_metrics = one_step(Trainer(config(mesh=mesh, accum_steps=accum_steps)),
-                                       make_batch())
+  batch = make_batch() if slots is None else packed(make_batch(), slots)
+  acc_state, acc_metrics = one_step(
+      Trainer(config(slots, mesh=mesh, accum_steps=accum_steps,
+                     global_batch_size=len(batch["valid"]))), batch)
   assert np.isfinite(metrics["loss"])
   # The whole-batch losses (not means of micro-batch losses) and their gradient; only the order
   # of float sums differs.
@@ -92,6 +110,25 @@ def test_accumulated_step_equals_the_unaccumulated_step(unaccumulated, mesh, acc
     np.testing.assert_allclose(acc_metrics[name], metrics[name], rtol=2e-5, err_msg=name)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                acc_state.params, state.params)
+
+
+def test_a_packed_caption_gets_the_logits_it_gets_in_a_row_of_its_own():
+  params = jax.jit(lambda key: nn.meta.unbox(GenerativeStage(MODEL, TEXT_LEN).init(key)))(
+      jax.random.key(0))
+  batch, model = make_batch(), InternVLG(MODEL)
+  tokens = np.stack([batch["text"], batch["text"], batch["itg_text"]])
+  logits = jax.jit(lambda *args, **kwargs: model.apply({"params": params}, *args,
+                                                       **kwargs).lm_logits)
+  alone = logits(batch["image"], tokens, tokens > 0)
+  rows = packed({key: value[:12] for key, value in batch.items()}, slots=3)
+  pairs = lambda x: x.reshape((-1,) + x.shape[2:])
+  text = np.stack([pairs(rows["text"])] * 2)
+  together = logits(pairs(rows["image"]), text, text > 0,
+                    packed_itg=(rows["itg_text"], rows["itg_slots"]))
+  for i in range(12):
+    where = rows["itg_slots"][i // 3] == i % 3 + 1
+    length = int(np.sum(batch["itg_text"][i] > 0))
+    np.testing.assert_allclose(together[i // 3][where], alone[i, :length], rtol=1e-5, atol=1e-5)
 
 
 def test_only_the_new_parts_train_and_hold_optimizer_state(unaccumulated):
@@ -163,13 +200,23 @@ def test_itm_rows_use_their_own_caption_where_labelled_positive():
       batch["itg_text"] > 0)
 
 
-def test_forward_flops_match_xla():
-  # One layer of ViT and one QLLaMA block: XLA counts a scan body once.
+@pytest.mark.parametrize("packing_shape", [None, (2, 20)])
+def test_forward_flops_match_xla(packing_shape):
+  # One layer of ViT and one QLLaMA block: XLA counts a scan body once. Two pairs, unpacked or in
+  # one packed row of 2 slots and 20 caption tokens.
   model = internvl_preset("tiny", vision=vision_preset("tiny", num_layers=1),
                           text=llama_preset("tiny", num_layers=2, vocab_size=512))
   pixels = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
-  tokens = jax.ShapeDtypeStruct((3, 2, TEXT_LEN), jnp.int32)
-  forward = jax.jit(lambda p, x, t: InternVLG(model).apply({"params": p}, x, t, t > 0))
-  compiled = forward.lower(abstract_params(model), pixels, tokens).compile()
-  analytic = 2 * internvl_g_stage2_forward_flops(model, (32, 32), TEXT_LEN)
+  texts = 3 if packing_shape is None else 2
+  tokens = jax.ShapeDtypeStruct((texts, 2, TEXT_LEN), jnp.int32)
+  if packing_shape is None:
+    forward = jax.jit(lambda p, x, t: InternVLG(model).apply({"params": p}, x, t, t > 0))
+    args, rows = (), 2
+  else:
+    captions = jax.ShapeDtypeStruct((1, packing_shape[1]), jnp.int32)
+    forward = jax.jit(lambda p, x, t, c, s: InternVLG(model).apply(
+        {"params": p}, x, t, t > 0, packed_itg=(c, s)))
+    args, rows = (captions, captions), 1
+  compiled = forward.lower(abstract_params(model), pixels, tokens, *args).compile()
+  analytic = rows * internvl_g_stage2_forward_flops(model, (32, 32), TEXT_LEN, packing_shape)
   assert analytic <= compiled.cost_analysis()["flops"] <= 1.1 * analytic

@@ -1,9 +1,13 @@
 """Sequence packing's fill: the fraction of a batch's token slots that hold real tokens, with and
-without packing (`data/packing.py`), through the chat pipeline's own stages.
+without packing (`data/packing.py`), through the pipelines' own stages.
 
   python tools/benchmark.py packing [--conversations 4000]
 
-Two cases:
+Three cases:
+  * stage 2's ITG captions on the demo data (the stage-2 "demo" preset, captions of up to 32
+    tokens), read by its pair pipeline, packed --itg-pack-slots pairs to a row of
+    --itg-pack-length caption tokens; with the analytic model FLOPs per pair (`flops`), packed
+    at the measured pairs per row against unpacked;
   * the demo conversations (stage 3's "demo" preset: one 64-token image, a vicuna_v1 round), read
     from the demo dataset by its chat pipeline, packed into rows of --demo-pack-length tokens
     and --demo-pack-tiles tiles;
@@ -31,6 +35,7 @@ import os
 import grain
 import numpy as np
 
+from internvl_jax import flops
 from internvl_jax.data import config as config_lib
 from internvl_jax.data import issues
 from internvl_jax.data import packing
@@ -55,6 +60,8 @@ def _parse(argv):
                       help="conversations per unpacked per-device batch (official scripts: 4)")
   parser.add_argument("--demo-pack-length", type=int, default=1024)
   parser.add_argument("--demo-pack-tiles", type=int, default=16)
+  parser.add_argument("--itg-pack-length", type=int, default=128)
+  parser.add_argument("--itg-pack-slots", type=int, default=8)
   parser.add_argument("--seed", type=int, default=0)
   return parser.parse_args(argv)
 
@@ -88,7 +95,7 @@ def packed_fraction(processed: grain.MapDataset, packing_config: packing.Packing
   loader = config_lib.LoaderConfig(sources=(config_lib.Source("benchmark"),), global_batch_size=8,
                                    shuffle=False, num_epochs=1, shard_index=0, shard_count=1)
   real = slots = 0
-  for batch in pipeline.batched(loader, processed, packing_config):
+  for batch in pipeline.batched(loader, processed, packing_config, packing.CONVERSATIONS):
     real += int(np.sum(batch["segment_ids"] > 0))
     slots += batch["segment_ids"].size
   return real / slots
@@ -101,18 +108,46 @@ def padded_fractions(lengths: np.ndarray, micro_batch: int, max_len: int) -> tup
   return lengths.sum() / sum(longest), lengths.sum() / (len(lengths) * max_len)
 
 
-def _stage3_demo_config():
+def _demo_config(experiment: str):
   spec = importlib.util.spec_from_file_location(
-      "stage3_sft", os.path.join(REPO, "experiments", "stage3_sft.py"))
+      experiment, os.path.join(REPO, "experiments", f"{experiment}.py"))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config("demo")
 
 
+def itg_case(args) -> tuple[float, float, float, float]:
+  """(packed fill, unpacked fill, pairs per packed row, packed over unpacked model FLOPs per
+  pair) of the ITG captions of the first pairs of the stage-2 demo."""
+  config = _demo_config("stage2_generative")
+  stage = config.train.stage
+  unpacked, lengths = inputs.pair_batches(config), []
+  while len(lengths) < args.conversations:
+    lengths.extend(int(n) for n in np.sum(next(unpacked)["itg_text"] > 0, axis=1))
+  length, slots = args.itg_pack_length, args.itg_pack_slots
+  packed_config = config.replace(
+      train=config.train.replace(stage=dataclasses.replace(stage, pack_length=length,
+                                                           pack_tiles=slots)),
+      data=dataclasses.replace(config.data, pack_length=length, pack_tiles=slots))
+  packed, pairs, rows, real, token_slots = inputs.pair_batches(packed_config), 0, 0, 0, 0
+  while pairs < args.conversations:
+    batch = next(packed)
+    pairs, rows = pairs + int(batch["slot_valid"].sum()), rows + len(batch["slot_valid"])
+    real += int(np.sum(batch["itg_slots"] > 0))
+    token_slots += batch["itg_slots"].size
+  size = stage.input_size
+  per_pair = flops.internvl_g_stage2_training_flops(stage.model, (size, size), stage.text_len,
+                                                    stage.backbone_itc)
+  per_row = packed_config.train.stage.flops_per_example()
+  per_packed_pair = per_row * rows / pairs
+  return (real / token_slots, sum(lengths[:args.conversations]) /
+          (args.conversations * stage.text_len), pairs / rows, per_packed_pair / per_pair)
+
+
 def demo_case(args) -> tuple[float, float, float]:
   """(packed, unpacked to the micro-batch's longest, unpacked to max_len) over the first
   conversations of the demo data, both read by the stage-3 demo's chat pipeline."""
-  config = _stage3_demo_config()
+  config = _demo_config("stage3_sft")
   max_len = config.train.stage.max_len
   lengths = []
   unpacked = inputs.chat_batches(config)
@@ -131,6 +166,11 @@ def demo_case(args) -> tuple[float, float, float]:
 
 def main(argv):
   args = _parse(argv)
+  itg_packed, itg_unpacked, pairs_per_row, flops_ratio = itg_case(args)
+  print(f"stage-2 demo ITG captions ({args.conversations}): packed {args.itg_pack_slots} pairs to "
+        f"a {args.itg_pack_length}-token row {itg_packed:.4f} ({pairs_per_row:.2f} pairs per row); "
+        f"unpacked, padded to text_len {itg_unpacked:.4f}; model FLOPs per pair packed / "
+        f"unpacked {flops_ratio:.3f}")
   demo_packed, demo_longest, demo_max_len = demo_case(args)
   print(f"demo conversations ({args.conversations}): packed into {args.demo_pack_length}-token "
         f"rows {demo_packed:.4f}; unpacked, padded to the micro-batch's longest {demo_longest:.4f}, "

@@ -121,6 +121,11 @@ class PairDataConfig:
   itm_pool_size: int = 1024
   itg: bool = False
   itg_prefix: str = "English caption:"
+  # Stage 2 with ITG: pairs packed pack_tiles to a row by their ITG captions, which share a row of
+  # pack_length tokens (`data/packing.py`), at most pack_buffer_size rows open; None: one per row.
+  pack_length: int | None = None
+  pack_tiles: int = 8
+  pack_buffer_size: int = 20
 
   def __post_init__(self):
     owner = "PairDataConfig"
@@ -141,11 +146,28 @@ class PairDataConfig:
     _check_choice(owner, "itm_negatives", self.itm_negatives, ITM_NEGATIVES)
     if self.itm_negatives == "pool":
       _check_positive(owner, "itm_pool_size", self.itm_pool_size)
+    if self.pack_length is not None:
+      if not self.itg:
+        raise ValueError(f"{owner}: pack_length packs the ITG captions; set itg=True, or "
+                         "pack_length=None.")
+      if self.pack_length < self.max_text_len:
+        raise ValueError(f"{owner}: pack_length {self.pack_length} is shorter than a caption's "
+                         f"max_text_len {self.max_text_len}; raise it or lower max_text_len.")
+      _check_positive(owner, "pack_tiles", self.pack_tiles)
+      _check_positive(owner, "pack_buffer_size", self.pack_buffer_size)
     if self.itm_negatives in ("batch", "batch_hard"):
       host_batch = self.loader.global_batch_size // (self.loader.shard_count or 1)
+      if self.pack_length is not None:
+        host_batch *= self.pack_tiles
       if host_batch < 2:
         raise ValueError(f"{owner}: itm_negatives={self.itm_negatives!r} needs at least 2 "
                          f"examples per host batch, got {host_batch}.")
+
+  @property
+  def packing(self) -> packing_lib.Packing | None:
+    if self.pack_length is None:
+      return None
+    return packing_lib.Packing(self.pack_length, self.pack_tiles, self.pack_buffer_size)
 
   def replace(self, **changes) -> "PairDataConfig":
     return dataclasses.replace(self, **changes)

@@ -24,9 +24,10 @@ def _token_bags(texts: np.ndarray) -> np.ndarray:
   return bags
 
 
-def batch_negative_indices(texts: np.ndarray, rng: np.random.Generator,
-                           hard: bool) -> np.ndarray:
-  """Index, for each row of `texts` [B, L], of another row to use as its negative."""
+def batch_negative_indices(texts: np.ndarray, rng: np.random.Generator, hard: bool,
+                           candidates: np.ndarray | None = None) -> np.ndarray:
+  """Index, for each row of `texts` [B, L], of another row to use as its negative; only rows
+  where `candidates` [B] is True are chosen (default: any) while any other one is."""
   batch = texts.shape[0]
   ids = _row_ids(texts)
   if hard:
@@ -35,7 +36,10 @@ def batch_negative_indices(texts: np.ndarray, rng: np.random.Generator,
     score = bags @ bags.T + rng.uniform(0.0, 0.5, (batch, batch))
   else:
     score = rng.uniform(size=(batch, batch))
-  score = np.where(ids[:, None] != ids[None, :], score, -np.inf)
+  allowed = ids[:, None] != ids[None, :]
+  if candidates is not None:
+    allowed &= candidates[None, :]
+  score = np.where(allowed, score, -np.inf)
   choice = np.argmax(score, axis=1)
   no_candidate = np.isneginf(score.max(axis=1))
   choice[no_candidate] = (np.arange(batch)[no_candidate] + 1) % batch
@@ -56,8 +60,9 @@ class ItmNegatives:
   """Adds "itm_text" [B, L], a negative for every row, and "itm_label" [B] int32 to a host batch.
 
   As the reference splits each rank's batch, the first B - B // 2 rows are labelled 0 (trained
-  on their negative) and the rest 1 (their own caption). Random choices depend on (seed, batch
-  index).
+  on their negative) and the rest 1 (their own caption). Packed batches ("text" [B, K, L], with
+  "slot_valid" [B, K]) are taken as their B x K slots, and only filled slots give negatives.
+  Random choices depend on (seed, batch index).
   """
 
   def __init__(self, mode: str, seed: int, pool: np.ndarray | None = None):
@@ -69,11 +74,13 @@ class ItmNegatives:
 
   def __call__(self, batch: dict[str, np.ndarray], batch_index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng([self._seed, batch_index])
-    texts = batch["text"]
+    shape = batch["text"].shape
+    texts = batch["text"].reshape(-1, shape[-1])
     if self._mode == "pool":
       negatives = pool_negatives(texts, self._pool, rng)
     else:
-      negatives = texts[batch_negative_indices(texts, rng, hard=self._mode == "batch_hard")]
-    batch_size = len(texts)
-    labels = (np.arange(batch_size) >= batch_size - batch_size // 2).astype(np.int32)
-    return {**batch, "itm_text": negatives, "itm_label": labels}
+      filled = batch["slot_valid"].reshape(-1) if "slot_valid" in batch else None
+      negatives = texts[batch_negative_indices(texts, rng, self._mode == "batch_hard", filled)]
+    pairs = len(texts)
+    labels = (np.arange(pairs) >= pairs - pairs // 2).astype(np.int32)
+    return {**batch, "itm_text": negatives.reshape(shape), "itm_label": labels.reshape(shape[:-1])}

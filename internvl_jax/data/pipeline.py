@@ -161,15 +161,16 @@ def _use_default_flags(*unused_worker_args) -> None:
 
 
 def batched(loader: config_lib.LoaderConfig, processed: grain.MapDataset,
-            packing: packing_lib.Packing | None = None) -> grain.IterDataset:
-  """Processed records -> counted, packed (with `packing`), batched, prefetched by the
-  configured worker processes (each packs its own records)."""
+            packing: packing_lib.Packing | None = None,
+            layout: packing_lib.RowLayout | None = None) -> grain.IterDataset:
+  """Processed records -> counted, packed (with `packing`, into rows of `layout`), batched,
+  prefetched by the configured worker processes (each packs its own records)."""
   dataset = processed.to_iter_dataset(
       grain.ReadOptions(num_threads=loader.read_threads,
                         prefetch_buffer_size=2 * host_batch_size(loader)))
   dataset = _CountIssuesIterDataset(dataset)
   if packing is not None:
-    dataset = packing_lib.PackedRows(dataset, packing)
+    dataset = packing_lib.PackedRows(dataset, packing, layout)
   dataset = dataset.batch(host_batch_size(loader), drop_remainder=loader.num_epochs is None)
   if loader.worker_count:
     _use_default_flags()
@@ -294,7 +295,10 @@ def _caption_pool(config: config_lib.PairDataConfig,
 
 def pair_pipeline(config: config_lib.PairDataConfig) -> DataIterator:
   """Image-text batches for stages 1 and 2: "image" [B, S, S, 3] float32, "text" [B, L]
-  int32, and as configured "itm_text", "itg_text", "itg_labels", "class_label"; "valid"."""
+  int32, and as configured "itm_text", "itg_text", "itg_labels", "class_label"; "valid". Packed
+  (`config.pack_length`, stage 2): rows of pack_tiles pairs, each pair array [B, pack_tiles, ...]
+  with "slot_valid" [B, pack_tiles], their ITG captions in one row of pack_length tokens with
+  "itg_slots" (`data/packing.py`)."""
   tokenizer = tokenizer_lib.Tokenizer.load(config.tokenizer_path)
   loader = config.loader
   processed = records(loader).random_map(pairs.PairProcessor(config, tokenizer),
@@ -303,8 +307,9 @@ def pair_pipeline(config: config_lib.PairDataConfig) -> DataIterator:
   if config.itm_negatives != "none":
     pool = _caption_pool(config, tokenizer) if config.itm_negatives == "pool" else None
     add_extras = negatives.ItmNegatives(config.itm_negatives, _seed(loader.seed, 3), pool)
-  return DataIterator(loader, lambda start: batched(loader, shard(loader, processed, start)),
-                      config.tokenizer_path, add_extras)
+  return DataIterator(
+      loader, lambda start: batched(loader, shard(loader, processed, start), config.packing,
+                                    packing_lib.PAIRS), config.tokenizer_path, add_extras)
 
 
 def chat_pipeline(config: config_lib.ChatDataConfig) -> DataIterator:
@@ -316,5 +321,5 @@ def chat_pipeline(config: config_lib.ChatDataConfig) -> DataIterator:
   loader = config.loader
   processed = records(loader).map(chat.ChatProcessor(config, tokenizer))
   return DataIterator(
-      loader, lambda start: batched(loader, shard(loader, processed, start), config.packing),
-      config.tokenizer_path)
+      loader, lambda start: batched(loader, shard(loader, processed, start), config.packing,
+                                    packing_lib.CONVERSATIONS), config.tokenizer_path)

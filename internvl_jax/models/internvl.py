@@ -118,6 +118,7 @@ class Stage2Output:
   backbone_features: jax.Array  # (B, embed_dim) normalized: InternVL-C's, `clip_projector`
   text_features: jax.Array  # (B, embed_dim) normalized: the ITC text at its last real token
   itg_text: jax.Array  # (B, length, width) final-normed QLLaMA states at the ITG text positions
+  # (packed captions: (R, P, width), a row per R x K images)
   lm_logits: jax.Array | None  # (B, length, vocab) float32 of `itg_text`; None when not asked for
   logit_scale: jax.Array  # () the log scale
 
@@ -162,7 +163,8 @@ class InternVLG(_DualEncoder):
     return vision, unflatten(out.queries), unflatten(out.text)
 
   def __call__(self, pixels, tokens, attention_mask, *, train: bool = False,
-               return_logits: bool = True) -> Stage2Output:
+               return_logits: bool = True, packed_itg: tuple[jax.Array, jax.Array] | None = None
+               ) -> Stage2Output:
     """The stage-2 forward: `tokens` and `attention_mask` are (3, B, length), the ITM, ITC and ITG
     text batches in `STAGE2_MODES` order, each right-padded to the same length.
 
@@ -170,21 +172,35 @@ class InternVLG(_DualEncoder):
     the rest; ITC rows "summarize:" + caption; ITG rows "English caption:" + caption. All 3B rows
     go through QLLaMA in one pass, each batch under its own mask, against the same image tokens.
     Without `return_logits` the ITG loss projects `itg_text` itself (`llama.head_kernel`).
+
+    With `packed_itg` = (tokens, slots), each (R, P) with B = R x K, the ITG captions come packed
+    K images to a row instead (`QLlama`'s packed "itg" rows; image r x K + k is slot k + 1 of row
+    r), and `tokens` holds only the ITM and ITC batches: they run in one pass, the packed rows in
+    a second, and `itg_text` is (R, P, width).
     """
-    if tokens.ndim != 3 or tokens.shape[0] != len(STAGE2_MODES):
-      raise ValueError(f"stage-2 tokens must be (3, batch, length) for {STAGE2_MODES}; got shape "
-                       f"{tokens.shape}.")
+    modes = STAGE2_MODES if packed_itg is None else STAGE2_MODES[:2]
+    if tokens.ndim != 3 or tokens.shape[0] != len(modes):
+      raise ValueError(f"stage-2 tokens must be ({len(modes)}, batch, length) for {modes}; got "
+                       f"shape {tokens.shape}.")
     if attention_mask.shape != tokens.shape:
       raise ValueError(f"attention_mask has shape {attention_mask.shape}, tokens {tokens.shape}.")
-    vision, queries, text = self.text_batches(pixels, tokens, attention_mask, STAGE2_MODES,
-                                              train=train)
+    vision, queries, text = self.text_batches(pixels, tokens, attention_mask, modes, train=train)
+    if packed_itg is None:
+      itg_text = text[2]
+    else:
+      itg_tokens, itg_slots = packed_itg
+      rows = itg_tokens.shape[0]
+      if vision.shape[0] % rows:
+        raise ValueError(f"{vision.shape[0]} images do not make {rows} packed ITG rows.")
+      slotted = vision.reshape((rows, -1) + vision.shape[1:])
+      itg_text = self.qllama(itg_tokens, itg_slots, slotted, mode="itg").text
     return Stage2Output(
         itm_logits=jnp.mean(self.itm_head(queries[0]).astype(jnp.float32), axis=1),
         image_features=l2_normalize(self.clip_projector2(queries[1])),
         backbone_features=l2_normalize(self.clip_projector(vision)),
         text_features=self.project_text(text[1], attention_mask[1]),
-        itg_text=text[2],
-        lm_logits=self.qllama.logits(text[2]) if return_logits else None,
+        itg_text=itg_text,
+        lm_logits=self.qllama.logits(itg_text) if return_logits else None,
         logit_scale=self.logit_scale)
 
 

@@ -31,7 +31,8 @@ from internvl_jax.models.llama import ACTIVATION
 MODES = ("text", "image", "itc", "itm", "itg")
 
 
-def attention_mask_and_positions(mode: str, text_mask: jax.Array, num_queries: int):
+def attention_mask_and_positions(mode: str, text_mask: jax.Array, num_queries: int,
+                                 slots: int = 1):
   """The `AttentionMask` over the mode's sequence and its (batch, T) positions.
 
   The sequence is [queries; text] (T = num_queries + length), the text alone in "text" mode, the
@@ -43,24 +44,33 @@ def attention_mask_and_positions(mode: str, text_mask: jax.Array, num_queries: i
   Queries sit at positions 0..num_queries-1 and the text follows; text positions count the real
   tokens before each token, as LLaMA's, so with right padding they are the reference's arange
   and, RoPE being relative, the "itc" text equals the "text" mode text.
+
+  A packed "itg" row holds `slots` captions: the sequence is [queries of slot 1 .. queries of slot
+  `slots`; captions], `text_mask` the captions' slots (segment ids 1..slots, 0 on padding). Each
+  caption then sees only its own slot's queries and itself, at the positions it has alone.
   """
   if mode not in MODES:
     raise ValueError(f"Unknown QLLaMA mode {mode!r}; known: {MODES}.")
+  if slots != 1 and mode != "itg":
+    raise ValueError(f"Only 'itg' rows pack several captions; got {slots} slots in {mode!r}.")
   text_only_mask, _, text_positions = llama.attention_mask_and_positions(text_mask, None)
   if mode == "text":
     return text_only_mask, text_positions
   batch, length = text_mask.shape
   if mode == "image" and length:
     raise ValueError("QLLaMA's image mode has no text.")
-  query_positions = jnp.broadcast_to(jnp.arange(num_queries, dtype=jnp.int32), (batch, num_queries))
+  query_positions = jnp.broadcast_to(jnp.tile(jnp.arange(num_queries, dtype=jnp.int32), slots),
+                                     (batch, slots * num_queries))
   positions = jnp.concatenate([query_positions, num_queries + text_positions], axis=1)
   if mode == "image":
     return AttentionMask(), positions
   text_segment = 2 if mode == "itc" else 1
-  segments = jnp.concatenate([jnp.ones((batch, num_queries), jnp.int32),
+  query_segments = jnp.repeat(jnp.arange(1, slots + 1, dtype=jnp.int32), num_queries)
+  segments = jnp.concatenate([jnp.broadcast_to(query_segments, (batch, slots * num_queries)),
                               text_segment * text_mask.astype(jnp.int32)], axis=1)
   causal = mode != "itm"
-  mask = AttentionMask(segments, segments, causal=causal, prefix=num_queries if causal else 0)
+  mask = AttentionMask(segments, segments, causal=causal,
+                       prefix=slots * num_queries if causal else 0)
   return mask, positions
 
 
@@ -98,11 +108,16 @@ class CrossAttentionDecoderLayer(llama.DecoderLayer):
                                      attention_config=cfg.attention)
 
   def __call__(self, x, vision, mask, positions, cache_index, layer_cache):
+    """`vision` (batch, tokens, width), or (batch, slots, tokens, width) for packed rows: the row's
+    query groups then attend to their own slot's image."""
     x, layer_cache = self.attention_step(x, mask, positions, cache_index, layer_cache)
     if vision is not None:
-      queries = x[:, :self.num_queries]
-      queries = queries + self.cross_attn(queries, vision)
-      x = layers.constrain(jnp.concatenate([queries, x[:, self.num_queries:]], axis=1), ACTIVATION)
+      slots = 1 if vision.ndim == 3 else vision.shape[1]
+      batch, end = x.shape[0], slots * self.num_queries
+      queries = x[:, :end].reshape(batch * slots, self.num_queries, x.shape[-1])
+      queries = queries + self.cross_attn(queries, vision.reshape((-1,) + vision.shape[-2:]))
+      x = jnp.concatenate([queries.reshape(batch, end, x.shape[-1]), x[:, end:]], axis=1)
+      x = layers.constrain(x, ACTIVATION)
     return self.mlp_step(x), layer_cache
 
 
@@ -153,17 +168,21 @@ def _check_inputs(config: QLlamaConfig, modes, tokens, attention_mask, vision):
       raise ValueError(f"a batch of {tokens.shape[0]} rows does not split into the {len(modes)} "
                        f"modes {modes}.")
   if vision is not None:
-    if vision.ndim != 3 or vision.shape[-1] != config.vision_width:
-      raise ValueError(f"vision features must be (batch, tokens, {config.vision_width}); got shape "
+    if vision.ndim not in (3, 4) or vision.shape[-1] != config.vision_width:
+      raise ValueError(f"vision features must be (batch, tokens, {config.vision_width}), or (batch, "
+                       f"slots, tokens, {config.vision_width}) for packed 'itg' rows; got shape "
                        f"{vision.shape}.")
+    if vision.ndim == 4 and (modes != ("itg",) or tokens.shape[0] != vision.shape[0]):
+      raise ValueError(f"vision features with a slot axis {vision.shape} take 'itg' rows of one "
+                       f"batch; got modes {modes} and tokens of shape {tokens.shape}.")
     if tokens is not None and tokens.shape[0] % vision.shape[0]:
       raise ValueError(f"the text batch {tokens.shape[0]} is not a multiple of the vision batch "
                        f"{vision.shape[0]}.")
 
 
 def _text_mask(tokens, attention_mask):
-  """True for real tokens (transformers' mask; default: all real)."""
-  return jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
+  """Nonzero for real tokens (transformers' mask, or a packed row's slots; default: all real)."""
+  return jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask
 
 
 class QLlama(nn.Module):
@@ -193,10 +212,16 @@ class QLlama(nn.Module):
     `mode` may be a tuple of the modes with queries and text ("itc", "itm", "itg"): the batch is
     then that many equal chunks, each under its own mode, as stage 2 runs its three objectives
     in one pass.
+
+    Packed "itg" rows (stage 2's packed captions): `vision` (batch, slots, tokens, vision_width),
+    a row's images, and `attention_mask` the slot of each caption token (1..slots, 0 on padding);
+    the row is [queries of each slot; captions] (`attention_mask_and_positions`), and the query
+    outputs are (batch, slots * num_queries, width).
     """
     cfg = self.config
     modes = (mode,) if isinstance(mode, str) else tuple(mode)
     _check_inputs(cfg, modes, tokens, attention_mask, vision)
+    slots = 1 if vision is None or vision.ndim == 3 else vision.shape[1]
     if modes == ("image",):
       text_mask = jnp.ones((vision.shape[0], 0), bool)
     else:
@@ -204,18 +229,18 @@ class QLlama(nn.Module):
     batch = text_mask.shape[0]
     parts = []
     if modes != ("text",):
-      parts.append(self._queries(batch))
+      parts.append(self._queries(batch, slots))
     if modes != ("image",):
       parts.append(self.embed_tokens(tokens))
     x = layers.constrain(jnp.concatenate(parts, axis=1), ACTIVATION)
-    masks, positions = zip(*(attention_mask_and_positions(m, chunk, cfg.num_queries)
+    masks, positions = zip(*(attention_mask_and_positions(m, chunk, cfg.num_queries, slots)
                              for m, chunk in zip(modes, jnp.split(text_mask, len(modes)))))
     mask = masks[0] if len(masks) == 1 else masks
     positions = jnp.concatenate(positions, axis=0)
 
     x, _ = self.layers(x, vision, mask, positions, None, None)
     x = self.norm(x)
-    num_queries = 0 if modes == ("text",) else cfg.num_queries
+    num_queries = 0 if modes == ("text",) else slots * cfg.num_queries
     return QLlamaOutput(queries=x[:, :num_queries] if num_queries else None,
                         text=None if modes == ("image",) else x[:, num_queries:])
 
@@ -263,9 +288,10 @@ class QLlama(nn.Module):
                                    cache.replace(valid=valid))
     return self.logits(x), cache
 
-  def _queries(self, batch: int) -> jax.Array:
-    dtype = self.config.text.compute_dtype
-    return jnp.broadcast_to(self.query_tokens.astype(dtype), (batch,) + self.query_tokens.shape[1:])
+  def _queries(self, batch: int, slots: int = 1) -> jax.Array:
+    """(batch, slots * num_queries, width): the learned queries, once per slot."""
+    queries = jnp.tile(self.query_tokens.astype(self.config.text.compute_dtype), (1, slots, 1))
+    return jnp.broadcast_to(queries, (batch,) + queries.shape[1:])
 
   def _cached_layers(self, x, vision, mask, positions, cache: llama.KVCache):
     """The layers and final norm over `x`, written to `cache` from `cache.index` on (its `valid`

@@ -107,7 +107,8 @@ class DataConfig:
   itg_prefix: str = "English caption:"
   image_id: str = "none"  # multi-positive ids: "feature" (the record's) or "image_hash"
   # Stage 3: conversations packed into rows of pack_length tokens and pack_tiles tiles (the
-  # official max_packed_tokens, num_images_expected, max_buffer_size); None: one per row. The
+  # official max_packed_tokens, num_images_expected, max_buffer_size); stage 2: pairs packed
+  # pack_tiles to a row, their ITG captions in one of pack_length tokens; None: one per row. The
   # stage's pack_length and pack_tiles must be the same (train.stage.pack_length=...).
   pack_length: int | None = None
   pack_tiles: int = 40
@@ -175,21 +176,28 @@ def check_experiment(config: ExperimentConfig):
                      "--set eval.data=tfds:coco_captions:test (or 'demo').")
 
 
+# The segment ids a packed batch has, by stage: the arrays whose second axis is its rows' tokens
+# and slots.
+_PACKED_ROWS = {"segment_ids": ("tokens", "tiles"), "itg_slots": ("itg_text", "image")}
+
+
 def _check_packing(config: ExperimentConfig):
-  """Packed data makes "segment_ids" rows of data.pack_length tokens and data.pack_tiles tiles:
-  the stage must take those, and take them only from packed data."""
+  """Packed data makes rows of data.pack_length tokens and data.pack_tiles slots with segment
+  ids: the stage must take those, and take them only from packed data."""
   stage, data = config.train.stage, config.data
   batch = stage.abstract_batch(1)
-  if "segment_ids" not in batch:
+  packed = [key for key in _PACKED_ROWS if key in batch]
+  if not packed:
     if data.pack_length is not None:
       raise ValueError(f"data.pack_length={data.pack_length} packs rows that "
                        f"{type(stage).__name__} does not train on; set it to None, or set the "
                        f"stage's pack_length (--set train.stage.pack_length={data.pack_length}).")
     return
-  shape = (batch["tokens"].shape[1], batch["tiles"].shape[1])
+  tokens, slots = _PACKED_ROWS[packed[0]]
+  shape = (batch[tokens].shape[1], batch[slots].shape[1])
   if (data.pack_length, data.pack_tiles) != shape:
     raise ValueError(f"{type(stage).__name__} trains on packed rows of {shape[0]} tokens and "
-                     f"{shape[1]} tiles; data.pack_length={data.pack_length} and "
+                     f"{shape[1]} slots; data.pack_length={data.pack_length} and "
                      f"data.pack_tiles={data.pack_tiles} must be the same "
                      f"(--set data.pack_length={shape[0]} --set data.pack_tiles={shape[1]}).")
 

@@ -27,14 +27,15 @@ def loader(config: ExperimentConfig) -> tuple[data_config.LoaderConfig, str]:
 
 def pair_batches(config: ExperimentConfig) -> pipeline.DataIterator:
   """Image-text pairs (stages 1, 2, retrieval fine-tuning) at the stage's input size and text
-  length, with the configured augmentation, ITM negatives, ITG inputs and image ids."""
+  length, with the configured augmentation, ITM negatives, ITG inputs, image ids and packing."""
   stage, data = config.train.stage, config.data
   pairs_loader, tokenizer = loader(config)
   return pipeline.pair_pipeline(data_config.PairDataConfig(
       loader=pairs_loader, tokenizer_path=tokenizer, image_size=stage.input_size,
       max_text_len=stage.text_len, train_augment=data.augment, flip=data.flip,
       itm_negatives=data.itm_negatives, itm_pool_size=data.itm_pool_size, itg=data.itg,
-      itg_prefix=data.itg_prefix, image_id=data.image_id))
+      itg_prefix=data.itg_prefix, image_id=data.image_id, pack_length=data.pack_length,
+      pack_tiles=data.pack_tiles, pack_buffer_size=data.pack_buffer_size))
 
 
 def chat_batches(config: ExperimentConfig) -> pipeline.DataIterator:
