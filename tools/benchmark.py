@@ -1,11 +1,12 @@
 """Benchmarks (not tests). Each prints its figures; BENCHMARKS.md records them with the command.
 
   python tools/benchmark.py vit --preset tiny --batch 8
-      InternViT forward+backward: images/s, achieved FLOP/s, MFU against a dense matmul measured
-      on the same device in the same run; on the CPU also transformers' InternVLVisionModel of the
-      same config, timed in turns with JAX, the ratio, MFU against the better of XLA's and
-      torch's matmul, and (with --platform cpu) the JAX step's op time by category.
-      --layers-as both times the scanned and the unrolled blocks in the same turns.
+      InternViT forward+backward: images/s, achieved FLOP/s and MFU, JAX against transformers'
+      InternVLVisionModel of the same config on the same device, timed in turns, and the ratio.
+      MFU is against the device's dense bfloat16 peak where `hardware.DEVICES` knows it, on the
+      CPU against the better of XLA's and torch's float32 matmul measured in the same run;
+      with --platform cpu also the JAX step's op time by category. --layers-as both times the
+      scanned and the unrolled blocks, --attention xla,cudnn each attention, in the same turns.
   python tools/benchmark.py convert [--layers 5]
       Peak memory of the converters on a synthetic checkpoint (see tools/benchmark_convert.py).
   python tools/benchmark.py data --stage 1
@@ -24,6 +25,8 @@
 """
 
 import argparse
+import importlib
+import itertools
 import os
 import statistics
 import sys
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax import losses
-from internvl_jax.config import DTYPES, vision_preset
+from internvl_jax.config import DTYPES, AttentionConfig, vision_preset
 from internvl_jax.convert.intern_vit_layouts import TRANSFORMERS, config_json
 from internvl_jax.models.intern_vit import init_params
 from internvl_jax.flops import training_flops, vit_forward_flops
@@ -42,11 +45,7 @@ from internvl_jax.models.intern_vit import InternViT
 from internvl_jax.train import hardware
 
 import benchmark_compare  # tools/, next to this file
-import benchmark_convert
-import benchmark_data
-import benchmark_packing
 import benchmark_profile
-import benchmark_sft
 
 
 def _timed(fn) -> float:
@@ -62,8 +61,7 @@ def use_platform(name: str | None) -> None:
     jax.config.update("jax_platforms", name)
 
 
-def _jax_step(config, batch, image_size):
-  params = jax.device_put(init_params(config))
+def _jax_step(config, batch, image_size, params):
   pixels = jnp.asarray(np.random.default_rng(0).normal(size=(batch, image_size, image_size, 3)), jnp.float32)
 
   def loss(p):
@@ -75,19 +73,28 @@ def _jax_step(config, batch, image_size):
   return step, params
 
 
-def _torch_step(config, batch, image_size):
+def _torch_step(config, batch, image_size, device: str):
+  """transformers' InternVLVisionModel of `config` on `device` ("cpu" or "cuda"); a half-precision
+  `config.dtype` runs under autocast, float32 params with half-precision compute, as JAX's."""
   import torch
   import transformers
 
-  torch.set_num_threads(os.cpu_count())
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count())
   hf_config = transformers.InternVLVisionConfig(**{
       k: v for k, v in config_json(config, TRANSFORMERS).items() if k not in ("architectures", "model_type")})
-  model = transformers.InternVLVisionModel(hf_config).train()
-  pixels = torch.randn(batch, 3, image_size, image_size)
+  model = transformers.InternVLVisionModel(hf_config).to(device).train()
+  pixels = torch.randn(batch, 3, image_size, image_size, device=device)
+  half = config.dtype != "float32"
+  autocast = lambda: torch.autocast(device, dtype=getattr(torch, config.dtype), enabled=half)
 
   def step():
     model.zero_grad(set_to_none=True)
-    model(pixels).last_hidden_state.pow(2).mean().backward()
+    with autocast():
+      hidden = model(pixels).last_hidden_state
+    hidden.float().pow(2).mean().backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
 
   step()  # warm-up
   return step
@@ -104,11 +111,17 @@ def benchmark_vit(argv):
   parser.add_argument("--layers-as", choices=("scan", "unrolled", "both"), default="scan",
                       help="the blocks as the scan or as a Python loop (VisionConfig.scan_layers); "
                            "both: each, timed in the same turns")
+  parser.add_argument("--attention", default="auto",
+                      help="attention implementations (AttentionConfig), comma-separated: each "
+                           "is a JAX runner of its own, e.g. xla,cudnn on a GPU")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
   parser.add_argument("--platform", help="pin JAX to this platform (cpu: needed for the profile)")
-  parser.add_argument("--no-torch", action="store_true", help="skip the transformers comparison")
+  parser.add_argument("--libraries", default="jax,transformers",
+                      help="which sides run, comma-separated (one alone where both do not fit "
+                           "the device's memory)")
   args = parser.parse_args(argv)
   use_platform(args.platform)
+  libraries = set(args.libraries.split(","))
 
   overrides = {"dtype": args.dtype, "remat_policy": args.remat}
   if args.layers:
@@ -118,27 +131,40 @@ def benchmark_vit(argv):
   flops_per_step = training_flops(vit_forward_flops(config, (image_size, image_size))) * args.batch
   device = jax.devices()[0]
   on_cpu = device.platform == "cpu"
-  side_by_side = on_cpu and not args.no_torch
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}")
   if on_cpu:
     benchmark_compare.describe_machine()
-  if side_by_side and args.dtype == "float32":
+  if on_cpu and args.dtype == "float32" and "transformers" in libraries:
     peak = benchmark_compare.best_matmul_tflops()
   else:
-    peak = hardware.measure_tflops(device, 2048 if on_cpu else 8192, dtype=DTYPES[args.dtype])
-    print(f"dense {args.dtype} matmul: {peak:.3f} TFLOP/s")
+    measured = hardware.measure_tflops(device, 2048 if on_cpu else 8192,
+                                       dtype=DTYPES[args.dtype])
+    peak = hardware.peak_tflops(device.device_kind) or measured
+    print(f"dense {args.dtype} matmul: {measured:.3f} TFLOP/s measured; MFU below is against "
+          f"{peak:.3f} TFLOP/s")
   print(f"InternViT {args.preset} (layers {config.num_layers}, width {config.hidden_size}), "
         f"{image_size}px, batch {args.batch}, {args.dtype}, remat {args.remat}, layers as "
-        f"{args.layers_as}: {flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
+        f"{args.layers_as}, attention {args.attention}: {flops_per_step / 1e9:.1f} GFLOP per "
+        "forward+backward step")
 
   loops = ("scan", "unrolled") if args.layers_as == "both" else (args.layers_as,)
-  jax_steps = {("jax" if len(loops) == 1 else f"jax {loop}"):
-               _jax_step(config.replace(scan_layers=loop == "scan"), args.batch, image_size)
-               for loop in loops}
+  implementations = args.attention.split(",")
+  jax_steps = {}
+  # The variants share one copy of the params (InternViT-6B's float32 params are 24 GB).
+  params = jax.device_put(init_params(config)) if "jax" in libraries else None
+  for loop, implementation in itertools.product(loops, implementations):
+    if "jax" not in libraries:
+      break
+    name = " ".join(["jax"] + ([loop] if len(loops) > 1 else []) +
+                    ([implementation] if len(implementations) > 1 else []))
+    variant = config.replace(scan_layers=loop == "scan",
+                             attention=AttentionConfig(implementation=implementation))
+    jax_steps[name] = _jax_step(variant, args.batch, image_size, params)
   runners = {name: lambda step=step, params=params: jax.block_until_ready(step(params))
              for name, (step, params) in jax_steps.items()}
-  if side_by_side:
-    runners["transformers"] = _torch_step(config, args.batch, image_size)
+  if "transformers" in libraries:
+    runners["transformers"] = _torch_step(config, args.batch, image_size,
+                                          "cpu" if on_cpu else "cuda")
   times = benchmark_compare.alternate(runners, args.steps)
   benchmark_compare.print_comparison(times, flops_per_step, peak, "images", args.batch)
   if jax.config.jax_platforms == "cpu":
@@ -179,13 +205,16 @@ def benchmark_loss(argv):
 
 
 def main():
-  commands = {"vit": benchmark_vit, "convert": benchmark_convert.main, "data": benchmark_data.main,
-              "loss": benchmark_loss, "packing": benchmark_packing.main,
-              "sft": benchmark_sft.main}
-  if len(sys.argv) < 2 or sys.argv[1] not in commands:
+  # The other commands live in tools/benchmark_NAME.py, imported when asked for: the data ones
+  # need grain and TFDS, which a GPU host timing the models may lack.
+  commands = {"vit": benchmark_vit, "loss": benchmark_loss}
+  modules = ("convert", "data", "packing", "sft")
+  if len(sys.argv) < 2 or sys.argv[1] not in (*commands, *modules):
     print(__doc__)
     sys.exit(2)
-  commands[sys.argv[1]](sys.argv[2:])
+  name = sys.argv[1]
+  command = commands.get(name) or importlib.import_module(f"benchmark_{name}").main
+  command(sys.argv[2:])
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """One InternVL-Chat SFT train step (forward + backward) on a packed row, JAX against transformers'
-`InternVLForConditionalGeneration` loaded from the same weights, on the CPU.
+`InternVLForConditionalGeneration` loaded from the same weights, on the same device.
 
   python tools/benchmark.py sft [--vision-layers 2] [--llm-layers 2] [--row 512] [--samples 3]
+  python tools/benchmark.py sft --platform gpu --dtype bfloat16 --attention xla,cudnn \
+      --vision-layers 24 --llm-layers 22 --row 8192 --samples 24
 
 The model is InternViT-300M's blocks at 224 px (256 patches, pixel-shuffled to 64 image tokens)
 and TinyLlama-1.1B's decoder blocks (width 2048, grouped-query attention) with its 32,000-token
@@ -11,7 +13,9 @@ frozen (forward only). JAX runs the stage-3 loss of the trainer
 (`ChatStage`: segment ids, chunked cross-entropy); transformers takes the packed row as position
 ids that restart at each sample with no attention mask, from which it builds the block-diagonal
 causal mask for its sdpa attention (flash-attn's varlen kernels do not run on the CPU). Both
-losses are printed: they agree when the two compute the same thing.
+losses are printed: they agree when the two compute the same thing. A half-precision --dtype is
+the models' compute dtype, float32 params, under autocast on the PyTorch side. The op-time
+profile is the CPU's only.
 """
 
 import argparse
@@ -23,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from internvl_jax import flops
-from internvl_jax.config import ChatConfig, llama_preset, vision_preset
+from internvl_jax.config import AttentionConfig, ChatConfig, llama_preset, vision_preset
+from internvl_jax.train import hardware
 from internvl_jax.convert.pytorch import export_pytorch
 from internvl_jax.data.tokenizer import IGNORE_LABEL
 from internvl_jax.models import chat, llama
@@ -35,10 +40,12 @@ import benchmark_profile
 IMAGE_SIZE = 224
 
 
-def chat_config(vision_layers: int, llm_layers: int) -> ChatConfig:
-  llm = llama_preset("tinyllama-1.1b", num_layers=llm_layers)
+def chat_config(vision_layers: int, llm_layers: int, dtype: str = "float32",
+                attention: str = "auto") -> ChatConfig:
+  kernel = AttentionConfig(implementation=attention)
+  llm = llama_preset("tinyllama-1.1b", num_layers=llm_layers, dtype=dtype, attention=kernel)
   return ChatConfig(vision=vision_preset("300m-448", num_layers=vision_layers,
-                                         image_size=IMAGE_SIZE),
+                                         image_size=IMAGE_SIZE, dtype=dtype, attention=kernel),
                     llm=llm, variant="v1.5", image_size=IMAGE_SIZE,
                     image_context_id=llm.vocab_size - 1)
 
@@ -80,25 +87,32 @@ def _jax_step(stage: ChatStage, params, batch):
   return step, trained
 
 
-def _torch_step(config: ChatConfig, params, batch, directory: str):
+def _torch_step(config: ChatConfig, params, batch, directory: str, device: str):
   import torch
   import transformers
 
-  torch.set_num_threads(os.cpu_count())
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count())
   export_pytorch(config, params, directory, layout="transformers")
   model = transformers.InternVLForConditionalGeneration.from_pretrained(
-      directory, attn_implementation="sdpa").train()
+      directory, attn_implementation="sdpa").to(device).train()
   model.model.vision_tower.requires_grad_(False)
   positions = np.array(llama.segment_positions(jnp.asarray(batch["segment_ids"])))
   inputs = {"input_ids": torch.from_numpy(batch["tokens"]).long(),
             "labels": torch.from_numpy(batch["labels"]).long(),
             "position_ids": torch.from_numpy(positions).long(),
             "pixel_values": torch.from_numpy(batch["tiles"][0].transpose(0, 3, 1, 2).copy())}
+  inputs = {key: value.to(device) for key, value in inputs.items()}
+  dtype = config.llm.dtype
+  autocast = lambda: torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
   def step():
     model.zero_grad(set_to_none=True)
-    loss = model(**inputs, use_cache=False).loss
+    with autocast():
+      loss = model(**inputs, use_cache=False).loss
     loss.backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
     return loss
 
   print(f"transformers loss {step().item():.6f}")
@@ -112,29 +126,50 @@ def main(argv):
   parser.add_argument("--row", type=int, default=512, help="tokens in the packed row")
   parser.add_argument("--samples", type=int, default=3, help="conversations (one tile each)")
   parser.add_argument("--steps", type=int, default=5, help="timed steps (median reported)")
+  parser.add_argument("--platform", default="cpu", help="JAX's platform: cpu or gpu")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--attention", default="auto",
+                      help="attention implementations, comma-separated: a JAX runner each")
   args = parser.parse_args(argv)
-  jax.config.update("jax_platforms", "cpu")  # transformers runs on the CPU; the profile needs it
+  jax.config.update("jax_platforms", args.platform)
+  on_cpu = args.platform == "cpu"
 
-  config = chat_config(args.vision_layers, args.llm_layers)
-  # One loss block as wide as the vocabulary: a short row's logits fit, as PyTorch keeps them.
-  stage = ChatStage(model=config, max_len=args.row, pack_length=args.row, pack_tiles=args.samples,
-                    loss_block_size=config.llm.vocab_size)
+  implementations = args.attention.split(",")
+  configs = {name: chat_config(args.vision_layers, args.llm_layers, args.dtype, name)
+             for name in implementations}
+  config = configs[implementations[0]]
   batch = packed_row(config, args.row, args.samples)
   flops_per_step = flops.chat_training_flops(config, args.row, args.samples)
-  benchmark_compare.describe_machine()
-  peak = benchmark_compare.best_matmul_tflops()
+  device = jax.devices()[0]
+  if on_cpu:
+    benchmark_compare.describe_machine()
+  if on_cpu and args.dtype == "float32":
+    peak = benchmark_compare.best_matmul_tflops()
+  else:
+    peak = hardware.peak_tflops(device.device_kind) or hardware.measure_tflops(device, 8192)
+    print(f"{device.device_kind}: MFU below is against {peak:.3f} TFLOP/s")
   print(f"InternVL-Chat: InternViT-300M blocks x{args.vision_layers} at {IMAGE_SIZE} px, "
         f"TinyLlama blocks x{args.llm_layers}, vocabulary {config.llm.vocab_size}; one packed "
-        f"row of {args.row} tokens, {args.samples} samples of one tile; "
+        f"row of {args.row} tokens, {args.samples} samples of one tile; {args.dtype}; "
         f"{flops_per_step / 1e9:.1f} GFLOP per forward+backward step")
 
   params = jax.device_put(chat.init_params(config))
   jax_batch = {key: jnp.asarray(value) for key, value in batch.items()}
-  step, trained = _jax_step(stage, params, jax_batch)
+  runners, steps = {}, {}
+  for name, variant in configs.items():
+    # One loss block as wide as the vocabulary: a short row's logits fit, as PyTorch keeps them.
+    stage = ChatStage(model=variant, max_len=args.row, pack_length=args.row,
+                      pack_tiles=args.samples, loss_block_size=config.llm.vocab_size)
+    label = "jax" if len(configs) == 1 else f"jax {name}"
+    step, trained = steps[label] = _jax_step(stage, params, jax_batch)
+    runners[label] = lambda step=step, trained=trained: jax.block_until_ready(
+        step(trained, jax_batch))
   with tempfile.TemporaryDirectory() as directory:
-    torch_step = _torch_step(config, params, batch, directory)
-  runners = {"jax": lambda: jax.block_until_ready(step(trained, jax_batch)),
-             "transformers": torch_step}
+    runners["transformers"] = _torch_step(config, params, batch, directory,
+                                          "cpu" if on_cpu else "cuda")
   times = benchmark_compare.alternate(runners, args.steps)
   benchmark_compare.print_comparison(times, flops_per_step, peak, "tokens", args.row)
-  benchmark_compare.print_breakdown("jax", benchmark_profile.breakdown(step, trained, jax_batch))
+  if on_cpu:
+    for label, (step, trained) in steps.items():
+      benchmark_compare.print_breakdown(label, benchmark_profile.breakdown(step, trained,
+                                                                           jax_batch))
