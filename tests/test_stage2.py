@@ -162,7 +162,8 @@ def test_backbone_itc_scores_internvl_cs_embedding_over_the_whole_accumulated_ba
   # InternVL-C's image embedding against the ITC text features, every row against every column.
   features = jax.jit(lambda b: stage.encode(params, b, jax.random.key(1), train=False))(batch)
   model = InternVLG(MODEL)
-  image_c = model.apply({"params": params}, batch["image"], mode="C", method=model.encode_image)
+  image_c = jax.jit(lambda p: model.apply({"params": p}, batch["image"], mode="C",
+                                          method=model.encode_image))(params)
   np.testing.assert_allclose(features["backbone"], image_c, rtol=1e-5, atol=1e-6)
   expected, _ = losses.clip_softmax_loss(image_c, features["text"], params["logit_scale"],
                                          max_logit_scale=stage.max_logit_scale,
@@ -178,7 +179,8 @@ def test_itg_loss_is_the_next_token_loss_of_the_lm_logits():
   features = jax.jit(lambda b: stage.encode(params, b, jax.random.key(1), train=False))(batch)
   # ITG rows see only their queries, so the other two text batches do not change their logits.
   tokens = np.stack([batch["text"], batch["text"], batch["itg_text"]])
-  logits = InternVLG(MODEL).apply({"params": params}, batch["image"], tokens, tokens > 0).lm_logits
+  logits = jax.jit(lambda p: InternVLG(MODEL).apply({"params": p}, batch["image"], tokens,
+                                                    tokens > 0).lm_logits)(params)
   nll, counts = losses.lm_example_losses(logits, batch["itg_labels"], ignore_index=IGNORE_LABEL,
                                          valid=batch["valid"])
   assert counts[-1] == 0 and np.sum(counts) > 0
