@@ -234,8 +234,11 @@ def packed_pair_config(corrupted, data_dir, tokenizer_path, **loader_overrides):
                         pack_buffer_size=3)
 
 
-def test_packed_pairs_arrive_whole_with_their_captions(corrupted, data_dir, tokenizer_path):
-  # One epoch both ways: every pair once, its image, texts and ITG caption together in a slot.
+@pytest.mark.parametrize("worker_count", [0, 2])
+def test_packed_pairs_arrive_whole_with_their_captions(corrupted, data_dir, tokenizer_path,
+                                                       worker_count):
+  # One epoch both ways: every pair once, its image, texts and ITG caption together in a slot;
+  # with worker processes, each packs its own records.
   plain_config = pair_config(corrupted, data_dir, tokenizer_path, num_epochs=1,
                              shuffle=False).replace(train_augment=False, itg=True,
                                                     itg_prefix="summarize:")
@@ -245,8 +248,8 @@ def test_packed_pairs_arrive_whole_with_their_captions(corrupted, data_dir, toke
       plain[tuple(batch["text"][i])] = (batch["image"][i], batch["itg_text"][i],
                                         batch["itg_labels"][i])
   packed_iter = pipeline.pair_pipeline(packed_pair_config(
-      corrupted, data_dir, tokenizer_path, num_epochs=1, shuffle=False).replace(
-          train_augment=False))
+      corrupted, data_dir, tokenizer_path, num_epochs=1, shuffle=False,
+      worker_count=worker_count).replace(train_augment=False))
   found, rows, counts = [], 0, set()
   for batch in packed_iter:
     assert batch["image"].shape == (4, 3, 8, 8, 3) and batch["itg_text"].shape == (4, 40)
