@@ -1,6 +1,8 @@
 """InternVL-C: attention pooling against a PyTorch transcription of the reference, sizes, and
 the text feature at the last real token."""
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -47,15 +49,16 @@ def test_internvl_c_sizes_are_the_released_ones():
 def test_text_feature_is_the_last_real_token_and_embeddings_are_unit_norm():
   config = internvl_preset("tiny", variant="C")
   params = init_params(config)
-  model = InternVLC(config)
+  apply = jax.jit(functools.partial(InternVLC(config).apply, {"params": params}),
+                  static_argnames="method")
   tokens = jnp.asarray([[1, 5, 9, 2, 0, 0], [1, 7, 2, 0, 0, 0]])
   mask = tokens > 0
-  text = model.apply({"params": params}, tokens, mask, method=InternVLC.encode_text)
+  text = apply(tokens, mask, method=InternVLC.encode_text)
   # Padding never changes the features: the same rows without the trailing pads.
-  alone = model.apply({"params": params}, tokens[:1, :4], mask[:1, :4], method=InternVLC.encode_text)
+  alone = apply(tokens[:1, :4], mask[:1, :4], method=InternVLC.encode_text)
   np.testing.assert_allclose(text[:1], alone, atol=1e-6)
   pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-  image, text, scale = model.apply({"params": params}, pixels, tokens, mask)
+  image, text, scale = apply(pixels, tokens, mask)
   np.testing.assert_allclose(np.linalg.norm(image, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(text, axis=-1), 1.0, rtol=1e-5)
   np.testing.assert_allclose(scale, np.log(1 / 0.07), rtol=1e-6)
