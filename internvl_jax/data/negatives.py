@@ -26,8 +26,8 @@ def _token_bags(texts: np.ndarray) -> np.ndarray:
 
 def batch_negative_indices(texts: np.ndarray, rng: np.random.Generator, hard: bool,
                            candidates: np.ndarray | None = None) -> np.ndarray:
-  """Index, for each row of `texts` [B, L], of another row to use as its negative; only rows
-  where `candidates` [B] is True are chosen (default: any) while any other one is."""
+  """Index, for each row of `texts` [B, L], of another row to use as its negative, chosen among
+  the rows where `candidates` [B] is True (default: every row)."""
   batch = texts.shape[0]
   ids = _row_ids(texts)
   if hard:
