@@ -27,7 +27,6 @@
 import argparse
 import importlib
 import itertools
-import os
 import statistics
 import sys
 import time
@@ -42,7 +41,6 @@ from internvl_jax.convert.intern_vit_layouts import TRANSFORMERS, config_json
 from internvl_jax.models.intern_vit import init_params
 from internvl_jax.flops import training_flops, vit_forward_flops
 from internvl_jax.models.intern_vit import InternViT
-from internvl_jax.train import hardware
 
 import benchmark_compare  # tools/, next to this file
 import benchmark_profile
@@ -70,32 +68,20 @@ def _jax_step(config, batch, image_size, params):
 
   step = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
   jax.block_until_ready(step(params))  # warm-up
-  return step, params
+  return step
 
 
 def _torch_step(config, batch, image_size, device: str):
-  """transformers' InternVLVisionModel of `config` on `device` ("cpu" or "cuda"); a half-precision
-  `config.dtype` runs under autocast, float32 params with half-precision compute, as JAX's."""
+  """transformers' InternVLVisionModel of `config` on `device` ("cpu" or "cuda")."""
   import torch
   import transformers
 
-  if device == "cpu":
-    torch.set_num_threads(os.cpu_count())
   hf_config = transformers.InternVLVisionConfig(**{
       k: v for k, v in config_json(config, TRANSFORMERS).items() if k not in ("architectures", "model_type")})
   model = transformers.InternVLVisionModel(hf_config).to(device).train()
   pixels = torch.randn(batch, 3, image_size, image_size, device=device)
-  half = config.dtype != "float32"
-  autocast = lambda: torch.autocast(device, dtype=getattr(torch, config.dtype), enabled=half)
-
-  def step():
-    model.zero_grad(set_to_none=True)
-    with autocast():
-      hidden = model(pixels).last_hidden_state
-    hidden.float().pow(2).mean().backward()
-    if device == "cuda":
-      torch.cuda.synchronize()
-
+  step = benchmark_compare.torch_train_step(
+      model, lambda: model(pixels).last_hidden_state.float().pow(2).mean(), device, config.dtype)
   step()  # warm-up
   return step
 
@@ -134,14 +120,7 @@ def benchmark_vit(argv):
   print(f"device: {device.platform} {device.device_kind} x{jax.device_count()}")
   if on_cpu:
     benchmark_compare.describe_machine()
-  if on_cpu and args.dtype == "float32" and "transformers" in libraries:
-    peak = benchmark_compare.best_matmul_tflops()
-  else:
-    measured = hardware.measure_tflops(device, 2048 if on_cpu else 8192,
-                                       dtype=DTYPES[args.dtype])
-    peak = hardware.peak_tflops(device.device_kind) or measured
-    print(f"dense {args.dtype} matmul: {measured:.3f} TFLOP/s measured; MFU below is against "
-          f"{peak:.3f} TFLOP/s")
+  peak = benchmark_compare.mfu_peak_tflops(device, args.dtype, "transformers" in libraries)
   print(f"InternViT {args.preset} (layers {config.num_layers}, width {config.hidden_size}), "
         f"{image_size}px, batch {args.batch}, {args.dtype}, remat {args.remat}, layers as "
         f"{args.layers_as}, attention {args.attention}: {flops_per_step / 1e9:.1f} GFLOP per "
@@ -150,25 +129,24 @@ def benchmark_vit(argv):
   loops = ("scan", "unrolled") if args.layers_as == "both" else (args.layers_as,)
   implementations = args.attention.split(",")
   jax_steps = {}
-  # The variants share one copy of the params (InternViT-6B's float32 params are 24 GB).
-  params = jax.device_put(init_params(config)) if "jax" in libraries else None
-  for loop, implementation in itertools.product(loops, implementations):
-    if "jax" not in libraries:
-      break
-    name = " ".join(["jax"] + ([loop] if len(loops) > 1 else []) +
-                    ([implementation] if len(implementations) > 1 else []))
-    variant = config.replace(scan_layers=loop == "scan",
-                             attention=AttentionConfig(implementation=implementation))
-    jax_steps[name] = _jax_step(variant, args.batch, image_size, params)
-  runners = {name: lambda step=step, params=params: jax.block_until_ready(step(params))
-             for name, (step, params) in jax_steps.items()}
+  if "jax" in libraries:
+    # The variants share one copy of the params (InternViT-6B's float32 params are 24 GB).
+    params = jax.device_put(init_params(config))
+    for loop, implementation in itertools.product(loops, implementations):
+      name = " ".join(["jax"] + ([loop] if len(loops) > 1 else []) +
+                      ([implementation] if len(implementations) > 1 else []))
+      variant = config.replace(scan_layers=loop == "scan",
+                               attention=AttentionConfig(implementation=implementation))
+      jax_steps[name] = _jax_step(variant, args.batch, image_size, params)
+  runners = {name: lambda step=step: jax.block_until_ready(step(params))
+             for name, step in jax_steps.items()}
   if "transformers" in libraries:
     runners["transformers"] = _torch_step(config, args.batch, image_size,
                                           "cpu" if on_cpu else "cuda")
   times = benchmark_compare.alternate(runners, args.steps)
   benchmark_compare.print_comparison(times, flops_per_step, peak, "images", args.batch)
   if jax.config.jax_platforms == "cpu":
-    for name, (step, params) in jax_steps.items():
+    for name, step in jax_steps.items():
       benchmark_compare.print_breakdown(name, benchmark_profile.breakdown(step, params))
 
 

@@ -54,6 +54,42 @@ def best_matmul_tflops() -> float:
   return max(xla, torch_rate)
 
 
+def mfu_peak_tflops(device: jax.Device, dtype: str, with_torch: bool) -> float:
+  """The MFU denominator, printed: on the CPU in float32 beside torch, the better of the two
+  libraries' matmul rates; else the device's dense bfloat16 peak where `hardware.DEVICES` knows
+  it, or the matmul rate measured on it."""
+  if device.platform == "cpu" and dtype == "float32" and with_torch:
+    return best_matmul_tflops()
+  measured = hardware.measure_tflops(device, 2048 if device.platform == "cpu" else 8192,
+                                     dtype=jax.numpy.dtype(dtype))
+  peak = hardware.peak_tflops(device.device_kind) or measured
+  print(f"dense {dtype} matmul on {device.device_kind}: {measured:.3f} TFLOP/s measured; MFU "
+        f"below is against {peak:.3f} TFLOP/s")
+  return peak
+
+
+def torch_train_step(model, loss_of, device: str, dtype: str):
+  """One PyTorch training step of `model` on `device` ("cpu" or "cuda") as a runner: gradients
+  cleared, `loss_of()` under autocast for a half-precision `dtype` (float32 params, half-precision
+  compute, as JAX's), backward, and on a GPU waited for; it returns the loss."""
+  import torch
+
+  if device == "cpu":
+    torch.set_num_threads(os.cpu_count())
+  half = dtype != "float32"
+
+  def step():
+    model.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=getattr(torch, dtype), enabled=half):
+      loss = loss_of()
+    loss.backward()
+    if device == "cuda":
+      torch.cuda.synchronize()
+    return loss
+
+  return step
+
+
 def alternate(runners: dict, steps: int, turn: int = 3) -> dict[str, list[tuple[float, float]]]:
   """(wall seconds, process CPU seconds) of `steps` steps of each runner. The runners take turns
   of `turn` timed steps, so that machine noise hits them alike; each turn starts with one untimed

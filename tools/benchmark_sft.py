@@ -19,7 +19,6 @@ profile is the CPU's only.
 """
 
 import argparse
-import os
 import tempfile
 
 import jax
@@ -28,7 +27,6 @@ import numpy as np
 
 from internvl_jax import flops
 from internvl_jax.config import AttentionConfig, ChatConfig, llama_preset, vision_preset
-from internvl_jax.train import hardware
 from internvl_jax.convert.pytorch import export_pytorch
 from internvl_jax.data.tokenizer import IGNORE_LABEL
 from internvl_jax.models import chat, llama
@@ -91,8 +89,6 @@ def _torch_step(config: ChatConfig, params, batch, directory: str, device: str):
   import torch
   import transformers
 
-  if device == "cpu":
-    torch.set_num_threads(os.cpu_count())
   export_pytorch(config, params, directory, layout="transformers")
   model = transformers.InternVLForConditionalGeneration.from_pretrained(
       directory, attn_implementation="sdpa").to(device).train()
@@ -103,18 +99,8 @@ def _torch_step(config: ChatConfig, params, batch, directory: str, device: str):
             "position_ids": torch.from_numpy(positions).long(),
             "pixel_values": torch.from_numpy(batch["tiles"][0].transpose(0, 3, 1, 2).copy())}
   inputs = {key: value.to(device) for key, value in inputs.items()}
-  dtype = config.llm.dtype
-  autocast = lambda: torch.autocast(device, dtype=getattr(torch, dtype), enabled=dtype != "float32")
-
-  def step():
-    model.zero_grad(set_to_none=True)
-    with autocast():
-      loss = model(**inputs, use_cache=False).loss
-    loss.backward()
-    if device == "cuda":
-      torch.cuda.synchronize()
-    return loss
-
+  step = benchmark_compare.torch_train_step(
+      model, lambda: model(**inputs, use_cache=False).loss, device, config.llm.dtype)
   print(f"transformers loss {step().item():.6f}")
   return step
 
@@ -140,14 +126,9 @@ def main(argv):
   config = configs[implementations[0]]
   batch = packed_row(config, args.row, args.samples)
   flops_per_step = flops.chat_training_flops(config, args.row, args.samples)
-  device = jax.devices()[0]
   if on_cpu:
     benchmark_compare.describe_machine()
-  if on_cpu and args.dtype == "float32":
-    peak = benchmark_compare.best_matmul_tflops()
-  else:
-    peak = hardware.peak_tflops(device.device_kind) or hardware.measure_tflops(device, 8192)
-    print(f"{device.device_kind}: MFU below is against {peak:.3f} TFLOP/s")
+  peak = benchmark_compare.mfu_peak_tflops(jax.devices()[0], args.dtype, with_torch=True)
   print(f"InternVL-Chat: InternViT-300M blocks x{args.vision_layers} at {IMAGE_SIZE} px, "
         f"TinyLlama blocks x{args.llm_layers}, vocabulary {config.llm.vocab_size}; one packed "
         f"row of {args.row} tokens, {args.samples} samples of one tile; {args.dtype}; "
