@@ -1,5 +1,5 @@
-"""The attention layers: rotary positions, cross-attention, clear errors (the attention core and
-its masks: test_attention.py)."""
+"""The layers: Dense's gradients, rotary positions, cross-attention, clear errors (the attention
+core and its masks: test_attention.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +14,33 @@ from internvl_jax.models.attention import AttentionMask
 
 def _normal(*shape, seed=0):
   return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("features,axis,names", [
+    (24, -1, ("embed", "mlp")), ((3, 8), -1, ("embed", "heads", "kv")),
+    (24, (-2, -1), ("heads", "kv", "embed"))])
+def test_dense_gradients_equal_the_plain_contraction(features, axis, names, dtype):
+  """On the CPU the kernel gradient is a row-major GEMM of its own (`_matmul_plain_weight_grad`):
+  the values of autodiff through the plain contraction, and no GEMM with a transposed operand."""
+  dense = layers.dense(features, names, axis=axis, dtype=jnp.dtype(dtype))
+  contracted = (2, 3) if isinstance(axis, tuple) else (3,)
+  x = jnp.asarray(_normal(2, 5, 4, 6))
+  params = dense.init(jax.random.key(0), x)["params"]
+
+  def plain(params, x):
+    y = jax.lax.dot_general(x.astype(dtype), params["kernel"].value.astype(dtype),
+                            ((contracted, tuple(range(len(contracted)))), ((), ())))
+    return jnp.sum(jnp.sin(y + params["bias"].value.astype(dtype)).astype(jnp.float32))
+
+  ours = lambda params, x: jnp.sum(jnp.sin(dense.apply({"params": params}, x)).astype(jnp.float32))
+  step = jax.jit(jax.grad(ours, argnums=(0, 1)))
+  tolerance = 1e-5 if dtype == "float32" else 2e-2
+  for got, want in zip(jax.tree.leaves(step(params, x)),
+                       jax.tree.leaves(jax.grad(plain, argnums=(0, 1))(params, x))):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=tolerance, atol=tolerance)
+  assert "lhs_contracting_dims={0}" not in step.lower(params, x).compile().as_text()
 
 
 def test_rotary_embedding_matches_transformers():
