@@ -64,10 +64,10 @@ def make_norm(norm_type: str, eps: float, dtype, name: str) -> nn.Module:
 def _matmul_plain_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
   """x @ kernel for a 2-D kernel, whose kernel gradient is a plain row-major GEMM.
 
-  Autodiff writes the kernel gradient as x^T g with x's contracted rows as the leading axis;
-  XLA:CPU runs that transposed-operand GEMM at about half its plain rate. Transposing x into a
-  buffer of its own first (the barrier keeps XLA from folding the transpose back into the dot)
-  costs one copy of x and makes it a plain GEMM.
+  Autodiff writes the kernel gradient as one GEMM contracting the leading (token) axis of both x
+  and the output gradient, which XLA:CPU runs far below its plain rate (BENCHMARKS.md).
+  Transposing x into a buffer of its own first (the barrier keeps XLA from folding the
+  transpose back into the dot) costs one copy of x and makes it a plain GEMM.
   """
   return jnp.matmul(x, kernel)
 
