@@ -1,7 +1,7 @@
 """Every attention implementation against the XLA reference, for every mask the models build.
 
 cuDNN cannot run on CPU: its argument translation runs through `jax.nn.dot_product_attention`'s
-own XLA path. Splash runs in Pallas interpret mode.
+own XLA path. Splash runs in Pallas interpret mode. Blockwise runs as it does in CPU training.
 """
 
 import functools
@@ -78,6 +78,7 @@ IMPLEMENTATIONS = {
     "cudnn_translation": lambda q, k, v, m: attention.per_chunk(
         functools.partial(attention.cudnn_attention, implementation="xla"), q, k, v, m),
     "splash_interpret": lambda q, k, v, m: attention.attention(q, k, v, m, SPLASH),
+    "blockwise": lambda q, k, v, m: attention.attention(q, k, v, m, AttentionConfig("blockwise")),
 }
 
 
@@ -119,6 +120,39 @@ def test_splash_gradients_match_the_xla_reference():
   for expected, actual in zip(grads(attention.xla_attention),
                               grads(IMPLEMENTATIONS["splash_interpret"])):
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["packed_causal", "grouped_query_packed",
+                                  "qllama_modes_in_one_pass", "cross_attention"])
+def test_blockwise_equals_the_xla_reference_on_every_query_with_its_gradients(case):
+  """The same math block by block, padding queries included; the backward pass recomputes the
+  probabilities it did not keep."""
+  mask, (q, k, v) = CASES[case]
+  mask = attention.AttentionMask() if mask is None else mask
+  cotangent = jax.random.normal(jax.random.key(1), q.shape)
+
+  def run(implementation):
+    loss = lambda *qkv: jnp.sum(implementation(*qkv, mask) * cotangent)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  (expected_loss, expected), (loss, actual) = (run(attention.xla_attention),
+                                               run(attention.blockwise_attention))
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  for want, got in zip(expected, actual):
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_auto_is_blockwise_on_a_cpu_for_large_heads_outside_a_multi_device_mesh():
+  resolve = lambda pairs: attention.resolve_implementation(AttentionConfig(), jnp.float32, 64,
+                                                           pairs)
+  assert resolve(257 * 257) == "blockwise"
+  assert resolve(12 * 12) == "xla"
+  mesh_config = sharding.MeshConfig(data=2)
+  with sharding.sharding_context(sharding.make_mesh(mesh_config, jax.devices()[:2]),
+                                 mesh_config.logical_rules):
+    assert resolve(257 * 257) == "xla"
+  assert attention.resolve_implementation(AttentionConfig("blockwise"), jnp.float32, 64, 1) == (
+      "blockwise")
 
 
 @pytest.mark.parametrize("rows", [2, 1])
