@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from internvl_jax import sharding
-from internvl_jax.config import AttentionConfig, internvl_preset
+from internvl_jax.config import AttentionConfig, internvl_preset, vision_preset
 from internvl_jax.convert import formats
-from internvl_jax.models import attention, internvl, llama, qllama
+from internvl_jax.models import attention, intern_vit, internvl, llama, qllama
 
 LENGTH, HEADS, HEAD_DIM = 12, 4, 8
 SPLASH = AttentionConfig("splash", block_q=128, block_kv=128, block_kv_compute=128)
@@ -140,6 +140,27 @@ def test_blockwise_equals_the_xla_reference_on_every_query_with_its_gradients(ca
   np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
   for want, got in zip(expected, actual):
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy", ["none", "save_dot_with_context_except_mlp"])
+def test_a_scanned_vit_with_blockwise_attention_trains_as_with_the_xla_reference(policy):
+  """145 tokens, which "auto" runs blockwise on the CPU, inside the layer scan and a remat
+  policy: loss and gradients as the XLA reference gives them."""
+  config = vision_preset("tiny", image_size=96, remat_policy=policy)
+  pixels = jax.random.normal(jax.random.key(0), (2, 96, 96, 3))
+  params = intern_vit.init_params(config)
+
+  def loss_and_grads(implementation):
+    model = intern_vit.InternViT(config.replace(attention=AttentionConfig(implementation)))
+    loss = lambda p: jnp.sum(model.apply({"params": p}, pixels).last_hidden_state ** 2)
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  assert attention.resolve_implementation(config.attention, jnp.float32, 16, 145 * 145) == (
+      "blockwise")
+  (expected_loss, expected), (loss, actual) = loss_and_grads("xla"), loss_and_grads("auto")
+  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), actual,
+               expected)
 
 
 def test_auto_is_blockwise_on_a_cpu_for_large_heads_outside_a_multi_device_mesh():
