@@ -16,7 +16,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 NORM_TYPES = ("rms_norm", "layer_norm")
 DROP_PATH_SCHEDULES = ("linear", "uniform")
 INTERNVL_VARIANTS = ("C", "G")
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "blockwise", "cudnn", "splash")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 
 
 def _check_choice(field: str, value, choices):
@@ -29,14 +29,11 @@ class AttentionConfig:
   """Which kernel computes a tower's attention (`models/attention.py`); results agree to float
   rounding on every real query.
 
-  "xla"        the einsum reference, with a (batch, 1, queries, keys) boolean mask;
-  "blockwise"  the reference's math one (batch row, key/value head) at a time, probabilities
-               recomputed in the backward pass (the CPU's fast form);
-  "cudnn"      cuDNN flash attention (NVIDIA GPUs; bfloat16 or float16);
-  "splash"     Pallas splash attention (TPUs; Pallas interpret mode elsewhere, for tests);
-  "auto"       splash on TPU, cuDNN on GPU for half-precision inputs, blockwise on a CPU outside
-               a multi-device mesh for heads of at least 128 x 128 (query, key) pairs, else XLA:
-               the platform is the mesh's in `jax.set_mesh`, else JAX's default backend.
+  "xla"     the einsum reference, with a (batch, 1, queries, keys) boolean mask;
+  "cudnn"   cuDNN flash attention (NVIDIA GPUs; bfloat16 or float16);
+  "splash"  Pallas splash attention (TPUs; Pallas interpret mode elsewhere, for tests);
+  "auto"    splash on TPU, cuDNN on GPU for half-precision inputs, else XLA: the platform is the
+            mesh's in `jax.set_mesh`, else JAX's default backend.
   The block sizes are splash's tiles (its backward kernels use the same), shrunk to the padded
   sequence when shorter: `block_q` and `block_kv_compute` are multiples of 128, and `block_kv`
   is a multiple of `block_kv_compute`.

@@ -1,7 +1,7 @@
 """Every attention implementation against the XLA reference, for every mask the models build.
 
 cuDNN cannot run on CPU: its argument translation runs through `jax.nn.dot_product_attention`'s
-own XLA path. Splash runs in Pallas interpret mode. Blockwise runs as it does in CPU training.
+own XLA path. Splash runs in Pallas interpret mode.
 """
 
 import functools
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from internvl_jax import sharding
-from internvl_jax.config import AttentionConfig, internvl_preset, vision_preset
+from internvl_jax.config import AttentionConfig, internvl_preset
 from internvl_jax.convert import formats
-from internvl_jax.models import attention, intern_vit, internvl, llama, qllama
+from internvl_jax.models import attention, internvl, llama, qllama
 
 LENGTH, HEADS, HEAD_DIM = 12, 4, 8
 SPLASH = AttentionConfig("splash", block_q=128, block_kv=128, block_kv_compute=128)
@@ -78,7 +78,6 @@ IMPLEMENTATIONS = {
     "cudnn_translation": lambda q, k, v, m: attention.per_chunk(
         functools.partial(attention.cudnn_attention, implementation="xla"), q, k, v, m),
     "splash_interpret": lambda q, k, v, m: attention.attention(q, k, v, m, SPLASH),
-    "blockwise": lambda q, k, v, m: attention.attention(q, k, v, m, AttentionConfig("blockwise")),
 }
 
 
@@ -120,60 +119,6 @@ def test_splash_gradients_match_the_xla_reference():
   for expected, actual in zip(grads(attention.xla_attention),
                               grads(IMPLEMENTATIONS["splash_interpret"])):
     np.testing.assert_allclose(actual, expected, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("case", ["packed_causal", "grouped_query_packed",
-                                  "qllama_modes_in_one_pass", "cross_attention"])
-def test_blockwise_equals_the_xla_reference_on_every_query_with_its_gradients(case):
-  """The same math block by block, padding queries included; the backward pass recomputes the
-  probabilities it did not keep."""
-  mask, (q, k, v) = CASES[case]
-  mask = attention.AttentionMask() if mask is None else mask
-  cotangent = jax.random.normal(jax.random.key(1), q.shape)
-
-  def run(implementation):
-    loss = lambda *qkv: jnp.sum(implementation(*qkv, mask) * cotangent)
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
-
-  (expected_loss, expected), (loss, actual) = (run(attention.xla_attention),
-                                               run(attention.blockwise_attention))
-  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
-  for want, got in zip(expected, actual):
-    np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
-
-
-@pytest.mark.parametrize("policy", ["none", "save_dot_with_context_except_mlp"])
-def test_a_scanned_vit_with_blockwise_attention_trains_as_with_the_xla_reference(policy):
-  """145 tokens, which "auto" runs blockwise on the CPU, inside the layer scan and a remat
-  policy: loss and gradients as the XLA reference gives them."""
-  config = vision_preset("tiny", image_size=96, remat_policy=policy)
-  pixels = jax.random.normal(jax.random.key(0), (2, 96, 96, 3))
-  params = intern_vit.init_params(config)
-
-  def loss_and_grads(implementation):
-    model = intern_vit.InternViT(config.replace(attention=AttentionConfig(implementation)))
-    loss = lambda p: jnp.sum(model.apply({"params": p}, pixels).last_hidden_state ** 2)
-    return jax.jit(jax.value_and_grad(loss))(params)
-
-  assert attention.resolve_implementation(config.attention, jnp.float32, 16, 145 * 145) == (
-      "blockwise")
-  (expected_loss, expected), (loss, actual) = loss_and_grads("xla"), loss_and_grads("auto")
-  np.testing.assert_allclose(loss, expected_loss, rtol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), actual,
-               expected)
-
-
-def test_auto_is_blockwise_on_a_cpu_for_large_heads_outside_a_multi_device_mesh():
-  resolve = lambda pairs: attention.resolve_implementation(AttentionConfig(), jnp.float32, 64,
-                                                           pairs)
-  assert resolve(257 * 257) == "blockwise"
-  assert resolve(12 * 12) == "xla"
-  mesh_config = sharding.MeshConfig(data=2)
-  with sharding.sharding_context(sharding.make_mesh(mesh_config, jax.devices()[:2]),
-                                 mesh_config.logical_rules):
-    assert resolve(257 * 257) == "xla"
-  assert attention.resolve_implementation(AttentionConfig("blockwise"), jnp.float32, 64, 1) == (
-      "blockwise")
 
 
 @pytest.mark.parametrize("rows", [2, 1])

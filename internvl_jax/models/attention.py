@@ -4,10 +4,9 @@
 with as many heads as the queries or fewer (grouped-query: query head h uses key/value head
 h // (q_heads // kv_heads), transformers' `repeat_kv` grouping), and an `AttentionMask`: a causal
 flag and a bidirectional prefix (static), and per-token segment ids (arrays). Each
-implementation turns that description into what its kernel takes: XLA and its blockwise form a
-boolean mask, cuDNN `is_causal` and a mask, splash its static mask classes and segment ids.
-Models build the description, so no (queries, keys) array exists unless the implementation needs
-one.
+implementation turns that description into what its kernel takes: XLA a boolean mask, cuDNN
+`is_causal` and a mask, splash its static mask classes and segment ids. Models build the
+description, so no (queries, keys) array exists unless the implementation needs one.
 """
 
 import functools
@@ -83,13 +82,11 @@ def attention(q, k, v, mask: Masks | None, config: AttentionConfig,
   masks = mask if isinstance(mask, tuple) else (mask,)
   if batch % len(masks):
     raise ValueError(f"a batch of {batch} rows does not split into {len(masks)} mask chunks.")
-  implementation = resolve_implementation(config, q.dtype, head_dim, q.shape[1] * k.shape[1])
+  implementation = resolve_implementation(config, q.dtype, head_dim)
   # Decoding with a KV cache stays on XLA: its queries start at a traced cache slot, which neither
   # kernel's static causal mask can take.
   if implementation == "xla" or any(m.query_start is not None for m in masks):
     return xla_attention(q, k, v, mask)
-  if implementation == "blockwise":
-    return blockwise_attention(q, k, v, mask)
   kernel = (cudnn_attention if implementation == "cudnn" else
             functools.partial(splash_attention, config=config,
                               interpret=target_platform() != "tpu", head_names=head_names))
@@ -113,15 +110,7 @@ def target_platform() -> str:
   return jax.default_backend()
 
 
-# Below this many (query, key) pairs per head, attention stays one einsum on the CPU too: its
-# probabilities fit in cache anyway, and the block loop's cost per block would dominate.
-BLOCKWISE_MIN_PAIRS = 128 * 128
-
-
-def resolve_implementation(config: AttentionConfig, dtype, head_dim: int,
-                           pairs: int = BLOCKWISE_MIN_PAIRS) -> str:
-  """The implementation "auto" stands for, given the inputs' dtype, head dim and number of
-  (query, key) pairs per head."""
+def resolve_implementation(config: AttentionConfig, dtype, head_dim: int) -> str:
   if config.implementation != "auto":
     return config.implementation
   platform = target_platform()
@@ -131,105 +120,22 @@ def resolve_implementation(config: AttentionConfig, dtype, head_dim: int,
   if (platform == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
       and head_dim <= 128 and head_dim % 8 == 0):
     return "cudnn"
-  # The block loop runs over the whole batch, which a batch split over devices would gather.
-  single_device = jax.sharding.get_abstract_mesh().size <= 1
-  if platform == "cpu" and pairs >= BLOCKWISE_MIN_PAIRS and single_device:
-    return "blockwise"
   return "xla"
 
 
 def xla_attention(q, k, v, mask: Masks) -> jax.Array:
-  """The reference: float32 logits and softmax under the dense mask."""
-  return _masked_attention(q, k, v, dense_mask(mask, q.shape[1], k.shape[1]))
-
-
-def _masked_attention(q, k, v, visible: jax.Array) -> jax.Array:
-  """Softmax attention under a boolean (batch or 1, 1, queries, keys) mask. The query-head groups
-  are a reshape of q, so keys and values are never copied."""
+  """The reference: float32 logits and softmax under the dense mask. The query-head groups are a
+  reshape of q, so keys and values are never copied."""
   batch, q_length, heads, head_dim = q.shape
   kv_length, kv_heads = k.shape[1], k.shape[2]
   q = q.reshape(batch, q_length, kv_heads, heads // kv_heads, head_dim)
   logits = jnp.einsum("bqgrd,bkgd->bgrqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
   logits = logits.reshape(batch, heads, q_length, kv_length)
-  logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+  logits = jnp.where(dense_mask(mask, q_length, kv_length), logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   weights = weights.reshape(batch, kv_heads, heads // kv_heads, q_length, kv_length)
   out = jnp.einsum("bgrqk,bkgd->bqgrd", weights, v)
   return out.reshape(batch, q_length, heads, head_dim)
-
-
-# Blocks computed per loop step: independent blocks the CPU's threads can overlap, few enough to
-# keep the step's program small.
-BLOCKS_PER_STEP = 8
-
-
-def blockwise_attention(q, k, v, mask: Masks) -> jax.Array:
-  """The XLA reference's math, one (batch row, key/value head) block at a time, for the CPU.
-
-  A block is the reference on one row and one key/value head with its group of query heads,
-  sliced from the inputs and written into the output in place. Its logits and probabilities stay
-  in cache and its GEMMs are small plain ones, which XLA:CPU runs faster than one einsum batched
-  over every row and head, and blocks of one loop step run side by side on the CPU's threads.
-  The backward pass recomputes each block's probabilities instead of keeping them (a custom VJP:
-  flash attention's trade), through autodiff of the same block computation.
-  """
-  visible = dense_mask(mask, q.shape[1], k.shape[1])  # (batch or 1, 1, queries, keys)
-  if visible.shape[0] != 1:
-    visible = jnp.broadcast_to(visible, (q.shape[0],) + visible.shape[1:])
-  return _blockwise(q, k, v, visible)
-
-
-def _block_loop(fn, inputs, outputs, visible, kv_heads: int):
-  """For every block, `fn(*blocks of inputs, block's mask)`; its results are written into the
-  blocks of `outputs` (arrays shaped as the inputs they are blocks of). A scan of
-  `BLOCKS_PER_STEP` blocks a step."""
-  batch = inputs[0].shape[0]
-  count = batch * kv_heads
-  per_step = max(n for n in range(1, BLOCKS_PER_STEP + 1) if count % n == 0)
-
-  def block_at(x, index):
-    """Start and size of block `index` in x, (batch, length, heads, head_dim)."""
-    heads = x.shape[2] // kv_heads
-    return (index // kv_heads, 0, index % kv_heads * heads, 0), (1, x.shape[1], heads, x.shape[3])
-
-  def read(x, index):
-    return jax.lax.dynamic_slice(x, *block_at(x, index))
-
-  def step(outputs, step_index):
-    for i in range(per_step):
-      index = step_index * per_step + i
-      row_visible = (visible if visible.shape[0] == 1 else
-                     jax.lax.dynamic_slice_in_dim(visible, index // kv_heads, 1))
-      results = fn(*(read(x, index) for x in inputs), row_visible)
-      outputs = [jax.lax.dynamic_update_slice(out, result, block_at(out, index)[0])
-                 for out, result in zip(outputs, results)]
-    return outputs, None
-
-  return jax.lax.scan(step, outputs, jnp.arange(count // per_step))[0]
-
-
-@jax.custom_vjp
-def _blockwise(q, k, v, visible):
-  return _block_loop(lambda *qkv_visible: (_masked_attention(*qkv_visible),), (q, k, v),
-                     [jnp.zeros_like(q)], visible, k.shape[2])[0]
-
-
-def _blockwise_forward(q, k, v, visible):
-  return _blockwise(q, k, v, visible), (q, k, v, visible)
-
-
-def _blockwise_backward(residuals, grad):
-  q, k, v, visible = residuals
-
-  def block_grads(q, k, v, grad, visible):
-    return jax.vjp(lambda *qkv: _masked_attention(*qkv, visible), q, k, v)[1](grad)
-
-  grads = _block_loop(block_grads, (q, k, v, grad), [jnp.zeros_like(x) for x in (q, k, v)],
-                      visible, k.shape[2])
-  return (*grads, None)
-
-
-_blockwise.defvjp(_blockwise_forward, _blockwise_backward)
 
 
 def cudnn_attention(q, k, v, mask: AttentionMask, implementation: str = "cudnn") -> jax.Array:

@@ -62,14 +62,12 @@ def make_norm(norm_type: str, eps: float, dtype, name: str) -> nn.Module:
 
 @jax.custom_vjp
 def _matmul_plain_weight_grad(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """x @ kernel for a 2-D kernel, whose kernel gradient is a plain row-major GEMM where that pays.
+  """x @ kernel for a 2-D kernel, whose kernel gradient is a plain row-major GEMM.
 
   Autodiff writes the kernel gradient as one GEMM contracting the leading (token) axis of both x
-  and the output gradient, which XLA:CPU runs far below its plain rate when x is the narrower
-  operand (BENCHMARKS.md). Transposing x into a buffer of its own first (the barrier keeps XLA
-  from folding the transpose back into the dot) makes it a plain GEMM for one copy of x. A wider
-  x keeps autodiff's GEMM: there the copy, fused with the scan's slicing of x, costs more than
-  it saves.
+  and the output gradient, which XLA:CPU runs far below its plain rate (BENCHMARKS.md).
+  Transposing x into a buffer of its own first (the barrier keeps XLA from folding the
+  transpose back into the dot) costs one copy of x and makes it a plain GEMM.
   """
   return jnp.matmul(x, kernel)
 
@@ -81,10 +79,9 @@ def _matmul_forward(x, kernel):
 def _matmul_backward(residuals, grad):
   x, kernel = residuals
   grad_x = jax.lax.dot_general(grad, kernel, (((grad.ndim - 1,), (1,)), ((), ())))
-  rows, grad_rows = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-  if rows.shape[1] > grad_rows.shape[1]:
-    return grad_x, jax.lax.dot_general(rows, grad_rows, (((0,), (0,)), ((), ())))
-  return grad_x, jnp.matmul(jax.lax.optimization_barrier(rows.T), grad_rows)
+  rows = jax.lax.optimization_barrier(x.reshape(-1, x.shape[-1]).T)
+  grad_kernel = jnp.matmul(rows, grad.reshape(-1, grad.shape[-1]))
+  return grad_x, grad_kernel
 
 
 _matmul_plain_weight_grad.defvjp(_matmul_forward, _matmul_backward)
